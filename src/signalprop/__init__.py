@@ -1,0 +1,75 @@
+"""signalprop: keep the signal in deep networks in range.
+
+initialize (``sp.init``), predict (``sp.predict``), measure (``sp.measure``), diagnose (``sp.diagnose``),
+fix (``sp.fix``) and show (``Report.table/plot/to_html``). Public names are re-exported here and loaded on
+first use, so ``import signalprop`` stays light (no matplotlib, rich or transformers).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._errors import SignalpropError
+from ._version import __version__
+from .trace import LayerStats, Stats, Trace
+
+if TYPE_CHECKING:
+    from . import experiments, fix, init, models, theory
+    from .diagnose import Finding, Report, diagnose
+    from .init.fans import fans
+    from .measure import measure
+    from .monitor import Monitor
+    from .predict import predict
+    from .theory import gain
+
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "gain": ("signalprop.theory", "gain"),
+    "fans": ("signalprop.init.fans", "fans"),
+    "measure": ("signalprop.measure", "measure"),
+    "predict": ("signalprop.predict", "predict"),
+    "diagnose": ("signalprop.diagnose", "diagnose"),
+    "Finding": ("signalprop.diagnose", "Finding"),
+    "Report": ("signalprop.diagnose", "Report"),
+    "Monitor": ("signalprop.monitor", "Monitor"),
+    "theory": ("signalprop.theory", None),
+    "init": ("signalprop.init", None),
+    "fix": ("signalprop.fix", None),
+    "models": ("signalprop.models", None),
+    "experiments": ("signalprop.experiments", None),
+}
+
+__all__ = [
+    "Finding",
+    "LayerStats",
+    "Monitor",
+    "Report",
+    "SignalpropError",
+    "Stats",
+    "Trace",
+    "__version__",
+    "diagnose",
+    "experiments",
+    "fans",
+    "fix",
+    "gain",
+    "init",
+    "measure",
+    "models",
+    "predict",
+    "theory",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name)
+        value = module if attr is None else getattr(module, attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'signalprop' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

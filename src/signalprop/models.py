@@ -1,0 +1,195 @@
+"""Reference models: AlexNet (one stream), plain deep CNNs and MLPs, a small ResNet.
+
+Weights come from PyTorch's default init; use :mod:`signalprop.init` to set a scheme.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ._errors import SignalpropError
+from .theory import ActLike
+
+_ACT_MODULES: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "selu": nn.SELU,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+    "mish": nn.Mish,
+    "softplus": nn.Softplus,
+    "linear": nn.Identity,
+    "identity": nn.Identity,
+}
+
+
+def make_activation(act: ActLike) -> nn.Module:
+    """A fresh activation module from a name (``"relu"``, ``"tanh"``, ...) or a copy of a module instance."""
+    if isinstance(act, nn.Module):
+        import copy
+
+        return copy.deepcopy(act)
+    if isinstance(act, str) and act.lower() in _ACT_MODULES:
+        return _ACT_MODULES[act.lower()]()
+    raise SignalpropError(
+        f"cannot build an activation module from {act!r}; use one of {', '.join(sorted(_ACT_MODULES))} "
+        "or pass an nn.Module instance such as nn.LeakyReLU(0.2)"
+    )
+
+
+def _check_positive(**kw: int) -> None:
+    for name, v in kw.items():
+        if not isinstance(v, int) or v < 1:
+            raise SignalpropError(f"{name} must be a positive integer, got {v!r}")
+
+
+def alexnet(num_classes: int = 1000, *, dropout: float = 0.5, in_channels: int = 3) -> nn.Sequential:
+    """AlexNet (Krizhevsky et al. 2012), one stream: 5 conv + 3 fully connected layers, ReLU, max-pooling.
+
+    Input 3x224x224. Channel counts are the two GPU streams merged (96, 256, 384, 384, 256); local
+    response normalization is left out, as in most modern re-implementations. Module names are
+    ``features.<i>`` and ``classifier.<i>`` as in torchvision.
+    """
+    _check_positive(num_classes=num_classes, in_channels=in_channels)
+    features = nn.Sequential(
+        nn.Conv2d(in_channels, 96, kernel_size=11, stride=4, padding=2),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(96, 256, kernel_size=5, padding=2),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(256, 384, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(384, 384, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+    )
+    classifier = nn.Sequential(
+        nn.Dropout(p=dropout),
+        nn.Linear(256 * 6 * 6, 4096),
+        nn.ReLU(inplace=True),
+        nn.Dropout(p=dropout),
+        nn.Linear(4096, 4096),
+        nn.ReLU(inplace=True),
+        nn.Linear(4096, num_classes),
+    )
+    return nn.Sequential(
+        _named(
+            features=features,
+            flatten=nn.Flatten(),
+            classifier=classifier,
+        )
+    )
+
+
+def _named(**modules: nn.Module) -> dict[str, nn.Module]:
+    from collections import OrderedDict
+
+    return OrderedDict(modules)
+
+
+def plain_cnn(
+    depth: int = 30,
+    width: int = 32,
+    act: ActLike = "relu",
+    *,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    kernel_size: int = 3,
+    bias: bool = True,
+) -> nn.Sequential:
+    """A plain (no normalization, no skip) CNN of ``depth`` conv layers of ``width`` channels, then a head.
+
+    Conv(3x3, same padding) -> act, repeated; global average pooling, flatten, Linear to ``num_classes``.
+    The body keeps the spatial size, so He's product formula applies layer by layer. Names are
+    ``body.<i>`` and ``head.<i>``.
+    """
+    _check_positive(depth=depth, width=width, in_channels=in_channels, num_classes=num_classes)
+    layers: list[nn.Module] = []
+    c = in_channels
+    for _ in range(depth):
+        layers += [nn.Conv2d(c, width, kernel_size, padding=kernel_size // 2, bias=bias), make_activation(act)]
+        c = width
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+    return nn.Sequential(_named(body=nn.Sequential(*layers), head=head))
+
+
+def mlp(
+    depth: int = 10,
+    width: int = 256,
+    act: ActLike = "relu",
+    *,
+    in_features: int | None = None,
+    out_features: int | None = None,
+    bias: bool = True,
+) -> nn.Sequential:
+    """A plain MLP: ``depth`` hidden Linear layers of ``width`` units, each followed by ``act``, then a Linear.
+
+    ``in_features`` defaults to ``width``; ``out_features`` to ``width`` (so the net maps R^width to itself).
+    Module indices follow ``nn.Sequential``: Linear at even positions, activations at odd ones.
+    """
+    _check_positive(depth=depth, width=width)
+    n_in = width if in_features is None else in_features
+    n_out = width if out_features is None else out_features
+    _check_positive(in_features=n_in, out_features=n_out)
+    layers: list[nn.Module] = []
+    c = n_in
+    for _ in range(depth):
+        layers += [nn.Linear(c, width, bias=bias), make_activation(act)]
+        c = width
+    layers.append(nn.Linear(c, n_out, bias=bias))
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus identity (or 1x1 projection) shortcut, then ReLU (He et al. 2016)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, norm: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=not norm)
+        self.bn1: nn.Module = nn.BatchNorm2d(c_out) if norm else nn.Identity()
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=not norm)
+        self.bn2: nn.Module = nn.BatchNorm2d(c_out) if norm else nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.shortcut(x))
+
+
+def resnet(
+    blocks: tuple[int, ...] = (2, 2, 2),
+    width: int = 16,
+    *,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    norm: bool = True,
+) -> nn.Sequential:
+    """A small CIFAR-style ResNet: a stem conv, stages of :class:`BasicBlock` (width doubling, stride 2
+    from the second stage), global average pooling and a Linear head. ``norm=False`` drops BatchNorm,
+    the setting in which Fixup (Zhang et al. 2019) matters.
+    """
+    _check_positive(width=width, in_channels=in_channels, num_classes=num_classes)
+    if not blocks or any(not isinstance(b, int) or b < 1 for b in blocks):
+        raise SignalpropError(f"blocks must be a non-empty tuple of positive integers, got {blocks!r}")
+    stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=not norm),
+                         nn.BatchNorm2d(width) if norm else nn.Identity(), nn.ReLU())
+    stages: list[nn.Module] = []
+    c = width
+    for i, n in enumerate(blocks):
+        c_out = width * 2**i
+        for j in range(n):
+            stages.append(BasicBlock(c, c_out, stride=2 if (i > 0 and j == 0) else 1, norm=norm))
+            c = c_out
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+    return nn.Sequential(_named(stem=stem, stages=nn.Sequential(*stages), head=head))
