@@ -1,0 +1,537 @@
+"""Module-level initializers: one layer or a whole model, planned as data, then written.
+
+``he_(model)`` first builds a plan, one :class:`InitStep` per weight block (layer, parameter, effective
+fans from :mod:`signalprop.init.fans`, the std it will set, the distribution), so every error (an unknown
+layer type, an unknown activation, a bad mode) is raised before a single weight changes; then it writes the
+plan with the tensor functions of :mod:`signalprop.init.schemes`. :func:`plan` and :func:`target_std` give
+the plan without touching the model (diagnose names "the exact std it would set" with them).
+
+Every initializer takes one layer or a whole model (then every weight layer in it, including the layer
+itself), zeroes biases unless ``zero_bias=False``, takes an optional ``torch.Generator`` and returns what it
+was given. ``fans=(fan_in, fan_out)`` overrides the fans of a single layer (and lets you initialize a layer
+type signalprop does not know).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from .._errors import SignalpropError
+from ..theory import ActLike
+from . import schemes as S
+from .fans import WeightBlock, _check_layer, _rule_for, is_weight_layer, weight_blocks, weight_layers
+
+M = TypeVar("M", bound=nn.Module)
+
+_BIAS_NAMES = ("bias", "in_proj_bias", "bias_k", "bias_v")
+
+
+@dataclass(frozen=True)
+class InitStep:
+    """One weight block of the plan: where, which fans, and the std and distribution it gets.
+
+    ``std`` is the standard deviation of the block's entries: the sampling std for the variance schemes,
+    the root mean square entry for orthogonal ones (``gain / sqrt(max(rows, cols))``; delta-orthogonal
+    spreads that over the whole kernel, most of it zeros).
+    """
+
+    layer: str
+    kind: str
+    param: str
+    rows: tuple[int, int] | None
+    fan_in: float
+    fan_out: float
+    scheme: str
+    distribution: str
+    std: float
+    groups: int = 1
+    out_dim: int = 0
+    gain: float = 1.0
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """A scheme with its settings bound: ``std(fan_in, fan_out)`` and a distribution (or orthogonal)."""
+
+    name: str
+    distribution: str
+    std: Callable[[float, float], float] | None = None
+    gain: float = 1.0
+
+
+def _dist(distribution: str) -> str:
+    return S._pick(distribution, S.DISTRIBUTIONS, "distribution")
+
+
+def _spec_he(mode: str = "fan_in", nonlinearity: ActLike = "relu", distribution: str = "normal") -> _Spec:
+    S.he_std(1.0, 1.0, mode=mode, nonlinearity=nonlinearity)  # validates mode and nonlinearity now
+    return _Spec(
+        "he", _dist(distribution), lambda fi, fo: S.he_std(fi, fo, mode=mode, nonlinearity=nonlinearity)
+    )
+
+
+def _spec_glorot(distribution: str = "uniform", gain: float | ActLike = 1.0) -> _Spec:
+    g = S._as_gain(gain)
+    return _Spec("glorot", _dist(distribution), lambda fi, fo: S.glorot_std(fi, fo, gain=g))
+
+
+def _spec_lecun(distribution: str = "normal") -> _Spec:
+    return _Spec("lecun", _dist(distribution), S.lecun_std)
+
+
+def _spec_vs(scale: float = 1.0, mode: str = "fan_in", distribution: str = "truncated_normal") -> _Spec:
+    S.variance_scaling_std(1.0, 1.0, scale=scale, mode=mode)
+    return _Spec(
+        "variance_scaling", _dist(distribution), lambda fi, fo: S.variance_scaling_std(fi, fo, scale=scale, mode=mode)
+    )
+
+
+def _spec_orth(gain: float | ActLike = 1.0) -> _Spec:
+    return _Spec("orthogonal", "orthogonal", gain=S._as_gain(gain))
+
+
+def _spec_delta(gain: float | ActLike = 1.0) -> _Spec:
+    return _Spec("delta_orthogonal", "delta_orthogonal", gain=S._as_gain(gain))
+
+
+_SPECS: dict[str, Callable[..., _Spec]] = {
+    "he": _spec_he,
+    "kaiming": _spec_he,
+    "glorot": _spec_glorot,
+    "xavier": _spec_glorot,
+    "lecun": _spec_lecun,
+    "variance_scaling": _spec_vs,
+    "orthogonal": _spec_orth,
+    "delta_orthogonal": _spec_delta,
+}
+"""Scheme name -> settings -> spec. ``kaiming`` and ``xavier`` are aliases."""
+
+
+def _make_spec(scheme: str, kwargs: dict[str, Any]) -> _Spec:
+    if not isinstance(scheme, str) or scheme not in _SPECS:
+        raise SignalpropError(f"unknown scheme {scheme!r}; use one of: {', '.join(_SPECS)}")
+    try:
+        return _SPECS[scheme](**kwargs)
+    except TypeError as exc:
+        raise SignalpropError(f"scheme {scheme!r} does not take {sorted(kwargs)}: {exc}") from exc
+
+
+# ---- the plan ---------------------------------------------------------------------------------
+def _block_params(m: nn.Module) -> list[str]:
+    """Names of the parameters a weight layer's blocks cover."""
+    return sorted({b.param for b in weight_blocks(m)})
+
+
+def _layer_blocks(m: nn.Module, fans: tuple[float, float] | None) -> list[WeightBlock]:
+    if fans is None:
+        return weight_blocks(m)
+    fi, fo = S._fans(torch.empty(0), fans)
+    if _rule_for(m) is None:
+        w = m._parameters.get("weight")
+        if not isinstance(w, torch.Tensor):
+            raise SignalpropError(
+                f"{type(m).__name__} has no parameter 'weight' to initialize with fans={fans!r}"
+            )
+        return [WeightBlock("weight", fi, fo)]
+    return [replace(b, fan_in=fi, fan_out=fo) for b in weight_blocks(m)]
+
+
+def _block_dims(m: nn.Module, b: WeightBlock) -> tuple[int, int, int]:
+    """(rows, cols, kernel positions) of one group of a block seen as an output-major matrix."""
+    p = getattr(m, b.param)
+    shape = tuple(int(s) for s in p.shape)
+    if b.rows is not None:
+        shape = (b.rows[1] - b.rows[0], *shape[1:])
+    shape = (shape[0] // b.groups, *shape[1:])
+    kernel = math.prod(shape[2:]) if len(shape) > 2 else 1
+    n_out = shape[b.out_dim] if len(shape) > 1 else shape[0]
+    n_other = (shape[1 - b.out_dim] if len(shape) > 1 else 1) * kernel
+    return n_out, n_other, kernel
+
+
+def _step(name: str, m: nn.Module, b: WeightBlock, spec: _Spec) -> InitStep:
+    if spec.std is not None:
+        std = spec.std(b.fan_in, b.fan_out)
+    else:
+        rows, cols, kernel = _block_dims(m, b)
+        if spec.distribution == "delta_orthogonal" and kernel > 1:
+            centre_rows, centre_cols = rows, cols // kernel
+            std = spec.gain * math.sqrt(min(centre_rows, centre_cols) / (centre_rows * centre_cols * kernel))
+        else:
+            std = S.orthogonal_std(rows, cols, gain=spec.gain)
+    return InitStep(
+        layer=name,
+        kind=type(m).__name__,
+        param=b.param,
+        rows=b.rows,
+        fan_in=b.fan_in,
+        fan_out=b.fan_out,
+        scheme=spec.name,
+        distribution=spec.distribution,
+        std=float(std),
+        groups=b.groups,
+        out_dim=b.out_dim,
+        gain=spec.gain,
+    )
+
+
+def _targets(m: object, fans: tuple[float, float] | None, what: str) -> list[tuple[str, nn.Module]]:
+    m = _check_layer(m, what)
+    if fans is not None:
+        layers = list(weight_layers(m))
+        if len(layers) > 1:
+            raise SignalpropError(
+                f"{what}: fans={fans!r} applies to one layer, but {type(m).__name__} holds {len(layers)} weight "
+                "layers; call it per layer, or teach signalprop the layer type with register_fans"
+            )
+        return [("", m)] if not layers else layers
+    layers = list(weight_layers(m, strict=True))
+    if not layers:
+        if _rule_for(m) is not None:  # a known layer type without its weight
+            weight_blocks(m)
+        raise SignalpropError(
+            f"{what}: {type(m).__name__} has no weight layers to initialize (weight layers are Linear, "
+            "Conv/ConvTranspose 1d/2d/3d, MultiheadAttention, Embedding, transformers' Conv1D and registered "
+            "types); pass a layer or a model that contains some"
+        )
+    return layers
+
+
+def _plan(
+    m: object, spec: _Spec, fans: tuple[float, float] | None, what: str
+) -> list[tuple[InitStep, nn.Module]]:
+    """One step per weight block of every target layer; a tied weight is planned once (its first user)."""
+    return _plan_layers(_targets(m, fans, what), spec, fans, what)
+
+
+def _plan_layers(
+    layers: list[tuple[str, nn.Module]], spec: _Spec, fans: tuple[float, float] | None, what: str
+) -> list[tuple[InitStep, nn.Module]]:
+    out: list[tuple[InitStep, nn.Module]] = []
+    seen: set[tuple[int, tuple[int, int] | None]] = set()
+    for name, layer in layers:
+        try:
+            blocks = _layer_blocks(layer, fans)
+        except SignalpropError as exc:
+            raise SignalpropError(f"{what}: layer {name or '<given>'!r}: {exc}") from None
+        for b in blocks:
+            p = getattr(layer, b.param)
+            if not p.is_floating_point():
+                raise SignalpropError(
+                    f"{what}: layer {name or '<given>'!r} ({type(layer).__name__}) has a non-floating-point "
+                    f"{b.param} (dtype {p.dtype}); initializers need float16/bfloat16/float32/float64"
+                )
+            key = (id(p), b.rows)
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append((_step(name, layer, b, spec), layer))
+    return out
+
+
+def plan(model: nn.Module, scheme: str, *, fans: tuple[float, float] | None = None, **settings: Any) -> list[InitStep]:
+    """The plan ``scheme`` would write into ``model``, as data; the model is not touched.
+
+    ``scheme``: ``he`` (alias ``kaiming``), ``glorot`` (``xavier``), ``lecun``, ``variance_scaling``,
+    ``orthogonal``, ``delta_orthogonal``; ``settings`` are that initializer's keywords (``mode``,
+    ``nonlinearity``, ``distribution``, ``gain``, ``scale``).
+
+    >>> [round(s.std, 4) for s in plan(nn.Linear(512, 256), "he")]
+    [0.0625]
+    """
+    spec = _make_spec(scheme, settings)
+    return [step for step, _ in _plan(model, spec, fans, "plan")]
+
+
+def target_std(layer: nn.Module, scheme: str, *, fans: tuple[float, float] | None = None, **settings: Any) -> float:
+    """The standard deviation ``scheme`` would give ``layer``'s weight entries, without touching it.
+
+    >>> round(target_std(nn.Conv2d(64, 128, 3), "he"), 5)  # sqrt(2 / (64 * 9))
+    0.05893
+    >>> round(target_std(nn.ConvTranspose2d(256, 128, 4, stride=2), "he"), 5)  # sqrt(2 / 1024)
+    0.04419
+    """
+    _check_layer(layer, "target_std")
+    if fans is None and not is_weight_layer(layer):
+        weight_blocks(layer)  # raises the precise reason
+    steps = [s for s in plan(layer, scheme, fans=fans, **settings) if s.layer == ""]
+    stds = {round(s.std, 12) for s in steps}
+    if len(stds) != 1:
+        each = ", ".join(f"{s.param}{list(s.rows) if s.rows else ''}: {s.std:.4g}" for s in steps)
+        raise SignalpropError(
+            f"{type(layer).__name__}'s weight blocks get different stds under {scheme} ({each}); "
+            "use signalprop.init.plan(layer, scheme) to see each"
+        )
+    return steps[0].std
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def _write(
+    steps: list[tuple[InitStep, nn.Module]],
+    layers: list[nn.Module],
+    generator: torch.Generator | None,
+    zero_bias: bool,
+    only: set[tuple[int, str]] | None = None,
+) -> None:
+    from .sharded import is_dtensor, shared_generator
+
+    if generator is None and any(is_dtensor(getattr(layer, st.param)) for st, layer in steps):
+        generator = shared_generator()
+    by_param: dict[tuple[int, str], list[tuple[InitStep, nn.Module]]] = {}
+    for st, layer in steps:
+        by_param.setdefault((id(layer), st.param), []).append((st, layer))
+    with torch.no_grad():
+        for key, group in by_param.items():
+            if only is not None and key not in only:
+                continue
+            layer = group[0][1]
+            param = getattr(layer, key[1])
+            with S.writable(param, generator) as full:
+                for st, _ in group:
+                    view = full[st.rows[0] : st.rows[1]] if st.rows is not None else full
+                    _write_block(view, st, generator)
+        for layer in layers:
+            _init_biases(layer, generator, zero_bias, only)
+
+
+def _write_block(view: torch.Tensor, st: InitStep, generator: torch.Generator | None) -> None:
+    if view.is_meta:
+        return
+    if st.distribution == "orthogonal":
+        S.orthogonal_(view, gain=st.gain, groups=st.groups, out_dim=st.out_dim, generator=generator)
+    elif st.distribution == "delta_orthogonal":
+        S.delta_orthogonal_(view, gain=st.gain, groups=st.groups, out_dim=st.out_dim, generator=generator)
+    else:
+        S._sample(view, st.std, st.distribution, generator)
+
+
+def _init_biases(
+    layer: nn.Module,
+    generator: torch.Generator | None,
+    zero_bias: bool,
+    only: set[tuple[int, str]] | None,
+) -> None:
+    for bname in _BIAS_NAMES:
+        b = layer._parameters.get(bname)
+        if not isinstance(b, torch.Tensor):
+            continue
+        if only is not None and (id(layer), bname) not in only:
+            continue
+        if zero_bias:
+            with S.writable(b, generator) as full:
+                if not full.is_meta:
+                    full.zero_()
+        elif only is not None:
+            # A freshly materialized bias has no values yet: PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+            fan_in = weight_blocks(layer)[0].fan_in
+            with S.writable(b, generator) as full:
+                S._sample(full, 1.0 / math.sqrt(3.0 * fan_in), "uniform", generator)
+
+
+def _run(
+    m: M,
+    scheme: str,
+    settings: dict[str, Any],
+    *,
+    zero_bias: bool,
+    fans: tuple[float, float] | None,
+    generator: torch.Generator | None,
+    what: str,
+) -> M:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise SignalpropError(f"{what}: generator must be a torch.Generator, got {type(generator).__name__}")
+    spec = _make_spec(scheme, settings)
+    layers = _targets(m, fans, what)
+    steps = _plan_layers(layers, spec, fans, what)
+    _write(steps, [layer for _, layer in layers], generator, zero_bias)
+    return m
+
+
+def _init_layers(
+    layers: list[tuple[str, nn.Module]],
+    init_fn: Callable[..., Any],
+    generator: torch.Generator | None,
+    settings: dict[str, Any],
+    only: set[tuple[int, str]],
+) -> None:
+    """Initialize the listed tensors of these layers (materialize_'s path): nothing else is written.
+
+    A built-in scheme is planned over all layers at once, so the draws come in the same order as
+    ``scheme_(model)`` on the same model built eagerly: the same generator state gives the same weights.
+    Any other callable is called as ``init_fn(layer, **settings)`` per layer.
+    """
+    kwargs = dict(settings)
+    scheme = _SCHEME_OF.get(init_fn)
+    if scheme is None:
+        from .sharded import _accepts
+
+        if generator is not None and _accepts(init_fn, "generator"):
+            kwargs["generator"] = generator
+        for _, layer in layers:
+            init_fn(layer, **kwargs)
+        return
+    zero_bias = bool(kwargs.pop("zero_bias", True))
+    spec = _make_spec(scheme, kwargs)
+    steps = _plan_layers(layers, spec, None, scheme + "_")
+    _write(steps, [layer for _, layer in layers], generator, zero_bias, only=only)
+
+
+# ---- public initializers ----------------------------------------------------------------------
+def he_(
+    m: M,
+    *,
+    mode: str = "fan_in",
+    nonlinearity: ActLike = "relu",
+    distribution: str = "normal",
+    zero_bias: bool = True,
+    fans: tuple[float, float] | None = None,
+    generator: torch.Generator | None = None,
+) -> M:
+    """He et al. (2015): weight std ``gain(nonlinearity) / sqrt(fan)``, fan = effective fan_in or fan_out.
+
+    ``Var[y_L] = Var[y_1] prod_l (1/2 n_l Var[w_l])`` for ReLU (He et al. 2015, Eq. 10) stays put when
+    ``Var[w] = 2 / fan_in``; ``mode="fan_out"`` keeps gradients instead (Eq. 14). ``nonlinearity`` is a
+    name, a tensor callable or an ``nn.Module`` (``nn.LeakyReLU(0.2)``, ``nn.GELU()``), and the gain is
+    :func:`signalprop.theory.gain`, ``1/sqrt(E[act(z)^2])``. ``distribution``: normal, uniform,
+    truncated_normal (all with exactly that std).
+
+    >>> net = he_(nn.Sequential(nn.Linear(512, 512), nn.ReLU()), generator=torch.Generator().manual_seed(0))
+    >>> round(float(net[0].weight.detach().std() * 512 ** 0.5), 2), float(net[0].bias.detach().abs().max())
+    (1.41, 0.0)
+    """
+    return _run(
+        m,
+        "he",
+        {"mode": mode, "nonlinearity": nonlinearity, "distribution": distribution},
+        zero_bias=zero_bias,
+        fans=fans,
+        generator=generator,
+        what="he_",
+    )
+
+
+def glorot_(
+    m: M,
+    *,
+    distribution: str = "uniform",
+    gain: float | ActLike = 1.0,
+    zero_bias: bool = True,
+    fans: tuple[float, float] | None = None,
+    generator: torch.Generator | None = None,
+) -> M:
+    """Glorot & Bengio (2010), Eq. 16: weight std ``gain * sqrt(2 / (fan_in + fan_out))``.
+
+    The compromise between keeping activations (``1/fan_in``) and gradients (``1/fan_out``) for symmetric
+    activations near the identity. ``gain`` is a number or an activation (then :func:`theory.gain`).
+    """
+    return _run(
+        m,
+        "glorot",
+        {"distribution": distribution, "gain": gain},
+        zero_bias=zero_bias,
+        fans=fans,
+        generator=generator,
+        what="glorot_",
+    )
+
+
+def lecun_(
+    m: M,
+    *,
+    distribution: str = "normal",
+    zero_bias: bool = True,
+    fans: tuple[float, float] | None = None,
+    generator: torch.Generator | None = None,
+) -> M:
+    """LeCun et al. (1998): weight std ``1 / sqrt(fan_in)``; with SELU, self-normalizing (Klambauer et al. 2017)."""
+    return _run(
+        m, "lecun", {"distribution": distribution}, zero_bias=zero_bias, fans=fans, generator=generator, what="lecun_"
+    )
+
+
+def variance_scaling_(
+    m: M,
+    *,
+    scale: float = 1.0,
+    mode: str = "fan_in",
+    distribution: str = "truncated_normal",
+    zero_bias: bool = True,
+    fans: tuple[float, float] | None = None,
+    generator: torch.Generator | None = None,
+) -> M:
+    """Keras' ``VarianceScaling``: weight variance ``scale / fan`` exactly, fan = fan_in, fan_out or fan_avg.
+
+    ``truncated_normal`` cuts at two underlying standard deviations and widens by 1/0.87962566 first, so the
+    variance is exactly ``scale / fan`` (as Keras does since 2.3).
+    """
+    return _run(
+        m,
+        "variance_scaling",
+        {"scale": scale, "mode": mode, "distribution": distribution},
+        zero_bias=zero_bias,
+        fans=fans,
+        generator=generator,
+        what="variance_scaling_",
+    )
+
+
+def orthogonal_(
+    m: M,
+    *,
+    gain: float | ActLike = 1.0,
+    zero_bias: bool = True,
+    generator: torch.Generator | None = None,
+) -> M:
+    """Saxe et al. (2014): each weight block, seen with one row per output unit, has ``W W^T = gain^2 I``.
+
+    (``W^T W = gain^2 I`` when it has more rows than columns.) Grouped convolutions get one orthogonal
+    matrix per group; attention's q, k and v one each.
+    """
+    return _run(m, "orthogonal", {"gain": gain}, zero_bias=zero_bias, fans=None, generator=generator,
+                what="orthogonal_")
+
+
+def delta_orthogonal_(
+    m: M,
+    *,
+    gain: float | ActLike = 1.0,
+    zero_bias: bool = True,
+    generator: torch.Generator | None = None,
+) -> M:
+    """Xiao et al. (2018): an orthogonal matrix at each conv kernel's centre, zeros elsewhere.
+
+    A convolution so initialized (with ``out_channels >= in_channels / groups``) preserves the norm of any
+    input away from the border; with ``gain = theory.gain(act)`` and the right activation this is the
+    dynamical-isometry init that trains 10,000-layer CNNs. Layers without a kernel get :func:`orthogonal_`.
+    """
+    return _run(m, "delta_orthogonal", {"gain": gain}, zero_bias=zero_bias, fans=None, generator=generator,
+                what="delta_orthogonal_")
+
+
+SCHEMES: dict[str, Callable[..., Any]] = {
+    "he": he_,
+    "kaiming": he_,
+    "glorot": glorot_,
+    "xavier": glorot_,
+    "lecun": lecun_,
+    "variance_scaling": variance_scaling_,
+    "orthogonal": orthogonal_,
+    "delta_orthogonal": delta_orthogonal_,
+}
+"""Scheme name -> module-level initializer."""
+
+_SCHEME_OF: dict[Callable[..., Any], str] = {
+    he_: "he",
+    glorot_: "glorot",
+    lecun_: "lecun",
+    variance_scaling_: "variance_scaling",
+    orthogonal_: "orthogonal",
+    delta_orthogonal_: "delta_orthogonal",
+}
+

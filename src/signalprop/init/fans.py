@@ -1,0 +1,290 @@
+"""Effective fans: how many inputs feed one output unit (fan_in) and how many outputs one input feeds (fan_out).
+
+He et al. (2015, Sec. 2.2) keep the forward second moment steady with ``Var[w] = gain^2 / fan_in`` and the
+backward one with ``Var[w] = gain^2 / fan_out``; both are only right when the fans count what the layer
+really connects. PyTorch's ``_calculate_fan_in_and_fan_out`` reads them off the weight's shape, which is
+right for Linear and stride-1 convolutions and wrong for strided ones:
+
+* ``Conv{1,2,3}d`` (weight ``[out, in/groups, *k]``): every output sees ``in/groups * prod(k)`` inputs, so
+  ``fan_in = in/groups * prod(k)``. Going back, one input position is covered by ``prod(k/stride)`` output
+  positions on average (exactly, in the interior, when the stride divides the kernel), each with
+  ``out/groups`` channels: ``fan_out = out/groups * prod(k) / prod(stride)``. At stride 1 this is
+  PyTorch's ``out/groups * prod(k)``. Grouped and depthwise convolutions divide by ``groups``.
+* ``ConvTranspose{1,2,3}d`` (weight ``[in, out/groups, *k]``) is the adjoint of a strided convolution, so
+  the roles swap: one input position scatters its ``prod(k)`` taps onto distinct output positions, each
+  in ``out/groups`` channels, so ``fan_out = out/groups * prod(k)``; an interior output position gathers
+  ``prod(k/stride)`` taps from each of ``in/groups`` channels, so ``fan_in = in/groups * prod(k) /
+  prod(stride)``. ``ConvTranspose2d(256, 128, 4, stride=2)``: fan_in 1024 where PyTorch says 2048. When
+  the stride does not divide the kernel, output positions alternate between ``floor(k/s)`` and
+  ``ceil(k/s)`` taps per dimension (the checkerboard of Odena et al. 2016) and fan_in is their mean.
+  Dilation and padding change neither count away from the borders.
+* ``nn.MultiheadAttention``: the packed ``in_proj_weight`` ``[3E, E]`` is three ``E x E`` projections (q, k,
+  v), each with fans ``(E, E)`` (``(kdim, E)`` and ``(vdim, E)`` for k and v when those differ); PyTorch's
+  shape rule would give fan_out ``3E``. Its ``out_proj`` is an ``nn.Linear`` of its own.
+* ``nn.Embedding`` (weight ``[num_embeddings, dim]``): an embedding is a linear map applied to a one-hot
+  vector, so each output unit is fed by exactly one nonzero input of value 1: ``fan_in = 1``, and each
+  token feeds ``dim`` outputs: ``fan_out = dim``. Then He/LeCun with a linear gain give ``N(0, 1)``, which
+  is PyTorch's default for embeddings and keeps the output's second moment at 1. (PyTorch's shape rule
+  reads the weight as a Linear from ``dim`` to ``num_embeddings``, which is the view of a *tied output
+  head*; initialize such a head through the head layer, not the embedding.)
+* transformers' ``Conv1D`` (GPT-2; weight ``[in, out]``): fans swapped against Linear. It is recognised by
+  class name, so transformers is never imported.
+
+Anything else raises :class:`~signalprop.SignalpropError` that says how to pass fans; add a layer type with
+:func:`register_fans`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._errors import SignalpropError
+
+FanRule = Callable[[nn.Module], "tuple[float, float]"]
+
+
+@dataclass(frozen=True)
+class WeightBlock:
+    """One independently initialized block of a layer's weight.
+
+    ``param`` names the parameter on the layer (``"weight"``, ``"in_proj_weight"``); ``rows`` selects a
+    range of its first dimension (the q, k, v thirds of a packed attention projection) or is None for all;
+    ``groups`` splits the block further into that many equal matrices along dim 0 for the orthogonal schemes
+    (grouped convolutions: each group is its own map); ``out_dim`` is the dimension that indexes output
+    units (1 for transformers' Conv1D and for transposed convolutions, 0 otherwise).
+    """
+
+    param: str
+    fan_in: float
+    fan_out: float
+    rows: tuple[int, int] | None = None
+    groups: int = 1
+    out_dim: int = 0
+
+
+def _num(x: float) -> float:
+    """An int when the count is whole (1024, not 1024.0), else the float mean."""
+    r = round(x)
+    return int(r) if abs(x - r) < 1e-9 else float(x)
+
+
+def _prod(xs: tuple[int, ...] | list[int]) -> int:
+    return int(math.prod(int(v) for v in xs))
+
+
+# ---- built-in rules: layer -> list of blocks ------------------------------------------------------
+def _linear(m: nn.Module) -> list[WeightBlock]:
+    assert isinstance(m, nn.Linear)
+    return [WeightBlock("weight", m.in_features, m.out_features)]
+
+
+def _conv(m: nn.Module) -> list[WeightBlock]:
+    assert isinstance(m, nn.modules.conv._ConvNd)
+    k = _prod(list(m.kernel_size))
+    s = _prod(list(m.stride))
+    g = int(m.groups)
+    if m.transposed:
+        fan_in = m.in_channels / g * k / s
+        fan_out = m.out_channels / g * k
+        return [WeightBlock("weight", _num(fan_in), _num(fan_out), groups=g, out_dim=1)]
+    fan_in = m.in_channels / g * k
+    fan_out = m.out_channels / g * k / s
+    return [WeightBlock("weight", _num(fan_in), _num(fan_out), groups=g)]
+
+
+def _mha(m: nn.Module) -> list[WeightBlock]:
+    assert isinstance(m, nn.MultiheadAttention)
+    e = int(m.embed_dim)
+    if m.in_proj_weight is not None:
+        return [WeightBlock("in_proj_weight", e, e, rows=(i * e, (i + 1) * e)) for i in range(3)]
+    return [
+        WeightBlock("q_proj_weight", e, e),
+        WeightBlock("k_proj_weight", int(m.kdim), e),
+        WeightBlock("v_proj_weight", int(m.vdim), e),
+    ]
+
+
+def _embedding(m: nn.Module) -> list[WeightBlock]:
+    assert isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+    return [WeightBlock("weight", 1, int(m.embedding_dim), out_dim=1)]
+
+
+def _hf_conv1d(m: nn.Module) -> list[WeightBlock]:
+    w = m.weight
+    if not isinstance(w, torch.Tensor) or w.ndim != 2:
+        raise SignalpropError(
+            f"{type(m).__name__} looks like transformers' Conv1D but its weight is not a 2-D [in, out] "
+            "tensor; pass fans=(fan_in, fan_out) or register the type with signalprop.init.register_fans"
+        )
+    return [WeightBlock("weight", int(w.shape[0]), int(w.shape[1]), out_dim=1)]
+
+
+_TYPE_RULES: dict[type, Callable[[nn.Module], list[WeightBlock]]] = {
+    nn.Linear: _linear,
+    nn.modules.conv._ConvNd: _conv,
+    nn.MultiheadAttention: _mha,
+    nn.Embedding: _embedding,
+    nn.EmbeddingBag: _embedding,
+}
+"""Layer type -> rule. Looked up along the class's MRO, so subclasses (``NonDynamicallyQuantizableLinear``,
+a user's ``MyConv(nn.Conv2d)``) inherit their parent's rule."""
+
+_NAME_RULES: dict[str, Callable[[nn.Module], list[WeightBlock]]] = {
+    "Conv1D": _hf_conv1d,  # transformers.pytorch_utils.Conv1D, duck-typed so transformers is not imported
+}
+"""Class name -> rule, for layer types of libraries that are not imported here."""
+
+
+def register_fans(layer_type: type | str, rule: FanRule) -> None:
+    """Teach signalprop the fans of a layer type whose parameter ``weight`` has rows = output units.
+
+    ``layer_type`` is a class (subclasses inherit the rule) or a class name (matched exactly, for types of
+    libraries you do not want to import). ``rule(layer) -> (fan_in, fan_out)``. A registration replaces the
+    built-in rule for that type.
+
+    >>> class Scale(nn.Module):
+    ...     def __init__(self): super().__init__(); self.weight = nn.Parameter(torch.empty(8, 4))
+    >>> register_fans(Scale, lambda m: (4, 8))
+    >>> fans(Scale())
+    (4, 8)
+    """
+    if not callable(rule):
+        raise SignalpropError(
+            f"register_fans needs a callable rule(layer) -> (fan_in, fan_out); got {type(rule).__name__}"
+        )
+
+    def blocks(m: nn.Module) -> list[WeightBlock]:
+        out = rule(m)
+        try:
+            fi, fo = out
+            fi, fo = float(fi), float(fo)
+        except (TypeError, ValueError) as exc:
+            raise SignalpropError(
+                f"the fan rule registered for {type(m).__name__} returned {out!r}; it must return a pair "
+                "of positive numbers (fan_in, fan_out)"
+            ) from exc
+        return [WeightBlock("weight", _num(fi), _num(fo))]
+
+    if isinstance(layer_type, str):
+        _NAME_RULES[layer_type] = blocks
+    elif isinstance(layer_type, type) and issubclass(layer_type, nn.Module):
+        _TYPE_RULES[layer_type] = blocks
+    else:
+        raise SignalpropError(
+            f"register_fans needs an nn.Module subclass or a class name, got {layer_type!r}"
+        )
+
+
+def _rule_for(m: nn.Module) -> Callable[[nn.Module], list[WeightBlock]] | None:
+    for cls in type(m).__mro__:
+        if cls in _TYPE_RULES:
+            return _TYPE_RULES[cls]
+        if cls.__name__ in _NAME_RULES:
+            return _NAME_RULES[cls.__name__]
+    return None
+
+
+def is_weight_layer(m: nn.Module) -> bool:
+    """True when ``m`` is a layer type with a fan rule (built in or registered) and it has its weight."""
+    rule = _rule_for(m)
+    if rule is None:
+        return False
+    if isinstance(m, nn.MultiheadAttention):
+        return m.in_proj_weight is not None or m.q_proj_weight is not None
+    return isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
+def _unknown(m: nn.Module) -> SignalpropError:
+    w = getattr(m, "weight", None)
+    shape = f"weight shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else "no weight"
+    return SignalpropError(
+        f"cannot find fans for {type(m).__name__} ({shape}); known layer types are Linear, Conv1d/2d/3d, "
+        "ConvTranspose1d/2d/3d, MultiheadAttention, Embedding, EmbeddingBag and transformers' Conv1D. "
+        "Pass fans=(fan_in, fan_out) or register the type with "
+        "signalprop.init.register_fans(MyLayer, lambda m: (fan_in, fan_out))."
+    )
+
+
+def _check_layer(m: object, what: str) -> nn.Module:
+    if isinstance(m, torch.Tensor):
+        raise SignalpropError(
+            f"{what} needs an nn.Module layer, got a tensor of shape {tuple(m.shape)}; for a bare tensor use "
+            "the tensor-level functions in signalprop.init.schemes (they take fans=(fan_in, fan_out))"
+        )
+    if not isinstance(m, nn.Module):
+        raise SignalpropError(
+            f"{what} needs an nn.Module layer (nn.Linear, nn.Conv2d, ...), got {type(m).__name__}"
+        )
+    return m
+
+
+def weight_blocks(layer: nn.Module) -> list[WeightBlock]:
+    """The independently initialized blocks of ``layer``'s weight, each with its effective fans.
+
+    One block for most layers; three (q, k, v) for ``nn.MultiheadAttention``. Raises for a layer type
+    without a rule and for a layer without its weight.
+    """
+    layer = _check_layer(layer, "weight_blocks")
+    rule = _rule_for(layer)
+    if rule is None:
+        raise _unknown(layer)
+    if not is_weight_layer(layer):
+        raise SignalpropError(
+            f"{type(layer).__name__} has no weight to initialize (its weight is None); nothing to compute"
+        )
+    for name in ("weight", "in_proj_weight", "q_proj_weight"):
+        if isinstance(getattr(layer, name, None), nn.parameter.UninitializedParameter):
+            raise SignalpropError(
+                f"{type(layer).__name__} is a lazy layer whose {name} has no shape yet; run one forward pass "
+                "first (or build the model on the meta device and use signalprop.init.materialize_)"
+            )
+    blocks = rule(layer)
+    for b in blocks:
+        if not (b.fan_in > 0 and b.fan_out > 0):
+            raise SignalpropError(
+                f"{type(layer).__name__} has fans ({b.fan_in}, {b.fan_out}); both must be positive "
+                "(a layer with a zero-sized dimension has nothing to initialize)"
+            )
+    return blocks
+
+
+def fans(layer: nn.Module) -> tuple[float, float]:
+    """The effective ``(fan_in, fan_out)`` of one layer: inputs per output unit, outputs per input unit.
+
+    See the module docstring for each layer type's rule and why it differs from PyTorch's where it does.
+    Whole counts come back as ``int``; a strided layer whose stride does not divide its kernel gets the
+    mean count as a ``float``. For ``nn.MultiheadAttention`` this is the query projection's ``(E, E)``
+    (the k and v blocks agree unless ``kdim``/``vdim`` differ; :func:`weight_blocks` lists all three).
+
+    >>> fans(nn.ConvTranspose2d(256, 128, 4, stride=2))
+    (1024, 2048)
+    >>> fans(nn.Conv2d(32, 32, 3, groups=32))
+    (9, 9)
+    """
+    b = weight_blocks(layer)[0]
+    return (b.fan_in, b.fan_out)
+
+
+def weight_layers(model: nn.Module, *, strict: bool = False) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(qualified_name, module)`` for every weight layer of ``model``, in ``named_modules`` order.
+
+    A weight layer is a module with a fan rule and its weight (Linear, ConvNd, ConvTransposeNd,
+    MultiheadAttention, Embedding, transformers' Conv1D, registered types); ``model`` itself is included
+    when it is one. Normalization layers (1-D weights) are not weight layers. With ``strict=True`` a module
+    that owns a parameter ``weight`` of two or more dimensions but has no fan rule raises
+    :class:`~signalprop.SignalpropError` (the initializers use this, so they never skip a layer silently).
+    """
+    model = _check_layer(model, "weight_layers")
+    for name, m in model.named_modules():
+        if is_weight_layer(m):
+            yield name, m
+        elif strict and _rule_for(m) is None:
+            w = m._parameters.get("weight")
+            if isinstance(w, torch.Tensor) and w.ndim >= 2:
+                err = _unknown(m)
+                raise SignalpropError(f"layer {name or '<model>'!r}: {err}") from None

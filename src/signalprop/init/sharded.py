@@ -1,0 +1,235 @@
+"""Sharded (DTensor / FSDP2) parameters and meta-device models.
+
+**Sharded parameters.** A DTensor's ``shape`` is the global shape, so the fans every rule reads are the
+unsharded layer's. Drawing on each rank's shard with its own generator would give shards that are not the
+slices of any one draw (and identical shards on ranks seeded alike). Instead every rank draws the *global*
+tensor with a generator in the same state on all ranks and keeps its own slice
+(``distribute_tensor(full, mesh, placements, src_data_rank=None)``, no communication). The assembled tensor
+is then bit-for-bit the tensor the unsharded initializer draws from the same generator state, whatever
+the mesh. The price is one full parameter in memory at a time (not the whole model). Without a
+``generator``, rank 0 draws a seed from the default generator and broadcasts it (one collective per call).
+
+**Meta-device models.** :func:`materialize_` allocates every meta tensor of a model on a real device and
+initializes it in one step: weight layers with the chosen scheme (biases zero), every other module that
+owns meta tensors with its own ``reset_parameters()`` (normalization layers: weight 1, bias 0, running
+statistics reset). Tied parameters stay tied. Anything nobody can initialize is reported before a single
+tensor is allocated.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._errors import SignalpropError
+
+
+def is_dtensor(t: object) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2 / tensor-parallel sharded tensor).
+
+    Never imports ``torch.distributed.tensor`` (slow to import): no DTensor can exist before it is loaded.
+    """
+    mod = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(mod, "DTensor", None) if mod is not None else None
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def copy_shard_(t: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's shard of the global tensor ``full`` into the DTensor ``t`` (no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    assert isinstance(t, DTensor)
+    local = t._local_tensor
+    if local.is_meta:
+        return
+    if tuple(full.shape) != tuple(t.shape):
+        raise SignalpropError(f"internal: a draw of shape {tuple(full.shape)} for a DTensor of {tuple(t.shape)}")
+    mine = distribute_tensor(full.to(local.device), t.device_mesh, t.placements, src_data_rank=None)
+    local.copy_(mine._local_tensor)
+
+
+def shared_seed() -> int:
+    """A seed drawn from rank 0's default generator and broadcast to every rank (one collective).
+
+    Without an initialized process group, or with one rank, the local draw.
+    """
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box: list[Any] = [seed]
+        dist.broadcast_object_list(box, src=0)
+        seed = int(box[0])
+    return seed
+
+
+def shared_generator(t: torch.Tensor | None = None) -> torch.Generator:
+    """A CPU generator in the same state on every rank (seeded by :func:`shared_seed`)."""
+    del t
+    return torch.Generator().manual_seed(shared_seed())
+
+
+# ---- meta-device materialization ------------------------------------------------------------------
+_BIAS_NAMES = ("bias", "in_proj_bias", "bias_k", "bias_v")
+
+
+def _is_meta(t: torch.Tensor | None) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_meta
+
+
+def _target_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        dev = torch.device(device)
+        if dev.type == "meta":
+            raise SignalpropError("materialize_ needs a real device (cpu, cuda, ...), got 'meta'")
+        return dev
+    for p in model.parameters():
+        if is_dtensor(p):
+            kind = p.device_mesh.device_type  # type: ignore[attr-defined]
+            if kind == "cpu":
+                return torch.device("cpu")
+            mod = getattr(torch, kind, None)
+            if mod is not None and hasattr(mod, "current_device"):
+                return torch.device(kind, int(mod.current_device()))
+            return torch.device(kind)
+    return torch.device("cpu")
+
+
+def _plan_materialize(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """(weight layers with meta tensors, other modules to reset); raises for what nothing can initialize."""
+    from .apply import _block_params
+    from .fans import is_weight_layer
+
+    weight_layers: list[tuple[str, nn.Module]] = []
+    resets: list[tuple[str, nn.Module]] = []
+    orphans: list[str] = []
+    for name, m in model.named_modules():
+        meta = [k for k, v in (*m._parameters.items(), *m._buffers.items()) if _is_meta(v)]
+        if not meta:
+            continue
+        covered: set[str] = set()
+        if is_weight_layer(m):
+            weight_layers.append((name, m))
+            covered = set(_block_params(m)) | set(_BIAS_NAMES)
+        rest = [k for k in meta if k not in covered]
+        if rest:
+            if callable(getattr(m, "reset_parameters", None)):
+                if (name, m) not in weight_layers:
+                    resets.append((name, m))
+            else:
+                orphans += [f"{name + '.' if name else ''}{k} ({type(m).__name__})" for k in rest]
+    if orphans:
+        raise SignalpropError(
+            "materialize_ cannot initialize these meta tensors: " + ", ".join(orphans) + ". They are neither "
+            "weights or biases of a weight layer nor owned by a module with reset_parameters(). Give those "
+            "modules a reset_parameters() that fills them, or build them on a real device."
+        )
+    return weight_layers, resets
+
+
+def _empty(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # torch.empty_like on a meta tensor runs a Python reference that imports half of torch (seconds);
+    # a DTensor needs it (it keeps the mesh and placements), a plain tensor does not.
+    if is_dtensor(t):
+        return torch.empty_like(t, device=device)
+    return torch.empty(tuple(t.shape), dtype=t.dtype, device=device)
+
+
+def _allocate(model: nn.Module, device: torch.device) -> None:
+    """Replace every meta parameter and buffer by an uninitialized one on ``device``; tied ones stay tied."""
+    memo: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        for key, p in list(m._parameters.items()):
+            if _is_meta(p):
+                assert p is not None
+                if id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(_empty(p, device), requires_grad=p.requires_grad)
+                m._parameters[key] = memo[id(p)]  # type: ignore[assignment]
+        for key, b in list(m._buffers.items()):
+            if _is_meta(b):
+                assert b is not None
+                if id(b) not in memo:
+                    memo[id(b)] = _empty(b, device)
+                m._buffers[key] = memo[id(b)]
+
+
+def materialize_(
+    model: nn.Module,
+    scheme: str | Callable[..., Any] = "he",
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    **scheme_kwargs: Any,
+) -> nn.Module:
+    """Allocate a meta-device model's tensors on ``device`` and initialize them with ``scheme``, in one step.
+
+    ``scheme`` is a name (``"he"``, ``"glorot"``, ``"lecun"``, ``"orthogonal"``, ``"delta_orthogonal"``,
+    ``"variance_scaling"``) or a module-level initializer such as :func:`signalprop.init.he_`;
+    ``scheme_kwargs`` go to it (``nonlinearity="tanh"``, ``zero_bias=False`` ...). Weight layers get the
+    scheme; every other module with meta tensors gets its own ``reset_parameters()``. Only tensors that
+    were on the meta device are written: a model that is partly materialized keeps its real tensors.
+    ``device`` defaults to the device mesh's device for FSDP2 / DTensor models and to ``cpu`` otherwise;
+    sharded parameters are initialized as :mod:`signalprop.init.sharded` describes (each rank keeps its
+    shard of one global draw), so ``generator`` must be in the same state on every rank, or omitted.
+
+    >>> with torch.device("meta"):
+    ...     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.LayerNorm(64))
+    >>> net = materialize_(net, "he", generator=torch.Generator().manual_seed(0))
+    >>> net[0].weight.device.type, float(net[2].weight.detach().mean())
+    ('cpu', 1.0)
+    """
+    from .apply import SCHEMES, _init_layers
+
+    if not isinstance(model, nn.Module):
+        raise SignalpropError(f"materialize_ needs an nn.Module, got {type(model).__name__}")
+    if isinstance(scheme, str):
+        if scheme not in SCHEMES:
+            raise SignalpropError(f"unknown scheme {scheme!r}; use one of: {', '.join(SCHEMES)}")
+        init_fn = SCHEMES[scheme]
+    elif callable(scheme):
+        init_fn = scheme
+    else:
+        raise SignalpropError(
+            f"scheme must be a name ({', '.join(SCHEMES)}) or an initializer function, got {type(scheme).__name__}"
+        )
+    dev = _target_device(model, device)
+    weight_layers, resets = _plan_materialize(model)
+    if not weight_layers and not resets:
+        return model
+    if generator is None and any(is_dtensor(p) for p in model.parameters()):
+        generator = torch.Generator().manual_seed(shared_seed())
+    # Keep the real tensors of modules that reset_parameters() would overwrite.
+    keep = {
+        (id(m), k): v.detach().clone()
+        for _, m in resets
+        for k, v in (*m._parameters.items(), *m._buffers.items())
+        if isinstance(v, torch.Tensor) and not v.is_meta
+    }
+    metas: set[tuple[int, str]] = {
+        (id(m), k)
+        for _, m in weight_layers
+        for k, v in (*m._parameters.items(), *m._buffers.items())
+        if _is_meta(v)
+    }
+    _allocate(model, dev)
+    with torch.no_grad():
+        for _, m in resets:
+            m.reset_parameters()  # type: ignore[operator]
+            for (mid, k), v in keep.items():
+                if mid == id(m):
+                    getattr(m, k).copy_(v)
+        _init_layers(weight_layers, init_fn, generator, scheme_kwargs, only=metas)
+    return model
+
+
+def _accepts(fn: Callable[..., Any], kw: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return kw in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
