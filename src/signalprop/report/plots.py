@@ -1,0 +1,504 @@
+"""Figures with matplotlib (Agg, no window ever opens): std per layer, Signal Propagation Plots, histograms.
+
+Every number drawn is a field of a Trace's ``Stats``; the only arithmetic is presentation (a variance
+band drawn as a std band, histogram counts drawn as densities). Figures are built on
+``matplotlib.figure.Figure`` directly (no pyplot state, no backend switch) and matplotlib is imported
+inside the functions, so importing this module stays light.
+
+Log scales cannot show 0, inf or nan. Such values are left out of the line (it breaks there) and marked
+at the panel's edge instead: a red ``^`` at the top for inf, a ``v`` at the bottom for 0, an ``x`` at the
+bottom for nan; the legend says which is which.
+
+Example::
+
+    import signalprop as sp
+    traces = {"he": sp.measure(net_he, x), "default": sp.measure(net_default, x)}
+    sp.report.plots.plot_std(traces, "std.png", predicted=sp.predict(net_he, x.shape[1:]))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._errors import SignalpropError
+from ..trace import LayerStats, Trace
+from ._common import as_view, check_layers_choice, select_layers, short_name, std_band, union_names
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["plot_histograms", "plot_report", "plot_spp", "plot_std", "report_figures"]
+
+_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+_PRED_COLOR = "#222222"
+_DPI = 110
+
+
+# ---- public API -----------------------------------------------------------------------------------------
+
+
+def plot_std(
+    traces: Mapping[str, Trace] | Trace,
+    path: str | Path,
+    *,
+    predicted: Trace | None = None,
+    title: str = "Signal std per layer",
+    layers: str = "auto",
+) -> Path:
+    """Forward std and gradient std per layer, log scale, two panels, one line per trace.
+
+    ``traces`` maps a label to a Trace (a single Trace is labelled "measured"). ``predicted`` (from
+    ``sp.predict``) is drawn dashed with its 90% band for one network shaded: the std band is the
+    square root of ``Stats.var_band``, where one net of finite width lands (Hanin & Nica 2019; one net's
+    log-variance has standard deviation ``sqrt(sum_l beta_l / n_l)``). ``layers`` is ``"auto"`` (weight
+    layers when there are any: the outputs He's formula ``Var[y_L] = Var[y_1] prod 1/2 n_l Var[w_l]``
+    speaks about), ``"weight"`` or ``"all"``. Returns the written path.
+    """
+    fig = std_figure(traces, predicted=predicted, title=title, layers=layers)
+    return _save(fig, path)
+
+
+def plot_spp(
+    trace: Trace | Mapping[str, Trace],
+    path: str | Path,
+    *,
+    title: str = "Signal Propagation Plot",
+    layers: str = "auto",
+) -> Path:
+    """Signal Propagation Plot (Brock, De & Smith 2021, Sec. 3): per layer, the average over channels of
+    each channel's squared mean (``Stats.chan_sq_mean``) and of each channel's variance (``Stats.chan_var``).
+
+    A healthy network keeps both flat with depth; a squared mean that grows relative to the variance is
+    the mean shift Brock et al. show for unnormalized ReLU ResNets. Pass a dict to compare traces.
+    Raises SignalpropError when no layer carries channel statistics.
+    """
+    fig = spp_figure(trace, title=title, layers=layers)
+    return _save(fig, path)
+
+
+def plot_histograms(
+    trace: Trace,
+    path: str | Path,
+    *,
+    layers: str = "auto",
+    max_layers: int = 10,
+    yscale: str = "auto",
+    title: str = "Per-layer histograms",
+) -> Path:
+    """Per-layer histograms of activation values and, when recorded, of back-propagated gradients, one
+    curve per layer colored by depth (Glorot & Bengio 2010, Fig. 6 and 7 style), from ``Stats.hist``.
+
+    ``layers="auto"`` shows the outputs of activation modules (ReLU, Tanh, GELU, ...) when the trace has
+    histograms of any, as Glorot & Bengio do (saturation shows there), else the weight layers, else all;
+    ``"weight"`` and ``"all"`` choose directly.
+    Counts are drawn as densities (count / (total * bin width)) so layers with different bins compare.
+    With more than ``max_layers`` layers holding histograms, evenly spaced ones are shown (first and last
+    always) and the title says how many. ``yscale`` is ``"linear"``, ``"log"`` or ``"auto"`` (log when
+    some histogram has a single bin with over a quarter of its counts, such as the zeros after a ReLU).
+    Raises SignalpropError when no layer carries a histogram (measure with ``histograms=True``).
+    """
+    fig = histogram_figure(trace, layers=layers, max_layers=max_layers, yscale=yscale, title=title)
+    return _save(fig, path)
+
+
+def plot_report(report: Any, path: str | Path) -> list[Path]:
+    """The figures of a diagnose Report (or a Trace), written next to each other; returns their paths.
+
+    ``path`` gets the std plot (measured, with the report's prediction and band when it has one);
+    ``<stem>_spp<suffix>`` the Signal Propagation Plot when the trace carries channel statistics;
+    ``<stem>_hist<suffix>`` the histograms when it carries histograms. E.g. ``out/report.png`` gives
+    ``out/report.png``, ``out/report_spp.png``, ``out/report_hist.png``.
+    """
+    path = _check_path(path)
+    written = []
+    for key, fig in report_figures(report):
+        target = path if key == "std" else path.with_name(f"{path.stem}_{key}{path.suffix}")
+        written.append(_save(fig, target))
+    return written
+
+
+def report_figures(report: Any) -> list[tuple[str, Figure]]:
+    """``(key, Figure)`` for each figure a Report or Trace supports: ``std`` always, ``spp`` and ``hist``
+    when the trace has channel statistics or histograms. Used by :func:`plot_report` and the HTML page."""
+    view = as_view(report)
+    label = "measured" if view.trace.source != "predicted" else "predicted"
+    figs: list[tuple[str, Figure]] = [
+        ("std", std_figure({label: view.trace}, predicted=view.predicted, title="Signal std per layer"))
+    ]
+    if _has_channel_stats(view.trace):
+        figs.append(("spp", spp_figure(view.trace, title="Signal Propagation Plot")))
+    if any(_layer_hist(x, "fwd") or _layer_hist(x, "bwd") for x in view.trace):
+        figs.append(("hist", histogram_figure(view.trace, title="Per-layer histograms")))
+    return figs
+
+
+# ---- figures --------------------------------------------------------------------------------------------
+
+
+def std_figure(
+    traces: Mapping[str, Trace] | Trace,
+    *,
+    predicted: Trace | None = None,
+    title: str = "Signal std per layer",
+    layers: str = "auto",
+) -> Figure:
+    """The Figure drawn by :func:`plot_std` (not saved)."""
+    traces = _as_trace_dict(traces, "traces")
+    if predicted is not None and not isinstance(predicted, Trace):
+        raise SignalpropError(
+            f"predicted must be a Trace (from sp.predict), got {type(predicted).__name__}; or leave it out"
+        )
+    check_layers_choice(layers)
+    chosen = {label: select_layers(t, layers) for label, t in traces.items()}
+    pred_layers = select_layers(predicted, layers) if predicted is not None else []
+    names = union_names([[x.name for x in ls] for ls in chosen.values()] + [[x.name for x in pred_layers]])
+    if not names:
+        raise SignalpropError(f"nothing to plot: the traces have no {'weight ' if layers == 'weight' else ''}layers")
+    fig, (ax_f, ax_b) = _two_panels(len(names))
+    marks: dict[str, list[Any]] = {}
+    for ax, direction in ((ax_f, "fwd"), (ax_b, "bwd")):
+        drawn = False
+        values_seen: list[float] = []
+        marks[direction] = []
+        if pred_layers:
+            drawn |= _draw_predicted(ax, pred_layers, names, direction, values_seen, marks[direction])
+        for k, (label, ls) in enumerate(chosen.items()):
+            ys = _series(ls, names, lambda s: s.std, direction)
+            if all(y is None for y in ys):
+                continue
+            drawn = True
+            marks[direction] += _log_line(ax, ys, label=label, color=_PALETTE[k % len(_PALETTE)],
+                                          values_seen=values_seen)
+        _finish_log_axis(ax, values_seen)
+        if not drawn:
+            _empty_note(ax, "no backward pass recorded" if direction == "bwd" else "no values recorded")
+    ax_f.set_title("forward: std of each layer's output", fontsize=10, loc="left")
+    ax_b.set_title("backward: std of the gradient w.r.t. each layer's output", fontsize=10, loc="left")
+    ax_f.set_ylabel("std (log scale)")
+    ax_b.set_ylabel("std (log scale)")
+    _layer_ticks(ax_b, names)
+    _legend(ax_f)
+    _legend(ax_b, only=marks["bwd"])
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    return fig
+
+
+def spp_figure(
+    trace: Trace | Mapping[str, Trace],
+    *,
+    title: str = "Signal Propagation Plot",
+    layers: str = "auto",
+) -> Figure:
+    """The Figure drawn by :func:`plot_spp` (not saved)."""
+    traces = _as_trace_dict(trace, "trace")
+    check_layers_choice(layers)
+    if not any(_has_channel_stats(t) for t in traces.values()):
+        raise SignalpropError(
+            "no layer carries channel statistics (Stats.chan_sq_mean and chan_var are nan everywhere), so "
+            "there is no Signal Propagation Plot to draw; record them with sp.measure, which fills them "
+            "for outputs that have a channel dimension"
+        )
+    chosen = {label: [x for x in select_layers(t, layers) if _finite_or_inf(x.fwd.chan_var)]
+              for label, t in traces.items()}
+    names = union_names([[x.name for x in ls] for ls in chosen.values()])
+    if not names:
+        chosen = {label: [x for x in t if _finite_or_inf(x.fwd.chan_var)] for label, t in traces.items()}
+        names = union_names([[x.name for x in ls] for ls in chosen.values()])
+    fig, (ax_m, ax_v) = _two_panels(len(names))
+    lower_marks: list[Any] = []
+    for ax, getter in ((ax_m, lambda s: s.chan_sq_mean), (ax_v, lambda s: s.chan_var)):
+        values_seen: list[float] = []
+        for k, (label, ls) in enumerate(chosen.items()):
+            handles = _log_line(ax, _series(ls, names, getter, "fwd"), label=label,
+                                color=_PALETTE[k % len(_PALETTE)], values_seen=values_seen)
+            if ax is ax_v:
+                lower_marks += handles
+        _finish_log_axis(ax, values_seen)
+    ax_m.set_title("average channel squared mean", fontsize=10, loc="left")
+    ax_v.set_title("average channel variance", fontsize=10, loc="left")
+    ax_m.set_ylabel("mean over channels of E[x_c]^2")
+    ax_v.set_ylabel("mean over channels of Var[x_c]")
+    _layer_ticks(ax_v, names)
+    _legend(ax_m)
+    _legend(ax_v, only=lower_marks)
+    fig.suptitle(f"{title} (Brock et al. 2021)", fontsize=12, fontweight="bold")
+    return fig
+
+
+def histogram_figure(
+    trace: Trace,
+    *,
+    layers: str = "auto",
+    max_layers: int = 10,
+    yscale: str = "auto",
+    title: str = "Per-layer histograms",
+) -> Figure:
+    """The Figure drawn by :func:`plot_histograms` (not saved)."""
+    from matplotlib import colormaps
+
+    if not isinstance(trace, Trace):
+        raise SignalpropError(f"plot_histograms takes one Trace, got {type(trace).__name__}")
+    check_layers_choice(layers)
+    if yscale not in ("auto", "linear", "log"):
+        raise SignalpropError(f"yscale={yscale!r} is not a choice; use 'auto', 'linear' or 'log'")
+    if not isinstance(max_layers, int) or max_layers < 1:
+        raise SignalpropError(f"max_layers must be a positive integer, got {max_layers!r}")
+    with_hist = [x for x in trace if _layer_hist(x, "fwd") or _layer_hist(x, "bwd")]
+    acts = [x for x in with_hist if _is_activation(x.kind)]
+    if layers == "auto" and acts:
+        pool = acts
+    else:
+        pool = [x for x in select_layers(trace, layers) if _layer_hist(x, "fwd") or _layer_hist(x, "bwd")]
+    if not with_hist:
+        raise SignalpropError(
+            "no layer carries a histogram (Stats.hist is None everywhere); measure with "
+            "sp.measure(model, inputs, histograms=True)"
+        )
+    if not pool:
+        raise SignalpropError(
+            f"no {'weight ' if layers == 'weight' else ''}layer carries a histogram; "
+            f"{len(with_hist)} other layers do: pass layers='all'"
+        )
+    shown = _spread(pool, max_layers)
+    directions = [d for d in ("fwd", "bwd") if any(_layer_hist(x, d) for x in shown)]
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.2 * len(directions) + 1.6, 4.8), layout="constrained")
+    axes = fig.subplots(1, len(directions), squeeze=False)[0]
+    cmap = colormaps["viridis"]
+    for ax, direction in zip(axes, directions):
+        spiky = False
+        for j, x in enumerate(shown):
+            hist = _layer_hist(x, direction)
+            if hist is None:
+                continue
+            edges, counts = hist
+            total = sum(counts)
+            centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+            dens = [c / (total * (b - a)) if total > 0 and b > a else float("nan")
+                    for c, a, b in zip(counts, edges[:-1], edges[1:])]
+            spiky |= total > 0 and max(counts) > 0.25 * total
+            color = cmap(j / max(len(shown) - 1, 1))
+            ax.plot(centers, [d if d > 0 else float("nan") for d in dens] if _log_hist(yscale, spiky) else dens,
+                    color=color, lw=1.4, label=short_name(f"{x.name} ({x.kind})", 36))
+        ax.set_yscale("log" if _log_hist(yscale, spiky) else "linear")
+        ax.set_xlabel("activation value" if direction == "fwd" else "gradient value")
+        ax.set_ylabel("density" + (" (log scale)" if _log_hist(yscale, spiky) else ""))
+        ax.set_title("forward: layer outputs" if direction == "fwd" else "backward: output gradients",
+                     fontsize=10, loc="left")
+        ax.grid(True, alpha=0.3)
+    by_label: dict[str, Any] = {}
+    for ax in axes:  # one entry per layer, whichever panel drew it
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            by_label.setdefault(label, handle)
+    order = [short_name(f"{x.name} ({x.kind})", 36) for x in shown]
+    handles = [by_label[label] for label in order if label in by_label]
+    axes[-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                    title="layer (dark = early)", title_fontsize=7, frameon=False)
+    note = f" ({len(shown)} of {len(pool)} layers)" if len(shown) < len(pool) else ""
+    fig.suptitle(f"{title}{note}, Glorot & Bengio 2010 style", fontsize=12, fontweight="bold")
+    return fig
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
+
+
+_ACTIVATION_KINDS = frozenset({
+    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Tanh",
+    "Sigmoid", "Hardtanh", "Hardsigmoid", "Hardswish", "Softplus", "Softsign", "Tanhshrink", "LogSigmoid",
+})
+
+
+def _is_activation(kind: str) -> bool:
+    """Activation modules by class name: torch's, and transformers' ``*Activation`` classes."""
+    return kind in _ACTIVATION_KINDS or kind.endswith("Activation")
+
+
+def _log_hist(yscale: str, spiky: bool) -> bool:
+    return yscale == "log" or (yscale == "auto" and spiky)
+
+
+def _as_trace_dict(obj: Mapping[str, Trace] | Trace, what: str) -> dict[str, Trace]:
+    if isinstance(obj, Trace):
+        return {"measured" if obj.source != "predicted" else "predicted": obj}
+    if not isinstance(obj, Mapping) or not obj:
+        raise SignalpropError(
+            f"{what} must be a Trace or a non-empty dict of label -> Trace, got {type(obj).__name__}"
+        )
+    for label, t in obj.items():
+        if not isinstance(t, Trace):
+            raise SignalpropError(f"{what}[{label!r}] is a {type(t).__name__}, not a Trace (from sp.measure)")
+    return {str(k): v for k, v in obj.items()}
+
+
+def _series(
+    layers: Sequence[LayerStats], names: list[str], getter: Callable[[Any], float], direction: str
+) -> list[float | None]:
+    """Values at each x position (``None`` where the trace lacks the layer or the direction)."""
+    by_name = {x.name: x for x in layers}
+    out: list[float | None] = []
+    for name in names:
+        x = by_name.get(name)
+        stats = None if x is None else (x.fwd if direction == "fwd" else x.bwd)
+        out.append(None if stats is None else float(getter(stats)))
+    return out
+
+
+def _log_line(ax: Axes, ys: list[float | None], *, label: str, color: str, values_seen: list[float],
+              linestyle: str = "-") -> list[Any]:
+    """A line through the positive finite values; 0, inf and nan marked at the panel's edge."""
+    # positions where the trace has the layer: a layer missing from one trace is stepped over, not a break
+    xs = [i for i, y in enumerate(ys) if y is not None]
+    clean = [y if y is not None and math.isfinite(y) and y > 0 else math.nan for y in ys if y is not None]
+    values_seen.extend(v for v in clean if not math.isnan(v))
+    ax.plot(xs, clean, linestyle=linestyle, marker="o", ms=3.5, lw=1.6, color=color, label=label)
+    edge = ax.get_xaxis_transform()  # x in data, y in axes fraction
+    handles = []
+    marks = {
+        "inf": ([i for i, y in enumerate(ys) if y is not None and math.isinf(y) and y > 0], 0.97, "^"),
+        "zero": ([i for i, y in enumerate(ys) if y is not None and y <= 0], 0.03, "v"),
+        "nan": ([i for i, y in enumerate(ys) if y is not None and math.isnan(y)], 0.03, "x"),
+    }
+    for kind, (idx, level, marker) in marks.items():
+        if idx:
+            handles += ax.plot(idx, [level] * len(idx), linestyle="none", marker=marker, ms=8, mew=2,
+                               color=color, transform=edge, clip_on=False, label=f"{label}: {_MARK_LABEL[kind]}")
+    return handles
+
+
+_MARK_LABEL = {"inf": "inf (off scale)", "zero": "0 (off log scale)", "nan": "nan (not a number)"}
+
+
+def _draw_predicted(ax: Axes, layers: list[LayerStats], names: list[str], direction: str,
+                    values_seen: list[float], marks: list[Any]) -> bool:
+    ys = _series(layers, names, lambda s: s.std, direction)
+    if all(y is None or math.isnan(y) for y in ys):
+        return False
+    bands = [std_band(_stats(x, direction)) for x in _aligned(layers, names)]
+    lo = [b[0] if b and math.isfinite(b[0]) and b[0] > 0 else math.nan for b in bands]
+    hi = [b[1] if b and math.isfinite(b[1]) and b[1] > 0 else math.nan for b in bands]
+    if any(not math.isnan(v) for v in lo + hi):
+        import numpy as np
+
+        xs = np.arange(len(names))
+        lo_a, hi_a = np.asarray(lo), np.asarray(hi)
+        ok = ~(np.isnan(lo_a) | np.isnan(hi_a))
+        ax.fill_between(xs, np.where(ok, lo_a, 1.0), np.where(ok, hi_a, 1.0), where=ok, color=_PRED_COLOR,
+                        alpha=0.13, lw=0, label="predicted: 90% band, one net")
+        values_seen.extend(v for v in lo + hi if not math.isnan(v))
+    marks += _log_line(ax, ys, label="predicted (mean field)", color=_PRED_COLOR, values_seen=values_seen,
+                       linestyle="--")
+    return True
+
+
+def _aligned(layers: list[LayerStats], names: list[str]) -> list[LayerStats | None]:
+    by_name = {x.name: x for x in layers}
+    return [by_name.get(n) for n in names]
+
+
+def _stats(x: LayerStats | None, direction: str) -> Any:
+    if x is None:
+        return None
+    return x.fwd if direction == "fwd" else x.bwd
+
+
+def _finish_log_axis(ax: Axes, values: list[float]) -> None:
+    """Log y axis with limits set from the drawn values (so no autoscale warning on empty panels)."""
+    ax.set_yscale("log")
+    if values:
+        lo, hi = min(values), max(values)
+        pad = max(math.log10(hi / lo) * 0.12, 0.25)
+        ax.set_ylim(10 ** (math.log10(lo) - pad), 10 ** (math.log10(hi) + pad))
+    else:
+        ax.set_ylim(0.1, 10.0)
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _two_panels(n: int) -> tuple[Figure, Sequence[Axes]]:
+    from matplotlib.figure import Figure
+
+    width = min(max(7.5, 3.0 + 0.28 * n), 22.0)
+    fig = Figure(figsize=(width, 7.2), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    return fig, axes
+
+
+def _layer_ticks(ax: Axes, names: list[str]) -> None:
+    n = len(names)
+    step = max(1, math.ceil(n / 70))
+    ticks = list(range(0, n, step))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([short_name(names[i], 28) for i in ticks], rotation=60, ha="right",
+                       rotation_mode="anchor", fontsize=8 if n <= 40 else 6)
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.set_xlabel("layer (execution order)" + (f", every {step}th labelled" if step > 1 else ""))
+
+
+def _legend(ax: Axes, only: list[Any] | None = None) -> None:
+    """The panel's legend; with ``only``, just those handles (the lower panel's off-scale markers)."""
+    if only is not None:
+        if only:
+            ax.legend(handles=only, fontsize=8, loc="best", framealpha=0.85)
+        return
+    handles, _ = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=8, loc="best", framealpha=0.85)
+
+
+def _empty_note(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#777777")
+
+
+def _has_channel_stats(trace: Trace) -> bool:
+    return any(_finite_or_inf(x.fwd.chan_var) or _finite_or_inf(x.fwd.chan_sq_mean) for x in trace)
+
+
+def _finite_or_inf(v: float) -> bool:
+    return not math.isnan(v)
+
+
+def _layer_hist(x: LayerStats, direction: str) -> tuple[list[float], list[int]] | None:
+    """The layer's histogram as (edges, counts) when it has one with finite edges, else None."""
+    stats = x.fwd if direction == "fwd" else x.bwd
+    if stats is None or stats.hist is None:
+        return None
+    edges, counts = list(stats.hist.edges), list(stats.hist.counts)
+    if len(edges) != len(counts) + 1 or not counts or not all(math.isfinite(e) for e in edges):
+        return None
+    return edges, counts
+
+
+def _spread(items: list[LayerStats], k: int) -> list[LayerStats]:
+    """``k`` evenly spaced items, first and last included (all when there are at most ``k``)."""
+    if len(items) <= k:
+        return items
+    if k == 1:
+        return [items[-1]]
+    idx = sorted({round(i * (len(items) - 1) / (k - 1)) for i in range(k)})
+    return [items[i] for i in idx]
+
+
+def _check_path(path: str | Path) -> Path:
+    if not isinstance(path, str | Path):
+        raise SignalpropError(f"path must be a str or pathlib.Path, got {type(path).__name__}")
+    p = Path(path)
+    if not p.suffix:
+        p = p.with_suffix(".png")
+    supported = {"png", "pdf", "svg", "jpg", "jpeg", "webp", "eps", "ps", "tif", "tiff"}
+    if p.suffix.lstrip(".").lower() not in supported:
+        raise SignalpropError(
+            f"cannot write a figure as {p.suffix!r} ({p}); use one of "
+            f"{', '.join('.' + s for s in sorted(supported))}"
+        )
+    return p
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    p = _check_path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=_DPI)
+    return p
