@@ -14,25 +14,23 @@ from ._errors import SignalpropError
 from ._version import __version__
 from .trace import LayerStats, Stats, Trace
 
+# Functions that share their name with their module are bound eagerly: importing the submodule would
+# otherwise rebind ``signalprop.measure`` to the module. These modules import only torch and numpy.
+from .diagnose import Finding, Report, diagnose  # noqa: E402
+from .init.fans import fans  # noqa: E402
+from .measure import measure  # noqa: E402
+from .predict import predict  # noqa: E402
+from .theory import gain  # noqa: E402
+
 if TYPE_CHECKING:
-    from . import experiments, fix, init, models, theory
-    from .diagnose import Finding, Report, diagnose
-    from .init.fans import fans
-    from .measure import measure
+    from . import experiments, fix, graph, init, models, report, theory
     from .monitor import Monitor
-    from .predict import predict
-    from .theory import gain
 
 _LAZY: dict[str, tuple[str, str | None]] = {
-    "gain": ("signalprop.theory", "gain"),
-    "fans": ("signalprop.init.fans", "fans"),
-    "measure": ("signalprop.measure", "measure"),
-    "predict": ("signalprop.predict", "predict"),
-    "diagnose": ("signalprop.diagnose", "diagnose"),
-    "Finding": ("signalprop.diagnose", "Finding"),
-    "Report": ("signalprop.diagnose", "Report"),
     "Monitor": ("signalprop.monitor", "Monitor"),
     "theory": ("signalprop.theory", None),
+    "graph": ("signalprop.graph", None),
+    "report": ("signalprop.report", None),
     "init": ("signalprop.init", None),
     "fix": ("signalprop.fix", None),
     "models": ("signalprop.models", None),
@@ -53,10 +51,12 @@ __all__ = [
     "fans",
     "fix",
     "gain",
+    "graph",
     "init",
     "measure",
     "models",
     "predict",
+    "report",
     "theory",
 ]
 
