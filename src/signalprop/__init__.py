@@ -16,7 +16,7 @@ from .trace import LayerStats, Stats, Trace
 
 # Functions that share their name with their module are bound eagerly: importing the submodule would
 # otherwise rebind ``signalprop.measure`` to the module. These modules import only torch and numpy.
-from .diagnose import Finding, Report, diagnose  # noqa: E402
+from .diagnose import Finding, Report, diagnose, diagnose_trace  # noqa: E402
 from .init.fans import fans  # noqa: E402
 from .measure import measure  # noqa: E402
 from .predict import predict  # noqa: E402
@@ -47,6 +47,7 @@ __all__ = [
     "Trace",
     "__version__",
     "diagnose",
+    "diagnose_trace",
     "experiments",
     "fans",
     "fix",

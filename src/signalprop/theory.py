@@ -299,6 +299,30 @@ def deriv_second_moment(act: ActLike, q: Any = 1.0) -> Any:
     return float(out[0]) if scalar else out
 
 
+def _bracket_root(f: Callable[[float], float], a: float, b: float, *, tol: float = 1e-13) -> float:
+    """A root of f in [a, b] (f(a), f(b) of opposite sign): Illinois regula falsi, about 10 evaluations."""
+    fa, fb = f(a), f(b)
+    side = 0
+    for _ in range(100):
+        if fa == fb:
+            break
+        c = (a * fb - b * fa) / (fb - fa)
+        fc = f(c)
+        if fc == 0 or abs(b - a) <= tol * max(1.0, abs(c)):
+            return c
+        if (fc > 0) == (fb > 0):
+            b, fb = c, fc
+            if side == -1:
+                fa /= 2
+            side = -1
+        else:
+            a, fa = c, fc
+            if side == 1:
+                fb /= 2
+            side = 1
+    return (a + b) / 2
+
+
 # ---- mean-field maps (Poole et al. 2016) ----------------------------------------------------------
 _Q_FLOOR = 1e-12  # q* -> 0 limits are taken at this q (ReLU's chi1 = w/2 at every q, tanh's -> w)
 
@@ -348,14 +372,7 @@ def fixed_point(
             return 0.0
         j = int(below[-1])
         lo, hi = grid[j], grid[j + 1]
-    a, b = math.log(lo), math.log(hi)
-    for _ in range(60):
-        mid = (a + b) / 2
-        if float(r(math.exp(mid))) > 0:
-            a = mid
-        else:
-            b = mid
-    return math.exp((a + b) / 2)
+    return math.exp(_bracket_root(lambda t: float(r(math.exp(t))), math.log(lo), math.log(hi)))
 
 
 def chi1(act: ActLike, *, weight_var: float, bias_var: float = 0.0, q: float | None = None) -> float:
@@ -386,14 +403,7 @@ def critical_weight_var(act: ActLike, *, bias_var: float = 0.0, lo: float = 1e-3
             f"no weight variance in [{lo:g}, {hi:g}] puts {activation_name(act)} at chi1 = 1 with bias_var "
             f"{bias_var:g} (chi1 ranges {flo + 1:.3g} .. {fhi + 1:.3g}); try a smaller bias variance"
         )
-    a, b = math.log(lo), math.log(hi)
-    for _ in range(50):
-        mid = (a + b) / 2
-        if f(math.exp(mid)) > 0:
-            b = mid
-        else:
-            a = mid
-    return math.exp((a + b) / 2)
+    return math.exp(_bracket_root(lambda t: f(math.exp(t)), math.log(lo), math.log(hi)))
 
 
 def _pair_rule() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -420,40 +430,43 @@ def _pair_expect(act: ActLike, q: float, c: Any, deriv: bool) -> Any:
     return float(arr[0]) if scalar else arr
 
 
+def _usable_q(act: ActLike, weight_var: float, bias_var: float) -> float:
+    """q* where it is finite and positive, else 1 (scale-free activations: the c-map does not depend on q)."""
+    q = fixed_point(act, weight_var=weight_var, bias_var=bias_var)
+    return q if math.isfinite(q) and q > 0 else 1.0
+
+
 def cmap(act: ActLike, c: Any, *, weight_var: float, bias_var: float = 0.0, q: float | None = None) -> Any:
     """The correlation map c_{l+1} = (weight_var * E[phi(u1) phi(u2)] + bias_var) / q* (Poole et al. 2016).
 
     u1, u2 are N(0, q*) with correlation c; vectorized over c. At c = 1 it returns 1.
     """
     if q is None:
-        q = fixed_point(act, weight_var=weight_var, bias_var=bias_var)
-        if not math.isfinite(q) or q <= 0:
-            q = 1.0
+        q = _usable_q(act, weight_var, bias_var)
     qq = float(qmap(act, q, weight_var=weight_var, bias_var=bias_var))
     num = weight_var * _pair_expect(act, q, c, deriv=False) + bias_var
     return num / qq
 
 
-def c_fixed_point(act: ActLike, *, weight_var: float, bias_var: float = 0.0) -> float:
+def c_fixed_point(
+    act: ActLike, *, weight_var: float, bias_var: float = 0.0, q: float | None = None
+) -> float:
     """The stable fixed point c* of :func:`cmap` below 1 (chaotic phase), or 1 (ordered phase).
 
     cmap(c) - c is evaluated on a grid of c (one vectorized quadrature); the largest sign change from
     + to - below 1 is refined by bisection.
     """
+    if q is None:
+        q = _usable_q(act, weight_var, bias_var)
     grid = np.linspace(-0.99, 0.9999, 60)
-    d = np.asarray(cmap(act, grid, weight_var=weight_var, bias_var=bias_var)) - grid
+    d = np.asarray(cmap(act, grid, weight_var=weight_var, bias_var=bias_var, q=q)) - grid
     cross = np.nonzero((d[:-1] > 0) & (d[1:] <= 0))[0]
     if cross.size == 0:
         return 1.0
     j = int(cross[-1])
-    a, b = grid[j], grid[j + 1]
-    for _ in range(40):
-        mid = (a + b) / 2
-        if float(cmap(act, mid, weight_var=weight_var, bias_var=bias_var)) - mid > 0:
-            a = mid
-        else:
-            b = mid
-    return (a + b) / 2
+    return _bracket_root(
+        lambda c: float(cmap(act, c, weight_var=weight_var, bias_var=bias_var, q=q)) - c, grid[j], grid[j + 1]
+    )
 
 
 def depth_scales(act: ActLike, *, weight_var: float, bias_var: float = 0.0) -> tuple[float, float]:
@@ -471,7 +484,7 @@ def depth_scales(act: ActLike, *, weight_var: float, bias_var: float = 0.0) -> t
     phi, d1, d2 = _derivs(act, u, order=2)
     c1 = float(weight_var * (w * d1**2).sum())
     tq = c1 + float(weight_var * (w * d2 * phi).sum())
-    c_star = c_fixed_point(act, weight_var=weight_var, bias_var=bias_var)
+    c_star = c_fixed_point(act, weight_var=weight_var, bias_var=bias_var, q=q)
     chi_c = float(weight_var * _pair_expect(act, q, c_star, deriv=True)) if c_star < 1 - 1e-6 else c1
 
     def scale(t: float) -> float:
