@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import SignalpropError
 from ._version import __version__
-from .trace import LayerStats, Stats, Trace
 
 # Functions that share their name with their module are bound eagerly: importing the submodule would
 # otherwise rebind ``signalprop.measure`` to the module. These modules import only torch and numpy.
@@ -21,6 +20,7 @@ from .init.fans import fans  # noqa: E402
 from .measure import measure  # noqa: E402
 from .predict import predict  # noqa: E402
 from .theory import gain  # noqa: E402
+from .trace import LayerStats, Stats, Trace
 
 if TYPE_CHECKING:
     from . import experiments, fix, graph, init, models, report, theory

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 
 from ._errors import SignalpropError
 
-ActLike = Union[str, Callable[[torch.Tensor], torch.Tensor], nn.Module, None]
+ActLike = str | Callable[[torch.Tensor], torch.Tensor] | nn.Module | None
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "linear": lambda x: x,

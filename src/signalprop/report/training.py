@@ -54,6 +54,7 @@ def heatmap_data(
     """(row names, steps, values[row][column]) of one panel: ``what`` is ``"fwd"``, ``"bwd"`` or
     ``"update"``; values are log10 of std (or of the update ratio), nan where unknown or not positive.
 
+    A tensor that held inf/nan anywhere counts as nan, even when the Monitor's sample of it was finite.
     ``layers`` picks trace rows as the report plots do (``"auto"``: weight layers when there are any;
     ``"all"``; ``"weight"``); ``params`` picks parameters: ``"weights"``, the ``<layer>.weight`` of each weight
     layer in the traces (Linear, Conv, ...; every parameter when there is none), or ``"all"``.
@@ -71,7 +72,7 @@ def heatmap_data(
                     st = getattr(r.trace[name], what)
                 except KeyError:
                     st = None
-                row.append(_log10(st.std) if st is not None else math.nan)
+                row.append(_log10(st.std) if st is not None and st.finite else math.nan)
             grid.append(row)
         return names, steps, grid
     if what == "update":
@@ -156,8 +157,7 @@ def _heatmap(fig: Figure, ax: Axes, names: list[str], steps: list[int], grid: li
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 1.0)
     if hi - lo < 1e-6:
         lo, hi = lo - 0.5, hi + 0.5
-    cmap = colormaps["RdBu_r" if diverging else "viridis"].copy()
-    cmap.set_bad(_BAD_COLOR)
+    cmap = colormaps["RdBu_r" if diverging else "viridis"].with_extremes(bad=_BAD_COLOR)
     norm: Normalize
     if diverging:
         span = max(abs(lo), abs(hi), 0.5)
