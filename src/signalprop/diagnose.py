@@ -232,6 +232,7 @@ def diagnose(
     predicted: bool | Trace = True,
     thresholds: Mapping[str, float] | None = None,
     rules: Mapping[str, Rule] | None = None,
+    graph: Any = None,
     **measure_kwargs: Any,
 ) -> Report:
     """Measure ``model`` on ``inputs``, compare with the prediction, and report what is out of range.
@@ -240,6 +241,7 @@ def diagnose(
     ``measure_kwargs`` go to ``sp.measure`` (``backward``, ``loss_fn``, ``modules``, ...). ``predicted``:
     True predicts from the weights with ``sp.predict`` when the input is one floating tensor (a failure is
     noted in ``report.meta["notes"]``, never raised), False skips it, a Trace is used as given.
+    ``graph``: a ``signalprop.graph.capture`` result to reuse (it reads weights live), saving the capture.
     ``factor``: how far (times) a layer's std may drift from the reference layer's before it is a finding;
     beyond ``factor**2`` it is an error.
 
@@ -272,7 +274,7 @@ def diagnose(
     if predicted is True:
         x = first_tensor(inputs)
         if x is not None and x.is_floating_point() and x.dim() >= 2:
-            pred = _predict(model, tuple(x.shape), in_stats, notes)
+            pred = _predict(model, tuple(x.shape), in_stats, notes, graph)
         else:
             notes.append("no prediction: sp.predict needs one floating input tensor")
     report = diagnose_trace(
@@ -284,7 +286,9 @@ def diagnose(
     return report
 
 
-def _predict(model: nn.Module, shape: tuple[int, ...], in_stats: dict[str, float], notes: list[str]) -> Trace | None:
+def _predict(
+    model: nn.Module, shape: tuple[int, ...], in_stats: dict[str, float], notes: list[str], graph: Any = None
+) -> Trace | None:
     """sp.predict with the input's measured variance; warnings and failures become notes."""
     try:
         from .predict import predict
@@ -300,7 +304,7 @@ def _predict(model: nn.Module, shape: tuple[int, ...], in_stats: dict[str, float
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            pred = predict(model, shape[1:], input_var=input_var)
+            pred = predict(model, shape[1:], input_var=input_var, graph=graph)
         except Exception as exc:  # a model predict cannot capture: diagnose goes on without the band
             notes.append(f"no prediction: {type(exc).__name__}: {exc}")
             pred = None
