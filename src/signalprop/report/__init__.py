@@ -13,7 +13,7 @@ findings. The submodules import rich and matplotlib inside their functions, so
 
 from __future__ import annotations
 
-__all__ = ["html", "plots", "table"]
+__all__ = ["html", "plots", "table", "training"]
 
 import importlib
 from types import ModuleType

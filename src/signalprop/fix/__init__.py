@@ -1,0 +1,39 @@
+"""Fix a network's signal propagation, whatever its depth.
+
+* :func:`auto_init_`: one scheme per weight layer from the activation that follows it (He, mean-field
+  critical, LeCun, second-moment gain + LSUV), Fixup or zero-init on residual branches; :func:`plan` gives
+  that per-layer plan as data first, :func:`apply_plan` writes it.
+* :func:`lsuv_`: data-driven layer-sequential unit variance (Mishkin & Matas 2016) in about one forward pass
+  plus a verifying one; :func:`lsuv_run` returns what it did, :func:`output_stds` checks it.
+* :mod:`signalprop.fix.residual`: Fixup factors (Zhang et al. 2019) and zero-init (Goyal et al. 2017).
+"""
+
+from __future__ import annotations
+
+from .auto import auto_init_ as auto_init_
+from .lsuv import LSUVResult as LSUVResult
+from .lsuv import lsuv_ as lsuv_
+from .lsuv import lsuv_run as lsuv_run
+from .lsuv import output_stds as output_stds
+from .plan import FAMILIES as FAMILIES
+from .plan import LayerPlan as LayerPlan
+from .plan import Plan as Plan
+from .plan import apply_plan as apply_plan
+from .plan import mean_field_choice as mean_field_choice
+from .plan import plan as plan
+from .residual import fixup_factor as fixup_factor
+
+__all__ = [
+    "FAMILIES",
+    "LSUVResult",
+    "LayerPlan",
+    "Plan",
+    "apply_plan",
+    "auto_init_",
+    "fixup_factor",
+    "lsuv_",
+    "lsuv_run",
+    "mean_field_choice",
+    "output_stds",
+    "plan",
+]

@@ -1,0 +1,66 @@
+"""``auto_init_``: initialize every weight layer for the activation that follows it, whatever the depth.
+
+Plan, then apply: :func:`signalprop.fix.plan` reads the model's structure (the captured graph when
+example inputs or an input shape are given, module order otherwise) and computes one
+:class:`~signalprop.fix.plan.LayerPlan` per layer; :func:`~signalprop.fix.plan.apply_plan` writes it; and
+when some layers are GELU-like and example inputs are given, an LSUV pass (:func:`signalprop.fix.lsuv_`,
+``orthogonal=False``) pins those layers' output std at 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ._common import Inputs
+from .lsuv import lsuv_
+from .plan import Plan, apply_plan, plan
+
+__all__ = ["auto_init_"]
+
+
+def auto_init_(
+    model: nn.Module,
+    *,
+    example_inputs: Inputs | None = None,
+    residual: str | None = "fixup",
+    input_shape: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """Initialize ``model`` in place, one scheme per weight layer from the activation that follows it.
+
+    ReLU family: He (gain sqrt(2/(1+a^2)), He et al. 2015); tanh, sigmoid and other saturating activations:
+    weight and bias variances on the mean-field critical line chi1 = 1 chosen for the chain's depth, the
+    first layer set so the pre-activation variance starts at the fixed point q* (Poole et al. 2016;
+    Schoenholz et al. 2017); SELU: LeCun normal; GELU, SiLU, ...: their second-moment gain and, with
+    ``example_inputs``, an LSUV pass on those layers (Mishkin & Matas 2016); layers without an activation:
+    Var[w] = 1/sqrt(fan_in fan_out), which splits a fan mismatch evenly between forward and backward. Residual branches (found from the graph's additions): ``residual="fixup"`` scales each
+    branch by L^(-1/2) (Zhang et al. 2019), ``"zero"`` starts each branch at zero (Goyal et al. 2017), None
+    leaves them. See :mod:`signalprop.fix.plan` and :mod:`signalprop.fix.residual` for every formula.
+
+    Parameters
+    ----------
+    example_inputs:
+        One batch (tensor | tuple | dict): the structure is captured from it, the first mean-field layer
+        uses its measured second moment, and the LSUV pass runs on it.
+    input_shape:
+        One sample's shape (no batch dimension), to capture the structure when there are no inputs.
+        Without either, module order is used (exact for ``nn.Sequential``; a warning otherwise).
+    residual:
+        ``"fixup"`` (default), ``"zero"`` or None.
+    generator:
+        A ``torch.Generator`` for the random draws (the global RNG otherwise).
+
+    Returns the model. Print ``signalprop.fix.plan(model, ...)`` to see what it will do, and why.
+
+    >>> import torch, signalprop as sp
+    >>> net = sp.models.mlp(40, 64, "tanh")
+    >>> _ = sp.fix.auto_init_(net)
+    """
+    p: Plan = plan(model, example_inputs=example_inputs, input_shape=input_shape, residual=residual)
+    apply_plan(model, p, generator=generator)
+    if p.needs_lsuv and example_inputs is not None:
+        lsuv_(model, example_inputs, orthogonal=False, layers=[s.layer for s in p if s.lsuv])
+    return model
