@@ -17,7 +17,8 @@ Example::
 
     with sp.Monitor(model) as mon:
         ...
-    sp.report.training.plot_history(mon.history, "training.png")   # same as mon.plot("training.png")
+    from signalprop.report.training import plot_history
+    plot_history(mon.history, "training.png")   # same as mon.plot("training.png")
 """
 
 from __future__ import annotations
