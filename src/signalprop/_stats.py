@@ -1,0 +1,500 @@
+"""On-device reductions of one tensor into a short row of sums, and the Stats those sums give.
+
+This is the pure numerical core that :func:`signalprop.measure` and :class:`signalprop.Monitor` share.
+A tensor ``t`` becomes a 1-D float64 *row* on ``t``'s device (no host synchronization), laid out as::
+
+    row[0] NUMEL     elements in the tensor
+    row[1] N         elements the moments were taken over (all of them, a leading-sample subset with
+                     ``sample=``, or the finite ones with ``careful=True``)
+    row[2] SUM       sum of those elements
+    row[3] SUMSQ     sum of their squares
+    row[4] ZEROS     exact zeros among the elements of the zero sample
+    row[5] ZERO_N    size of the zero sample
+    row[6] NONFINITE count of inf/nan elements (exact with ``careful=True``; 0 otherwise, see below)
+    row[7] CHECK     sum over *every* element: finite if and only if no element is inf/nan (up to overflow)
+    row[8] MAXV      largest element of the moment sample (finite elements; non-finite ones count as 0)
+    row[9] NEGMIN    minus the smallest element, so that absmax = max(MAXV, NEGMIN)
+    row[10:]         one sum per channel (over the moment sample), C entries
+
+Every entry except MAXV and NEGMIN is a sum over elements, so rows of the same tensor split across
+processes (the batch sharded over torch.distributed ranks) combine by adding them, and those two by
+taking the maximum: :data:`MAX_POSITIONS` names the positions to reduce with MAX. :func:`stats_from_sums` then turns a
+(combined) row into :class:`~signalprop.trace.Stats`; rows of many tensors can be concatenated into one
+tensor and moved to the host with a single ``.cpu()``.
+
+Why these reductions (DESIGN.md, "Which reduction you call decides the overhead"): on a 1 M-element float32
+tensor on 2 CPU cores ``sum`` and ``torch.dot(t, t)`` cost about 0.05 ms each and ``aminmax`` about
+0.1 ms, while ``var_mean`` costs 3 ms, ``std`` 0.75 ms, ``count_nonzero`` 2-3 ms and ``(t == 0).sum()``
+0.6-0.9 ms. So the mean, variance and rms come from a sum and a dot, the extremes from one ``aminmax``, and
+the zero fraction from an exact count when each sample (entry of dim 0) holds fewer than
+2 * :data:`ZERO_PER_SAMPLE` elements, and otherwise from the first 64 of every 64 k elements (k <= 64, a power of two such that 64 k
+divides the per-sample size, so that the same positions of every sample are used and a batch split across
+ranks gives the same sample as the whole batch; runs of 64 read only the cache lines they use, where a
+plain stride-16 slice costs a full read; at least 4096 elements per sample, so the standard error
+of the fraction is at most 0.5 / sqrt(4096 B) = 0.008 / sqrt(B) for a batch of B).
+
+Non-finite values: a finite sum of squares proves every element finite, so the fast path does not look for
+inf/nan at all. When a row's sums are not finite (:func:`rows_finite` tells), recompute it with
+``careful=True``: that path masks the non-finite elements (``torch.isfinite``, about 1.4 ms per 1 M
+elements), counts them exactly, and takes every other statistic over the finite elements only. The
+fast path's sums are float32 for float32 tensors (float64 for float64 ones); float32 squares overflow past
+about 1e19 per element, which the check also catches, and the careful path accumulates in float64, where
+squares of every finite float32 value fit.
+
+Channels (Brock et al. 2021, "Characterizing signal propagation to close the performance gap in
+unnormalized ResNets", Signal Propagation Plots): ``chan_sq_mean`` is the average over channels of each
+channel's squared mean and ``chan_var`` the average of each channel's variance,
+``chan_var = SUMSQ / N - chan_sq_mean`` (every channel holds N / C elements). The channel dimension is
+``channel_dim`` (default: 1 for tensors of 3 or more dimensions, laid out (N, C, ...), and the last one for
+2-D (N, features)); pass ``channel_dim=-1`` for (B, T, C) sequence activations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from ._errors import SignalpropError
+from .trace import NAN, Histogram, Stats
+
+NUMEL, N, SUM, SUMSQ, ZEROS, ZERO_N, NONFINITE, CHECK, MAXV, NEGMIN = range(10)
+HEADER = 10
+MAX_POSITIONS = (MAXV, NEGMIN)
+"""Row positions combined across ranks with MAX; every other position is combined with SUM."""
+"""Length of a row before the per-channel sums; ``row[HEADER:]`` holds them."""
+
+ZERO_PER_SAMPLE = 4096
+"""Samples (dim 0 entries) of up to 2x this many elements get an exact zero count; larger ones every k-th
+element (k a power of two <= 64), keeping at least this many per sample."""
+
+_MAX_ZERO_STRIDE = 64
+_ZERO_RUN = 64
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def default_channel_dim(ndim: int) -> int | None:
+    """The channel dimension used when none is given: 1 for (N, C, ...) and (N, F), none for 0-D and 1-D."""
+    return 1 if ndim >= 2 else None
+
+
+def row_length(t_shape: Sequence[int], channel_dim: int | None) -> int:
+    """Length of the row :func:`tensor_sums` returns for a tensor of this shape and channel dimension."""
+    if channel_dim is None or len(t_shape) == 0:
+        return HEADER + 1
+    return HEADER + int(t_shape[channel_dim % len(t_shape)])
+
+
+def _check_tensor(t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise SignalpropError(
+            f"tensor_sums needs a torch.Tensor, got {type(t).__name__}; pass the activation tensor itself"
+        )
+    if not t.is_floating_point():
+        raise SignalpropError(
+            f"tensor_sums needs a floating-point tensor, got dtype {t.dtype}; statistics of integer or "
+            "boolean tensors (token ids, masks) are not signal statistics, so leave them out"
+        )
+    return t
+
+
+def _zero_stride(per_sample: int) -> int:
+    """Largest power of two k <= 64 such that blocks of 64 k elements tile a sample and 1/k of it leaves
+    >= ZERO_PER_SAMPLE elements.
+
+    It depends on the per-sample size only, so a batch split across ranks is sampled exactly as the whole.
+    """
+    k = 1
+    while (
+        k * 2 <= _MAX_ZERO_STRIDE
+        and per_sample // (k * 2) >= ZERO_PER_SAMPLE
+        and per_sample % (_ZERO_RUN * k * 2) == 0
+    ):
+        k *= 2
+    return k
+
+
+def _zero_sample(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The first 64 elements of every block of 64 k: 1/k of the tensor, read as whole cache lines.
+
+    A plain stride-k slice would touch every cache line for k <= 16 and cost as much as a full read;
+    runs of 64 consecutive float32 elements (256 bytes) touch only the lines they use.
+    """
+    if k == 1:
+        return flat
+    return flat.view(-1, _ZERO_RUN * k)[:, :_ZERO_RUN]
+
+
+def tensor_sums(
+    t: torch.Tensor,
+    *,
+    channel_dim: int | Literal["auto"] | None = "auto",
+    sample: int | None = None,
+    careful: bool = False,
+) -> torch.Tensor:
+    """Reduce ``t`` to a 1-D float64 row of sums on ``t``'s device, without a host synchronization.
+
+    Parameters
+    ----------
+    t:
+        Any floating-point tensor; dimension 0 is taken as the batch dimension.
+    channel_dim:
+        Dimension holding channels for ``chan_sq_mean`` / ``chan_var``; ``None`` for no channels (the whole
+        tensor counts as one channel). Default: :func:`default_channel_dim` (1 for 2-D and higher).
+    sample:
+        If given, take mean, variance, rms, absmax, zeros and channel sums from the smallest number of leading
+        samples (along dim 0) that hold at least ``sample`` elements; one full sum is still taken for the
+        non-finite check. This is what keeps a training-time monitor cheap: a contiguous prefix reads only
+        its own cache lines (DESIGN.md, "Monitor's cost").
+    careful:
+        Mask inf/nan elements, count them, and take all statistics over the finite elements, accumulating in
+        float64. Costs about 5x the fast path; :func:`signalprop.measure` uses it only for tensors whose fast
+        sums were not finite.
+
+    Returns
+    -------
+    A float64 tensor of length :func:`row_length` (layout in the module docstring).
+
+    Example
+    -------
+    >>> row = tensor_sums(torch.ones(4, 3))
+    >>> stats_from_sums(row).mean, stats_from_sums(row).var
+    (1.0, 0.0)
+    """
+    t = _check_tensor(t)
+    t = t.detach()
+    if channel_dim == "auto":
+        channel_dim = default_channel_dim(t.dim())
+    if t.dim() == 0:
+        t = t.reshape(1)
+        channel_dim = None
+    if channel_dim is not None:
+        if not -t.dim() <= channel_dim < t.dim():
+            raise SignalpropError(
+                f"channel_dim={channel_dim} is out of range for a tensor of shape {tuple(t.shape)}; "
+                f"pass a dimension in [-{t.dim()}, {t.dim() - 1}] or None for no channels"
+            )
+        channel_dim %= t.dim()
+    numel = t.numel()
+    if numel == 0:
+        out = torch.zeros(row_length(t.shape, channel_dim), dtype=torch.float64, device=t.device)
+        return out
+    full = t
+    if sample is not None:
+        if not isinstance(sample, int) or sample < 1:
+            raise SignalpropError(f"sample must be a positive number of elements or None, got {sample!r}")
+        per = max(1, numel // max(1, t.shape[0]))
+        rows = min(t.shape[0], -(-sample // per))
+        if channel_dim == 0:
+            rows = t.shape[0]
+        t = t[:rows]
+    if t.dtype in _LOW_PRECISION:
+        t = t.float()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    acc = torch.float64 if careful else t.dtype
+    dev = t.device
+
+    if careful:
+        mask = torch.isfinite(t)
+        n_fin = mask.sum()
+        x = torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=dev)).to(acc)
+        if sample is None:
+            nonfinite = (numel - n_fin).to(torch.float64)
+        else:
+            nonfinite = (numel - torch.isfinite(full).sum()).to(torch.float64)
+        n_moments = n_fin.to(torch.float64)
+    else:
+        x = t
+        nonfinite = torch.zeros((), dtype=torch.float64, device=dev)
+        n_moments = torch.tensor(float(t.numel()), dtype=torch.float64, device=dev)
+
+    flat = x.reshape(-1)
+    sumsq = torch.dot(flat, flat)
+    if channel_dim is None:
+        chan = flat.sum().reshape(1)
+    elif channel_dim == x.dim() - 1:
+        chan = x.reshape(-1, x.shape[-1]).sum(0)
+    else:
+        lead = 1
+        for s in x.shape[:channel_dim]:
+            lead *= s
+        chan = x.reshape(lead, x.shape[channel_dim], -1).sum((0, 2))
+    total = chan.sum()
+    lo, hi = torch.aminmax(flat)
+
+    n_x = flat.numel()
+    per_sample = max(1, n_x // max(1, x.shape[0]))
+    zsrc = _zero_sample(t.reshape(-1), _zero_stride(per_sample))
+    zeros = (zsrc == 0).sum()
+    zero_n = zsrc.numel()
+
+    if sample is None or careful:
+        # Without a sample the moments cover every element; with careful=True NONFINITE holds the count.
+        check = total
+    else:
+        check = full.sum(dtype=torch.float32 if full.dtype in _LOW_PRECISION else full.dtype)
+
+    head = torch.stack(
+        [
+            torch.tensor(float(numel), dtype=torch.float64, device=dev),
+            n_moments,
+            total.to(torch.float64),
+            sumsq.to(torch.float64),
+            zeros.to(torch.float64),
+            torch.tensor(float(zero_n), dtype=torch.float64, device=dev),
+            nonfinite,
+            check.to(torch.float64),
+            hi.to(torch.float64),
+            -lo.to(torch.float64),
+        ]
+    )
+    return torch.cat([head, chan.to(torch.float64)])
+
+
+def rows_finite(rows: torch.Tensor) -> torch.Tensor:
+    """For a (..., L) tensor of rows on the host or device: True where the fast sums prove every element finite.
+
+    A row whose SUM, SUMSQ and CHECK are finite came from a tensor without inf/nan (an overflowing float32
+    sum of squares also reads as not finite: recompute such rows with ``careful=True``).
+    """
+    head = rows[..., [SUM, SUMSQ, CHECK]]
+    return torch.isfinite(head).all(-1) & (rows[..., NONFINITE] == 0)
+
+
+def stats_from_sums(row: torch.Tensor | Sequence[float], *, hist: Histogram | None = None) -> Stats:
+    """Turn a row from :func:`tensor_sums` (possibly summed over ranks) into :class:`Stats`.
+
+    ``mean = SUM / N``, ``var = max(SUMSQ / N - mean^2, 0)`` (population variance; the subtraction is done in
+    float64 on the host), ``std = sqrt(var)``, ``rms = sqrt(SUMSQ / N)``, ``zero_frac = ZEROS / ZERO_N``,
+    ``nonfinite_frac = NONFINITE / NUMEL``, ``absmax = max(MAXV, NEGMIN)``, and the channel averages of the module docstring. A row from the
+    fast path whose sums are not finite has ``nonfinite_frac = nan`` and nan moments: the fast path cannot
+    tell how many elements are bad; use ``careful=True`` for that row. All counts are float64, exact up to
+    2^53 elements.
+    """
+    if isinstance(row, torch.Tensor):
+        vals = row.detach().to("cpu", torch.float64).tolist()
+    else:
+        vals = [float(v) for v in row]
+    if len(vals) < HEADER + 1:
+        raise SignalpropError(
+            f"a sums row has at least {HEADER + 1} entries (header + channel sums), got {len(vals)}; "
+            "pass a row returned by tensor_sums (or a sum of such rows)"
+        )
+    numel, n, s, ss, zeros, zero_n, nonfinite, check, maxv, negmin = vals[:HEADER]
+    absmax = max(maxv, negmin) if numel else NAN
+    chan = vals[HEADER:]
+    fast_bad = not (math.isfinite(s) and math.isfinite(ss) and math.isfinite(check))
+    if fast_bad and nonfinite == 0:
+        return Stats(
+            absmax=absmax,
+            zero_frac=zeros / zero_n if zero_n else NAN,
+            nonfinite_frac=NAN,
+            numel=int(numel),
+        )
+    if n > 0:
+        mean = s / n
+        ms = ss / n
+        var = max(ms - mean * mean, 0.0)
+        c = len(chan)
+        per_chan = n / c
+        chan_sq_mean = sum((cs / per_chan) ** 2 for cs in chan) / c
+        chan_var = max(ms - chan_sq_mean, 0.0)
+        rms = math.sqrt(ms)
+        std = math.sqrt(var)
+    else:
+        mean = var = std = rms = chan_sq_mean = chan_var = NAN
+        absmax = NAN
+    return Stats(
+        mean=mean,
+        var=var,
+        std=std,
+        rms=rms,
+        absmax=absmax,
+        zero_frac=zeros / zero_n if zero_n else NAN,
+        nonfinite_frac=nonfinite / numel if numel else 0.0,
+        numel=int(numel),
+        chan_sq_mean=chan_sq_mean,
+        chan_var=chan_var,
+        hist=hist,
+    )
+
+
+def tensor_histogram(t: torch.Tensor, *, bins: int, lo: float, hi: float) -> torch.Tensor:
+    """Counts of ``t``'s finite elements in ``bins`` equal bins over [lo, hi], as a float64 device tensor.
+
+    Values outside [lo, hi] are not counted (pick the range from a first pass's absmax, as measure does).
+    Counts of the same tensor split across ranks add up. Low-precision tensors are counted in float32.
+    """
+    t = _check_tensor(t).detach()
+    if not isinstance(bins, int) or bins < 1:
+        raise SignalpropError(f"bins must be a positive integer, got {bins!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo:
+        raise SignalpropError(f"histogram range must be finite with lo <= hi, got [{lo}, {hi}]")
+    if hi == lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    x = t.reshape(-1)
+    if x.dtype in _LOW_PRECISION:
+        x = x.float()
+    x = x[torch.isfinite(x)]
+    return torch.histc(x, bins=bins, min=lo, max=hi).to(torch.float64)
+
+
+def histogram_from_counts(counts: torch.Tensor | Sequence[float], lo: float, hi: float) -> Histogram:
+    """A :class:`~signalprop.trace.Histogram` from counts over ``len(counts)`` equal bins of [lo, hi]."""
+    vals = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+    if hi == lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    b = len(vals)
+    edges = tuple(lo + (hi - lo) * i / b for i in range(b + 1))
+    return Histogram(edges=edges, counts=tuple(int(round(c)) for c in vals))
+
+
+def _fast_parts(
+    t: torch.Tensor, channel_dim: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The fast path's device reductions of a non-empty tensor, nothing else: (sumsq, min, max, zeros,
+    channel sums, zero-sample size). Five kernels; the rest of the row is known on the host."""
+    if t.dtype in _LOW_PRECISION:
+        t = t.float()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    flat = t.view(-1)
+    sumsq = torch.dot(flat, flat)
+    if channel_dim is None:
+        chan = flat.sum().reshape(1)
+    elif channel_dim == t.dim() - 1:
+        chan = t.view(-1, t.shape[-1]).sum(0)
+    else:
+        lead = 1
+        for s in t.shape[:channel_dim]:
+            lead *= s
+        chan = t.view(lead, t.shape[channel_dim], -1).sum((0, 2))
+    lo, hi = torch.aminmax(flat)
+    zsrc = _zero_sample(flat, _zero_stride(max(1, flat.numel() // max(1, t.shape[0]))))
+    zeros = (zsrc == 0).sum()
+    return sumsq, lo, hi, zeros, chan, zsrc.numel()
+
+
+class RowBatch:
+    """Many tensors' rows, built with as few device operations as possible and moved to the host at once.
+
+    ``add(t)`` runs the reductions of :func:`tensor_sums` (five kernels on the fast path, against some
+    twenty small operations for a standalone row) and returns a key; :meth:`device_vector` packs
+    everything into one float64 device tensor (SUM-reducible except at :meth:`max_positions`), and
+    :meth:`rows` unpacks the host copy of that vector into rows in :func:`tensor_sums`' layout. Per-tensor
+    Python and kernel-launch overhead is what a many-layer measurement pays for besides the reads
+    themselves, so this is what :func:`signalprop.measure` and a monitor should use.
+    """
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[str, int]] = []
+        self._sumsq: list[torch.Tensor] = []
+        self._lo: list[torch.Tensor] = []
+        self._hi: list[torch.Tensor] = []
+        self._zeros: list[torch.Tensor] = []
+        self._chan: list[torch.Tensor] = []
+        self._counts: list[tuple[int, int, int]] = []  # numel, zero_n, channels
+        self._rows: list[torch.Tensor] = []
+        self._layout: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(
+        self,
+        t: torch.Tensor,
+        *,
+        channel_dim: int | Literal["auto"] | None = "auto",
+        sample: int | None = None,
+        careful: bool = False,
+    ) -> int:
+        """Queue the reductions of ``t`` (arguments as :func:`tensor_sums`); returns the entry's key."""
+        t = _check_tensor(t).detach()
+        cd = default_channel_dim(t.dim()) if channel_dim == "auto" else channel_dim
+        if careful or sample is not None or t.numel() == 0 or t.dim() == 0 or (cd is not None and not -t.dim() <= cd < t.dim()):
+            self._entries.append(("row", len(self._rows)))
+            self._rows.append(tensor_sums(t, channel_dim=cd, sample=sample, careful=careful))
+            return len(self._entries) - 1
+        if cd is not None:
+            cd %= t.dim()
+        sumsq, lo, hi, zeros, chan, zero_n = _fast_parts(t, cd)
+        self._entries.append(("fast", len(self._sumsq)))
+        self._sumsq.append(sumsq)
+        self._lo.append(lo)
+        self._hi.append(hi)
+        self._zeros.append(zeros)
+        self._chan.append(chan)
+        self._counts.append((t.numel(), zero_n, chan.numel()))
+        return len(self._entries) - 1
+
+    def device_vector(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Everything queued, as one float64 tensor on ``device`` (default: that of the first entry).
+
+        Layout: [numel..., zero_n..., sumsq..., zeros..., channel sums..., full rows..., max..., -min...]."""
+        parts = [*self._sumsq, *self._rows, *self._chan]
+        if not parts:
+            return torch.zeros(0, dtype=torch.float64)
+        dev = torch.device(device) if device is not None else parts[0].device
+        f = len(self._sumsq)
+        pieces: list[torch.Tensor] = []
+        if f:
+            counts = [float(c[0]) for c in self._counts] + [float(c[1]) for c in self._counts]
+            pieces.append(torch.tensor(counts, dtype=torch.float64, device=dev))
+            pieces.append(_stack64(self._sumsq, dev))
+            pieces.append(_stack64(self._zeros, dev))
+            pieces.append(_cat64(self._chan, dev))
+        pieces.extend(r.to(dev) for r in self._rows)
+        if f:
+            pieces.append(_stack64(self._hi, dev))
+            pieces.append(-_stack64(self._lo, dev))
+        vec = torch.cat(pieces)
+        self._layout = (f, sum(c[2] for c in self._counts), sum(r.numel() for r in self._rows), vec.numel())
+        return vec
+
+    def max_positions(self) -> list[int]:
+        """Positions of :meth:`device_vector` to combine across ranks with MAX (all others: SUM)."""
+        f, nchan, _, total = self._layout
+        pos = list(range(total - 2 * f, total))
+        start = 4 * f + nchan
+        for r in self._rows:
+            pos.extend(start + p for p in MAX_POSITIONS)
+            start += r.numel()
+        return sorted(pos)
+
+    def rows(self, vec: torch.Tensor) -> list[list[float]]:
+        """Unpack a host copy of :meth:`device_vector` (possibly reduced over ranks) into one row per entry."""
+        f, nchan, nrows, total = self._layout
+        v = vec.tolist()
+        numel, zero_n = v[0:f], v[f : 2 * f]
+        sumsq, zeros = v[2 * f : 3 * f], v[3 * f : 4 * f]
+        chan_all = v[4 * f : 4 * f + nchan]
+        rows_all = v[4 * f + nchan : 4 * f + nchan + nrows]
+        hi, neglo = v[total - 2 * f : total - f], v[total - f :]
+        fast: list[list[float]] = []
+        c0 = 0
+        for i, (_, _, c) in enumerate(self._counts):
+            chan = chan_all[c0 : c0 + c]
+            c0 += c
+            s = math.fsum(chan) if all(math.isfinite(x) for x in chan) else sum(chan)
+            fast.append([numel[i], numel[i], s, sumsq[i], zeros[i], zero_n[i], 0.0, s, hi[i], neglo[i], *chan])
+        full: list[list[float]] = []
+        r0 = 0
+        for r in self._rows:
+            full.append(rows_all[r0 : r0 + r.numel()])
+            r0 += r.numel()
+        return [fast[i] if kind == "fast" else full[i] for kind, i in self._entries]
+
+
+def _stack64(ts: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
+    if all(t.dtype == ts[0].dtype and t.device == dev for t in ts):
+        return torch.stack(ts).to(torch.float64)
+    return torch.stack([t.to(dev, torch.float64) for t in ts])
+
+
+def _cat64(ts: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
+    if all(t.dtype == ts[0].dtype and t.device == dev for t in ts):
+        return torch.cat(ts).to(torch.float64)
+    return torch.cat([t.to(dev, torch.float64) for t in ts])
