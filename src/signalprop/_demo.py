@@ -51,9 +51,11 @@ def _normal_(std: float) -> Callable[[nn.Module, torch.Generator], None]:
     def apply(model: nn.Module, gen: torch.Generator) -> None:
         with torch.no_grad():
             for _, layer in spinit.weight_layers(model):
-                layer.weight.normal_(0.0, std, generator=gen)
-                if getattr(layer, "bias", None) is not None:
-                    layer.bias.zero_()
+                weight, bias = layer.weight, getattr(layer, "bias", None)
+                assert isinstance(weight, torch.Tensor)
+                weight.normal_(0.0, std, generator=gen)
+                if isinstance(bias, torch.Tensor):
+                    bias.zero_()
 
     return apply
 

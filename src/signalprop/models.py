@@ -5,6 +5,8 @@ Weights come from PyTorch's default init; use :mod:`signalprop.init` to set a sc
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import nn
 
 from ._errors import SignalpropError
@@ -88,9 +90,7 @@ def alexnet(num_classes: int = 1000, *, dropout: float = 0.5, in_channels: int =
     )
 
 
-def _named(**modules: nn.Module) -> dict[str, nn.Module]:
-    from collections import OrderedDict
-
+def _named(**modules: nn.Module) -> OrderedDict[str, nn.Module]:
     return OrderedDict(modules)
 
 

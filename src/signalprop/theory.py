@@ -126,7 +126,9 @@ def _module_fn(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         slope = float(getattr(m, "negative_slope", 0.01))
         return lambda x: torch.nn.functional.leaky_relu(x, slope)
     if cls == "PReLU":
-        w = m.weight.detach().to(torch.float64).flatten()
+        weight = m.weight
+        assert isinstance(weight, torch.Tensor)
+        w = weight.detach().to(torch.float64).flatten()
         slope = float(w.mean()) if w.numel() else 0.25
         return lambda x: torch.nn.functional.leaky_relu(x, slope)
     if isinstance(m, nn.ELU):

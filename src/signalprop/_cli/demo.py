@@ -54,6 +54,13 @@ def _story_table(r: Any, table_cls: Any, max_rows: int = 12) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..experiments._common import flushed_denormals
+
+    with flushed_denormals():  # vanishing signals reach subnormal floats, which make CPU steps ~6x slower
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
     from rich.panel import Panel
@@ -70,8 +77,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    torch.set_flush_denormal(True)
-
     def step(msg: str) -> None:
         console.print(f"[dim]{time.perf_counter() - t0:5.1f}s[/dim]  {msg}", highlight=False)
 
