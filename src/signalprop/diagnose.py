@@ -37,7 +37,7 @@ from torch import nn
 from ._errors import SignalpropError
 from ._findings import KINDS, SEVERITIES, Finding
 from ._rules import RULES, THRESHOLDS, Rule, RuleContext, run_rules
-from .trace import Trace, _jsonable
+from .trace import Trace, _jsonable, dump_json
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -126,10 +126,7 @@ class Report:
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 1) -> str:
         """Serialize to JSON (nan as null, inf as a string); write it to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        return dump_json(self.to_dict(), path, indent=indent)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Report:

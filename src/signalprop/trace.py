@@ -243,10 +243,7 @@ class Trace(Sequence[LayerStats]):
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 1) -> str:
         """Serialize to JSON (nan and inf become null / strings); write it to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        return dump_json(self.to_dict(), path, indent=indent)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> Trace:
@@ -255,6 +252,18 @@ class Trace(Sequence[LayerStats]):
         if not s.lstrip().startswith("{"):
             s = Path(s).read_text()
         return cls.from_dict(json.loads(s))
+
+
+def dump_json(data: dict[str, Any], path: str | Path | None = None, *, indent: int | None = 1) -> str:
+    """``data`` (already JSON-safe: see ``to_dict``) as strict JSON text, also written to ``path`` when given.
+
+    ``allow_nan=False``: a stray nan or inf raises instead of writing the non-standard ``NaN`` that other
+    JSON readers reject; the ``to_dict`` methods turn them into null and ``"inf"`` first.
+    """
+    text = json.dumps(data, indent=indent, allow_nan=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
 
 
 def _num_out(v: Any) -> Any:

@@ -9,19 +9,107 @@ checkpoint dict holding one under ``state_dict``, ``model_state_dict`` or ``mode
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .._errors import SignalpropError
 
+if TYPE_CHECKING:
+    from ..diagnose import Report
+
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+TARGET_HELP = (
+    "path/to/file.py:factory or package.module:factory, e.g. signalprop.models:alexnet or "
+    "\"signalprop.models:plain_cnn(depth=30, act='tanh')\""
+)
+
+
+# ---- the arguments every command on a TARGET takes, and what it does with them ---------------------
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """``TARGET`` and ``--input-shape``: the model and the shape of one input, batch excluded."""
+    parser.add_argument("target", metavar="TARGET", help=TARGET_HELP)
+    parser.add_argument("--input-shape", required=True, help="input shape without the batch, e.g. 3,224,224")
+
+
+def add_input_arguments(
+    parser: argparse.ArgumentParser, *, dtypes: tuple[str, ...], weights_help: str, device: bool = False
+) -> None:
+    """``--batch``, ``--dtype`` (one of ``dtypes``), ``--device`` (when ``device``), ``--weights``, ``--vocab``."""
+    parser.add_argument("--batch", type=int, default=16, help="batch size of the random input (default 16)")
+    parser.add_argument("--dtype", choices=dtypes, default="float32", help="dtype of model and input")
+    if device:
+        parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--weights", help=weights_help)
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        help="feed integer token ids in [0, VOCAB) instead of N(0, 1) values (language models)",
+    )
+
+
+def check_input_arguments(args: argparse.Namespace, *, min_batch: int = 1) -> tuple[int, ...]:
+    """Validate ``--input-shape``, ``--batch`` (at least ``min_batch``) and ``--vocab``; return the shape."""
+    shape = parse_shape(args.input_shape)
+    if args.batch < min_batch:
+        if min_batch == 1:
+            raise SignalpropError(f"--batch must be a positive integer, got {args.batch}")
+        raise SignalpropError(
+            f"--batch must be an integer >= {min_batch} (a std needs a sample), got {args.batch}"
+        )
+    if args.vocab is not None and args.vocab < 1:
+        raise SignalpropError(f"--vocab must be a positive integer, got {args.vocab}")
+    return shape
+
+
+def random_input(
+    args: argparse.Namespace,
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+    draw_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """A batch of ``args.batch`` random inputs seeded by ``args.seed``: token ids in ``[0, args.vocab)``
+    when ``--vocab`` is given, else N(0, 1) values drawn in ``draw_dtype`` and cast to ``dtype``."""
+    gen = torch.Generator().manual_seed(args.seed)
+    if args.vocab is not None:
+        return torch.randint(0, args.vocab, (args.batch, *shape), generator=gen).to(device)
+    return torch.randn((args.batch, *shape), generator=gen, dtype=draw_dtype).to(device=device, dtype=dtype)
+
+
+def check_forward(model: nn.Module, x: torch.Tensor) -> None:
+    """Run ``model(x)`` without gradients; a failure is the user's usage error (shape, dtype), in one line."""
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:  # the user's forward on our input: a usage error (shape, dtype), one line
+        raise SignalpropError(
+            f"the model's forward failed on an input of shape {tuple(x.shape)} ({x.dtype}): "
+            f"{type(exc).__name__}: {first_line(exc)}; check --input-shape, --dtype or --vocab"
+        ) from None
+
+
+def show_report(report: Report, quiet: bool) -> None:
+    """Print the findings (``quiet``) or the layer table, then the report's notes on stderr."""
+    if quiet:
+        print(report.summary())
+    else:
+        report.table()
+        if not report.findings:
+            print(report.summary())
+    for note in report.meta.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+
+
+# ---- TARGET -----------------------------------------------------------------------------------------
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -100,7 +188,7 @@ def _import(where: str, spec: str) -> Any:
             module_spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(name, None)
-            raise SignalpropError(f"importing {where} failed: {type(exc).__name__}: {_line(exc)}") from exc
+            raise SignalpropError(f"importing {where} failed: {type(exc).__name__}: {first_line(exc)}") from exc
         finally:
             sys.path.remove(str(path.resolve().parent))
         return module
@@ -111,10 +199,11 @@ def _import(where: str, spec: str) -> Any:
             f"bad target {spec!r}: no module named {exc.name!r}; give an importable module or a path to a .py file"
         ) from None
     except Exception as exc:
-        raise SignalpropError(f"importing {where} failed: {type(exc).__name__}: {_line(exc)}") from exc
+        raise SignalpropError(f"importing {where} failed: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
-def _line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when the message is empty)."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -137,7 +226,7 @@ def load_target(spec: str, weights: str | None = None) -> nn.Module:
         try:
             model = obj(*args, **kwargs)
         except Exception as exc:
-            raise SignalpropError(f"calling {name}(...) from {where} failed: {type(exc).__name__}: {_line(exc)}") from exc
+            raise SignalpropError(f"calling {name}(...) from {where} failed: {type(exc).__name__}: {first_line(exc)}") from exc
     else:
         raise SignalpropError(f"{where}:{name} is a {type(obj).__name__}, not a model factory or an nn.Module")
     if not isinstance(model, nn.Module):
@@ -158,7 +247,7 @@ def load_weights(model: nn.Module, path: str) -> None:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise SignalpropError(
-            f"cannot read weights from {path} with torch.load(weights_only=True): {_line(exc)}; save them with "
+            f"cannot read weights from {path} with torch.load(weights_only=True): {first_line(exc)}; save them with "
             "torch.save(model.state_dict(), path)"
         ) from None
     if isinstance(obj, dict):
@@ -174,7 +263,7 @@ def load_weights(model: nn.Module, path: str) -> None:
     try:
         result = model.load_state_dict(obj, strict=False)
     except RuntimeError as exc:
-        raise SignalpropError(f"the weights in {path} do not fit the model: {_line(exc)}") from None
+        raise SignalpropError(f"the weights in {path} do not fit the model: {first_line(exc)}") from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         raise SignalpropError(

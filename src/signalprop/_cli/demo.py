@@ -29,6 +29,8 @@ def _fmt(v: float) -> str:
 
 def _story_table(r: Any, table_cls: Any, max_rows: int = 12) -> Any:
     """Per weight layer and init: measured forward std, He's formula beside it, and the gradient std."""
+    from rich.markup import escape
+
     from .. import _demo
 
     table = table_cls(
@@ -43,7 +45,7 @@ def _story_table(r: Any, table_cls: Any, max_rows: int = 12) -> Any:
         step = (len(rows) - 1) / (max_rows - 1)
         rows = [rows[round(i * step)] for i in range(max_rows)]
     for layer in rows:
-        cells = [f"{layer.name}\n[dim]{layer.kind}[/dim]"]
+        cells = [f"{escape(layer.name)}\n[dim]{escape(layer.kind)}[/dim]"]
         for key, trace in r.traces.items():
             m = trace[layer.name]
             f_std, _ = r.formula[key].get(layer.name, (math.nan, math.nan))
@@ -65,6 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.panel import Panel
     from rich.table import Table
+    from rich.text import Text
 
     from .. import _demo
     from .._errors import SignalpropError
@@ -83,14 +86,14 @@ def _run(args: argparse.Namespace) -> int:
     # (a) toy arithmetic
     t = _demo.toy()
     terms = " + ".join(f"({w:g})({a:g})" for w, a in zip(t.weights, t.activated))
-    console.print(Panel.fit(
+    console.print(Panel.fit(Text(
         f"One output unit: y = sum_i w_i * relu(x_i)\n"
         f"w = {list(t.weights)}, x = {list(t.inputs)}  ->  relu(x) = {list(t.activated)}\n"
         f"y = {terms} = {t.output:g}\n"
         f"Only {t.active} of {len(t.inputs)} inputs pass the ReLU. On average half do, so each layer multiplies\n"
         "the variance by 1/2 * n * Var[w] (n inputs per unit). He et al. 2015 (Eq. 10):\n"
         "    Var[y_L] = Var[y_1] * prod_l ( 1/2 * n_l * Var[w_l] )\n"
-        "A factor above 1 explodes with depth, below 1 vanishes. He's init sets 1/2 * n_l * Var[w_l] = 1.",
+        "A factor above 1 explodes with depth, below 1 vanishes. He's init sets 1/2 * n_l * Var[w_l] = 1."),
         title="(a) where the numbers come from",
     ))
 
@@ -106,6 +109,13 @@ def _run(args: argparse.Namespace) -> int:
     pngs = []
     for i, r in enumerate(runs):
         console.print(_story_table(r, Table))
+        if i == 0:
+            console.print(
+                "He's formula ignores pooling (as the paper does): AlexNet's max-pooling keeps the largest of 9 "
+                "values, which raises the second moment, so the measured std runs above the formula after each "
+                "pool. The 30-layer CNN has no pooling in its body, and there the formula holds.",
+                highlight=False,
+            )
         path = out / f"{'alexnet' if i == 0 else 'plain_cnn'}_std.png"
         plot_std({_demo.INITS[k][0]: tr for k, tr in r.traces.items()}, path,
                  title=f"{r.title}: std per layer under four inits")
@@ -119,7 +129,7 @@ def _run(args: argparse.Namespace) -> int:
     for r in runs:
         for key, rep in r.reports.items():
             style = "green" if rep.ok else "red"
-            verdicts.add_row(r.title, _demo.INITS[key][0], f"[{style}]{_demo.verdict(rep)}[/{style}]")
+            verdicts.add_row(r.title, _demo.INITS[key][0], Text(_demo.verdict(rep), style=style))
     console.print(verdicts)
 
     # predicted band beside measured nets

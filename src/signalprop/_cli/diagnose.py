@@ -7,7 +7,8 @@ usage errors (bad target, missing factory, bad shape, a forward that fails on th
 from __future__ import annotations
 
 import argparse
-import sys
+
+from ._target import add_input_arguments, add_target_arguments
 
 HELP = "measure a model on random inputs and report exploding, vanishing, dead or saturated layers"
 
@@ -15,21 +16,9 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "target",
-        metavar="TARGET",
-        help="path/to/file.py:factory or package.module:factory, e.g. signalprop.models:alexnet or "
-        "\"signalprop.models:plain_cnn(depth=30, act='tanh')\"",
-    )
-    parser.add_argument("--input-shape", required=True, help="input shape without the batch, e.g. 3,224,224")
-    parser.add_argument("--batch", type=int, default=16, help="batch size of the random input (default 16)")
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype of model and input")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument("--weights", help="checkpoint to load with torch.load(weights_only=True)")
-    parser.add_argument(
-        "--vocab",
-        type=int,
-        help="feed integer token ids in [0, VOCAB) instead of N(0, 1) values (language models)",
+    add_target_arguments(parser)
+    add_input_arguments(
+        parser, dtypes=_DTYPES, device=True, weights_help="checkpoint to load with torch.load(weights_only=True)"
     )
     parser.add_argument("--factor", type=float, default=10.0, help="allowed std drift factor (default 10)")
     parser.add_argument("--train", action="store_true", help="measure in train mode (default: eval mode)")
@@ -46,13 +35,16 @@ def run(args: argparse.Namespace) -> int:
 
     from .._errors import SignalpropError
     from ..diagnose import diagnose
-    from ._target import load_target, parse_shape
+    from ._target import (
+        check_forward,
+        check_input_arguments,
+        first_line,
+        load_target,
+        random_input,
+        show_report,
+    )
 
-    shape = parse_shape(args.input_shape)
-    if args.batch < 1:
-        raise SignalpropError(f"--batch must be a positive integer, got {args.batch}")
-    if args.vocab is not None and args.vocab < 1:
-        raise SignalpropError(f"--vocab must be a positive integer, got {args.vocab}")
+    shape = check_input_arguments(args)
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -62,30 +54,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = model.to(device=device, dtype=dtype)  # integer buffers (token ids, positions) keep their dtype
     except (RuntimeError, AssertionError) as exc:
-        raise SignalpropError(f"cannot move the model to {device} / {args.dtype}: {_line(exc)}") from None
+        raise SignalpropError(f"cannot move the model to {device} / {args.dtype}: {first_line(exc)}") from None
     model.train(args.train)
-    gen = torch.Generator().manual_seed(args.seed)
-    if args.vocab is not None:
-        x = torch.randint(0, args.vocab, (args.batch, *shape), generator=gen).to(device)
-    else:
-        x = torch.randn((args.batch, *shape), generator=gen).to(device=device, dtype=dtype)
-    try:
-        with torch.no_grad():
-            model(x)
-    except Exception as exc:  # the user's forward on our input: a usage error (shape, dtype), one line
-        raise SignalpropError(
-            f"the model's forward failed on an input of shape {tuple(x.shape)} ({x.dtype}): "
-            f"{type(exc).__name__}: {_line(exc)}; check --input-shape, --dtype or --vocab"
-        ) from None
+    x = random_input(args, shape, dtype=dtype, device=device)
+    check_forward(model, x)
     report = diagnose(model, x, factor=args.factor, predicted=not args.no_predict)
-    if args.quiet:
-        print(report.summary())
-    else:
-        report.table()
-        if not report.findings:
-            print(report.summary())
-    for note in report.meta.get("notes", []):
-        print(f"note: {note}", file=sys.stderr)
+    show_report(report, args.quiet)
     if args.json:
         report.to_json(args.json)
         print(f"wrote {args.json}")
@@ -97,7 +71,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.html}")
     return 0 if report.ok else 1
 
-
-def _line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import torch
 
@@ -201,3 +201,66 @@ def save_png(fig: Any, path: Path, *, dpi: int = 110) -> Path:
 
 def fmt_seconds(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+# ---- what every run() does first and last ----------------------------------------------------------
+C = TypeVar("C")
+
+
+def start(
+    name: str,
+    *,
+    seed: Any,
+    config: C | None,
+    quick: bool,
+    presets: tuple[C, C],
+    out: str | Path | None,
+    progress: ProgressLike,
+) -> tuple[int, C, Path | None, Progress]:
+    """Check the arguments every reproduction takes and return ``(seed, config, folder, progress)``.
+
+    ``presets`` is ``(QUICK, FULL)``: ``config`` wins when given and must be of the presets' class;
+    ``folder`` is :func:`out_dir` of ``out`` (None writes nothing); ``progress`` a :class:`Progress`
+    named ``name`` whose clock starts here, so ``progress.elapsed`` is the run's wall time.
+    """
+    seed = check_seed(seed)
+    quick_cfg, full_cfg = presets
+    cfg = config if config is not None else (quick_cfg if quick else full_cfg)
+    if not isinstance(cfg, type(full_cfg)):
+        raise SignalpropError(f"config must be a signalprop.experiments.{name}.Config, got {type(cfg).__name__}")
+    folder = out_dir(out)
+    return seed, cfg, folder, Progress(name, progress)
+
+
+class Outcome:
+    """What every experiment's ``Result`` has: named ``checks`` of the paper's claims and the files written."""
+
+    checks: dict[str, bool]
+    png: Path | None
+    json: Path | None
+
+    @property
+    def ok(self) -> bool:
+        """True when every check of the paper's claim held."""
+        return all(self.checks.values())
+
+    def outcome_lines(self) -> list[str]:
+        """The summary's last lines: one ``[ok]``/``[FAILED]`` line per check, then the files written."""
+        lines = [f"  [{'ok' if v else 'FAILED'}] {k}" for k, v in self.checks.items()]
+        if self.png is not None:
+            lines.append(f"  wrote {self.png} and {self.json}")
+        return lines
+
+
+R = TypeVar("R", bound=Outcome)
+
+
+def write_outputs(
+    result: R, folder: Path | None, name: str, figure: Callable[[R], Any], as_dict: Callable[[R], dict[str, Any]]
+) -> R:
+    """Save ``figure(result)`` as ``folder/name.png`` and ``as_dict(result)`` as ``folder/name.json``
+    (nothing when ``folder`` is None), record both paths on ``result`` and return it."""
+    if folder is not None:
+        result.png = save_png(figure(result), folder / f"{name}.png")
+        result.json = write_json(folder / f"{name}.json", as_dict(result))
+    return result

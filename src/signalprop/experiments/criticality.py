@@ -33,16 +33,14 @@ from torch import nn
 
 from .._errors import SignalpropError
 from ._common import (
-    Progress,
+    Outcome,
     ProgressLike,
-    check_seed,
     flushed_denormals,
     fmt_seconds,
     generator,
     new_figure,
-    out_dir,
-    save_png,
-    write_json,
+    start,
+    write_outputs,
 )
 
 ACT = "tanh"
@@ -112,7 +110,7 @@ class PointResult:
 
 
 @dataclass
-class Result:
+class Result(Outcome):
     config: Config
     seed: int
     weight_vars: list[float]
@@ -127,10 +125,6 @@ class Result:
     png: Path | None = None
     json: Path | None = None
 
-    @property
-    def ok(self) -> bool:
-        return all(self.checks.values())
-
     def summary(self) -> str:
         c = self.config
         lines = [f"criticality: tanh phase diagram ({len(self.weight_vars)} x {len(self.bias_vars)} grid) and "
@@ -142,9 +136,7 @@ class Result:
             lines.append(f"  sigma_w^2 {p.weight_var:.3f}, sigma_b^2 {p.bias_var:g} ({p.phase}, chi1 {p.chi1:.3f}, "
                          f"xi_c {p.xi_c:.1f}): layer 1->{c.depth} correlation {ends}; worst deviation "
                          f"{p.worst:.2f} of the {c.sigmas:g}-sigma band")
-        lines += [f"  [{'ok' if v else 'FAILED'}] {k}" for k, v in self.checks.items()]
-        if self.png is not None:
-            lines.append(f"  wrote {self.png} and {self.json}")
+        lines += self.outcome_lines()
         return "\n".join(lines)
 
 
@@ -281,12 +273,9 @@ def run(
     """
     from .. import theory
 
-    seed = check_seed(seed)
-    cfg = config if config is not None else (QUICK if quick else FULL)
-    if not isinstance(cfg, Config):
-        raise SignalpropError(f"config must be a signalprop.experiments.criticality.Config, got {type(cfg).__name__}")
-    folder = out_dir(out)
-    report = Progress("criticality", progress)
+    seed, cfg, folder, report = start(
+        "criticality", seed=seed, config=config, quick=quick, presets=(QUICK, FULL), out=out, progress=progress
+    )
     wvs = np.linspace(*cfg.weight_var).tolist()
     bvs = np.linspace(*cfg.bias_var).tolist()
     with flushed_denormals():
@@ -305,10 +294,7 @@ def run(
                    f"worst deviation {points[-1].worst:.2f} of the band")
     result = Result(cfg, seed, wvs, bvs, grid, line, points, report.elapsed)
     result.checks = _checks(result)
-    if folder is not None:
-        result.png = save_png(_figure(result), folder / "criticality.png")
-        result.json = write_json(folder / "criticality.json", _as_dict(result))
-    return result
+    return write_outputs(result, folder, "criticality", _figure, _as_dict)
 
 
 def _checks(r: Result) -> dict[str, bool]:

@@ -30,17 +30,15 @@ from torch import nn
 from .._errors import SignalpropError
 from ..trace import Histogram, Trace
 from ._common import (
-    Progress,
+    Outcome,
     ProgressLike,
-    check_seed,
     digits,
     flushed_denormals,
     fmt_seconds,
     generator,
     new_figure,
-    out_dir,
-    save_png,
-    write_json,
+    start,
+    write_outputs,
 )
 
 SCHEMES = ("standard", "normalized")
@@ -71,7 +69,7 @@ QUICK = Config(nets=3, samples=1024)
 
 
 @dataclass
-class Result:
+class Result(Outcome):
     """Per-layer variances (mean over ``config.nets`` networks), histograms, predictions and verdicts."""
 
     config: Config
@@ -89,10 +87,6 @@ class Result:
     png: Path | None = None
     json: Path | None = None
 
-    @property
-    def ok(self) -> bool:
-        return all(self.checks.values())
-
     def ratio(self, what: str, scheme: str) -> float:
         """max / min over hidden layers of the activation (``"act"``) or gradient (``"grad"``) variance."""
         v = (self.act_var if what == "act" else self.grad_var)[scheme]
@@ -107,9 +101,7 @@ class Result:
             grads = ", ".join(f"{v:.2g}" for v in self.grad_var[s])
             lines.append(f"  {s:10s} Var[tanh out] by layer: {acts}  (max/min {self.ratio('act', s):.1f})")
             lines.append(f"  {'':10s} Var[d loss/d s] by layer: {grads}  (max/min {self.ratio('grad', s):.1f})")
-        lines += [f"  [{'ok' if v else 'FAILED'}] {k}" for k, v in self.checks.items()]
-        if self.png is not None:
-            lines.append(f"  wrote {self.png} and {self.json}")
+        lines += self.outcome_lines()
         return "\n".join(lines)
 
 
@@ -185,12 +177,9 @@ def run(
     """
     from ..measure import measure
 
-    seed = check_seed(seed)
-    cfg = config if config is not None else (QUICK if quick else FULL)
-    if not isinstance(cfg, Config):
-        raise SignalpropError(f"config must be a signalprop.experiments.glorot2010.Config, got {type(cfg).__name__}")
-    folder = out_dir(out)
-    report = Progress("glorot2010", progress)
+    seed, cfg, folder, report = start(
+        "glorot2010", seed=seed, config=config, quick=quick, presets=(QUICK, FULL), out=out, progress=progress
+    )
     x, y = digits(images=False)
     x, y = x[: cfg.samples], y[: cfg.samples]
 
@@ -228,10 +217,7 @@ def run(
                    f"Var[grad] {', '.join(f'{v:.2g}' for v in g_sum)}")
     result = Result(cfg, seed, act_var, grad_var, act_pred, grad_pred, act_hist, grad_hist, report.elapsed)
     result.checks = _checks(result)
-    if folder is not None:
-        result.png = save_png(_figure(result), folder / "glorot2010.png")
-        result.json = write_json(folder / "glorot2010.json", _as_dict(result))
-    return result
+    return write_outputs(result, folder, "glorot2010", _figure, _as_dict)
 
 
 def _need_hist(s: Any) -> Histogram:

@@ -40,17 +40,16 @@ from torch import nn
 from .._errors import SignalpropError
 from ..models import plain_cnn
 from ._common import (
+    Outcome,
     Progress,
     ProgressLike,
-    check_seed,
     digits_caffe,
     flushed_denormals,
     fmt_seconds,
     generator,
     new_figure,
-    out_dir,
-    save_png,
-    write_json,
+    start,
+    write_outputs,
 )
 
 LN10 = math.log(10.0)
@@ -96,7 +95,7 @@ QUICK = Config(depths=(30,), steps=400, lr=0.005, window=50, margin=0.25)
 
 
 @dataclass
-class Result:
+class Result(Outcome):
     """Loss curves and the verdicts; ``png`` and ``json`` are None when ``out`` was None."""
 
     config: Config
@@ -114,11 +113,6 @@ class Result:
     png: Path | None = None
     json: Path | None = None
 
-    @property
-    def ok(self) -> bool:
-        """True when every check of the paper's claim held."""
-        return all(self.checks.values())
-
     def summary(self) -> str:
         lines = [f"he2015: Caffe xavier (Var[w]=1/fan_in) vs He (Var[w]=2/fan_in), plain ReLU CNNs on digits, "
                  f"{self.config.steps} SGD steps, lr {self.config.lr:g} ({fmt_seconds(self.seconds)})"]
@@ -130,9 +124,7 @@ class Result:
                              f"(loss<{self.config.learnt_below:g} at step {at if at is not None else 'never'}, "
                              f"init output std {self.output_std[d][s]:.2g})")
             lines.append(f"  {d} layers: " + "; ".join(parts))
-        lines += [f"  [{'ok' if v else 'FAILED'}] {k}" for k, v in self.checks.items()]
-        if self.png is not None:
-            lines.append(f"  wrote {self.png} and {self.json}")
+        lines += self.outcome_lines()
         return "\n".join(lines)
 
 
@@ -231,12 +223,9 @@ def run(
     within 0.1 of ln 10 while He's is at least ``margin`` below it; at every shallower depth both learn
     (final loss below ``learnt_below``) and He starts learning first.
     """
-    seed = check_seed(seed)
-    cfg = config if config is not None else (QUICK if quick else FULL)
-    if not isinstance(cfg, Config):
-        raise SignalpropError(f"config must be a signalprop.experiments.he2015.Config, got {type(cfg).__name__}")
-    folder = out_dir(out)
-    report = Progress("he2015", progress)
+    seed, cfg, folder, report = start(
+        "he2015", seed=seed, config=config, quick=quick, presets=(QUICK, FULL), out=out, progress=progress
+    )
     x, y = digits_caffe()
     order = _batches(len(x), cfg, seed)
     losses: dict[int, dict[str, list[float]]] = {}
@@ -257,10 +246,7 @@ def run(
             below = [i for i, m in enumerate(_smooth(v, cfg.window)) if i + 1 >= cfg.window and m < cfg.learnt_below]
             learnt[d][s] = below[0] if below else None
     result = Result(cfg, seed, losses, final, learnt, stds, report.elapsed, _checks(cfg, final, learnt))
-    if folder is not None:
-        result.png = save_png(_figure(result), folder / "he2015.png")
-        result.json = write_json(folder / "he2015.json", _as_dict(result))
-    return result
+    return write_outputs(result, folder, "he2015", _figure, _as_dict)
 
 
 def _checks(cfg: Config, final: dict[int, dict[str, float]], learnt: dict[int, dict[str, int | None]]

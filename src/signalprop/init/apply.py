@@ -342,8 +342,9 @@ def _run(
     zero_bias: bool,
     fans: tuple[float, float] | None,
     generator: torch.Generator | None,
-    what: str,
 ) -> M:
+    """Initialize every weight layer of ``m`` by ``scheme``; errors name the public function ``{scheme}_``."""
+    what = f"{scheme}_"
     if generator is not None and not isinstance(generator, torch.Generator):
         raise SignalpropError(f"{what}: generator must be a torch.Generator, got {type(generator).__name__}")
     spec = _make_spec(scheme, settings)
@@ -405,15 +406,8 @@ def he_(
     >>> round(float(net[0].weight.detach().std() * 512 ** 0.5), 2), float(net[0].bias.detach().abs().max())
     (1.41, 0.0)
     """
-    return _run(
-        m,
-        "he",
-        {"mode": mode, "nonlinearity": nonlinearity, "distribution": distribution},
-        zero_bias=zero_bias,
-        fans=fans,
-        generator=generator,
-        what="he_",
-    )
+    return _run(m, "he", {"mode": mode, "nonlinearity": nonlinearity, "distribution": distribution},
+                zero_bias=zero_bias, fans=fans, generator=generator)
 
 
 def glorot_(
@@ -430,15 +424,8 @@ def glorot_(
     The compromise between keeping activations (``1/fan_in``) and gradients (``1/fan_out``) for symmetric
     activations near the identity. ``gain`` is a number or an activation (then :func:`theory.gain`).
     """
-    return _run(
-        m,
-        "glorot",
-        {"distribution": distribution, "gain": gain},
-        zero_bias=zero_bias,
-        fans=fans,
-        generator=generator,
-        what="glorot_",
-    )
+    return _run(m, "glorot", {"distribution": distribution, "gain": gain},
+                zero_bias=zero_bias, fans=fans, generator=generator)
 
 
 def lecun_(
@@ -450,9 +437,8 @@ def lecun_(
     generator: torch.Generator | None = None,
 ) -> M:
     """LeCun et al. (1998): weight std ``1 / sqrt(fan_in)``; with SELU, self-normalizing (Klambauer et al. 2017)."""
-    return _run(
-        m, "lecun", {"distribution": distribution}, zero_bias=zero_bias, fans=fans, generator=generator, what="lecun_"
-    )
+    return _run(m, "lecun", {"distribution": distribution},
+                zero_bias=zero_bias, fans=fans, generator=generator)
 
 
 def variance_scaling_(
@@ -470,15 +456,8 @@ def variance_scaling_(
     ``truncated_normal`` cuts at two underlying standard deviations and widens by 1/0.87962566 first, so the
     variance is exactly ``scale / fan`` (as Keras does since 2.3).
     """
-    return _run(
-        m,
-        "variance_scaling",
-        {"scale": scale, "mode": mode, "distribution": distribution},
-        zero_bias=zero_bias,
-        fans=fans,
-        generator=generator,
-        what="variance_scaling_",
-    )
+    return _run(m, "variance_scaling", {"scale": scale, "mode": mode, "distribution": distribution},
+                zero_bias=zero_bias, fans=fans, generator=generator)
 
 
 def orthogonal_(
@@ -493,8 +472,7 @@ def orthogonal_(
     (``W^T W = gain^2 I`` when it has more rows than columns.) Grouped convolutions get one orthogonal
     matrix per group; attention's q, k and v one each.
     """
-    return _run(m, "orthogonal", {"gain": gain}, zero_bias=zero_bias, fans=None, generator=generator,
-                what="orthogonal_")
+    return _run(m, "orthogonal", {"gain": gain}, zero_bias=zero_bias, fans=None, generator=generator)
 
 
 def delta_orthogonal_(
@@ -510,8 +488,7 @@ def delta_orthogonal_(
     input away from the border; with ``gain = theory.gain(act)`` and the right activation this is the
     dynamical-isometry init that trains 10,000-layer CNNs. Layers without a kernel get :func:`orthogonal_`.
     """
-    return _run(m, "delta_orthogonal", {"gain": gain}, zero_bias=zero_bias, fans=None, generator=generator,
-                what="delta_orthogonal_")
+    return _run(m, "delta_orthogonal", {"gain": gain}, zero_bias=zero_bias, fans=None, generator=generator)
 
 
 SCHEMES: dict[str, Callable[..., Any]] = {

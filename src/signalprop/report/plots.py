@@ -176,15 +176,12 @@ def std_figure(
         _finish_log_axis(ax, values_seen)
         if not drawn:
             _empty_note(ax, "no backward pass recorded" if direction == "bwd" else "no values recorded")
-    ax_f.set_title("forward: std of each layer's output", fontsize=10, loc="left")
-    ax_b.set_title("backward: std of the gradient w.r.t. each layer's output", fontsize=10, loc="left")
-    ax_f.set_ylabel("std (log scale)")
-    ax_b.set_ylabel("std (log scale)")
-    _layer_ticks(ax_b, names)
-    _legend(ax_f)
-    _legend(ax_b, only=marks["bwd"])
-    fig.suptitle(title, fontsize=12, fontweight="bold")
-    return fig
+    return _label_panels(
+        fig, (ax_f, ax_b), names,
+        titles=("forward: std of each layer's output", "backward: std of the gradient w.r.t. each layer's output"),
+        ylabels=("std (log scale)", "std (log scale)"),
+        lower_marks=marks["bwd"], suptitle=title,
+    )
 
 
 def spp_figure(
@@ -218,15 +215,12 @@ def spp_figure(
             if ax is ax_v:
                 lower_marks += handles
         _finish_log_axis(ax, values_seen)
-    ax_m.set_title("average channel squared mean", fontsize=10, loc="left")
-    ax_v.set_title("average channel variance", fontsize=10, loc="left")
-    ax_m.set_ylabel("mean over channels of E[x_c]^2")
-    ax_v.set_ylabel("mean over channels of Var[x_c]")
-    _layer_ticks(ax_v, names)
-    _legend(ax_m)
-    _legend(ax_v, only=lower_marks)
-    fig.suptitle(f"{title} (Brock et al. 2021)", fontsize=12, fontweight="bold")
-    return fig
+    return _label_panels(
+        fig, (ax_m, ax_v), names,
+        titles=("average channel squared mean", "average channel variance"),
+        ylabels=("mean over channels of E[x_c]^2", "mean over channels of Var[x_c]"),
+        lower_marks=lower_marks, suptitle=f"{title} (Brock et al. 2021)",
+    )
 
 
 def histogram_figure(
@@ -425,6 +419,29 @@ def _two_panels(n: int) -> tuple[Figure, Sequence[Axes]]:
     fig = Figure(figsize=(width, 7.2), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
     return fig, axes
+
+
+def _label_panels(
+    fig: Figure,
+    axes: Sequence[Axes],
+    names: list[str],
+    *,
+    titles: tuple[str, str],
+    ylabels: tuple[str, str],
+    lower_marks: list[Any],
+    suptitle: str,
+) -> Figure:
+    """Title and label the two panels of :func:`_two_panels`: layer names under the lower one, a legend on
+    the upper one and, on the lower one, only ``lower_marks`` (its off-scale markers); return ``fig``."""
+    upper, lower = axes
+    for ax, panel_title, ylabel in zip((upper, lower), titles, ylabels):
+        ax.set_title(panel_title, fontsize=10, loc="left")
+        ax.set_ylabel(ylabel)
+    _layer_ticks(lower, names)
+    _legend(upper)
+    _legend(lower, only=lower_marks)
+    fig.suptitle(suptitle, fontsize=12, fontweight="bold")
+    return fig
 
 
 def _layer_ticks(ax: Axes, names: list[str]) -> None:
