@@ -12,9 +12,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import signalprop as sp
-from signalprop._monitor_sums import sample_sums, with_full_check
+from signalprop._monitor_sums import compact_sums, expand_row, sample_sums, with_full_check
 from signalprop._stats import stats_from_sums
 from signalprop.measure import measure
 from signalprop.monitor import Monitor, NonFiniteWarning, OverflowRiskWarning, Record
@@ -365,3 +366,72 @@ def test_importing_the_monitor_stays_light() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+class _CountOps(TorchDispatchMode):
+    """Records (op, elements of its first tensor argument) for the aten ops that compute something (views and
+    detach left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if not func.is_view and func.overloadpacket is not torch.ops.aten.detach:
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            self.ops.append((str(func.overloadpacket), -1 if first is None else first.numel()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape", [(32, 16, 8, 8), (64, 300), (8, 20, 48)])
+def test_a_sampled_tensor_costs_few_device_ops_and_one_full_read(shape: tuple[int, ...]) -> None:
+    """The per-tensor work of a recorded step, which the overhead goal rests on: float64 prefix copy, dot,
+    channel sum, aminmax, zero compare and count, stack, cat (plus dtype casts that are no-ops on float64),
+    and ONE op that reads every element: the sum for the non-finite check."""
+    t = torch.randn(shape)
+    with _CountOps() as mode:
+        compact_sums(t, 1, 512)
+    assert len(mode.ops) <= 11, mode.ops
+    assert [op for op, n in mode.ops if n == t.numel()] == ["aten.sum"], mode.ops
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    shape=st.sampled_from([(6, 5, 4, 4), (40, 30), (3, 7, 12), (5,)]),
+    sample=st.sampled_from([None, 16, 200]),
+    zeros=st.booleans(),
+)
+def test_compact_rows_expand_to_the_tensor_sums_row(
+    seed: int, shape: tuple[int, ...], sample: int | None, zeros: bool
+) -> None:
+    """Same numbers as the reference path (sample_sums builds a tensor_sums row): up to float64 rounding for a
+    sample (copied to float64), up to float32 rounding of the sum (1e-6 of sum |x|) for the exact path."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=gen)
+    if zeros:
+        t = t.relu()
+    cd = 1 if t.dim() > 1 else None
+    row, _, check, counts = compact_sums(t, cd, sample)
+    ref, _, ref_check = sample_sums(t, cd, sample)
+    assert (check is None) == (ref_check is None)
+    assert counts is not None
+    got = expand_row(row.tolist(), counts)
+    want = ref.tolist()
+    assert len(got) == len(want)
+    tol = 1e-12 if sample is not None else 1e-6 * (float(t.abs().sum()) + float(t.pow(2).sum()) + 1.0)
+    assert got == pytest.approx(want, rel=1e-12 if sample is not None else 1e-6, abs=tol)
+
+
+def test_quiet_steps_build_their_records_when_read_and_in_order() -> None:
+    model = _cnn()
+    seen: list[int] = []
+    with Monitor(model) as lazy, Monitor(model, on_record=lambda r: seen.append(r.step)) as eager:
+        for _ in range(3):
+            _train(model, 1)
+            lazy.step()
+            eager.step()
+    assert seen == [0, 1, 2]  # on_record: built at once
+    assert [r.step for r in lazy.history] == [0, 1, 2]
+    for a, b in zip(lazy.history, eager.history, strict=True):
+        assert a.trace.names == b.trace.names
+        assert [x.fwd.std for x in a.trace] == [x.fwd.std for x in b.trace]

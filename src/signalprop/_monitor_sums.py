@@ -1,7 +1,10 @@
 """The on-device reductions a training-time :class:`~signalprop.monitor.Monitor` takes of one tensor.
 
-A thin wrapper around :func:`signalprop._stats.tensor_sums` (one piece of code for the statistics and
-their row layout). What the wrapper adds is where the numbers come from:
+The reductions are :mod:`signalprop._stats`' (``_fast_parts``, the fast path of ``tensor_sums``: one piece
+of code for the statistics and their row layout); :func:`compact_sums` packs them into a short compact row
+with one stack and one cat, and :func:`expand_row` rebuilds the ``tensor_sums`` row on the host (about half
+the device operations of a standalone ``tensor_sums`` row, whose counts and constants each cost a small
+operation). What this module adds is where the numbers come from:
 
 - **a fixed-size sample**: the moments, extremes, zeros and channel sums come from the smallest number of
   leading samples (along dim 0) that hold at least ``sample`` elements. A contiguous prefix reads only its
@@ -25,9 +28,11 @@ networks, so the error there is larger (DESIGN.md measured within 10% of the exa
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._stats import CHECK, NUMEL, SUM, SUMSQ, N, tensor_sums
+from ._stats import CHECK, NUMEL, _fast_parts, tensor_sums
 
 HIST_HALF_WIDTH = 6.0
 """Histograms cover ``mean +- HIST_HALF_WIDTH * std`` of the sample."""
@@ -69,6 +74,50 @@ def sample_sums(
     return row, head, t.sum(dtype=torch.float32 if t.dtype in _LOW_PRECISION else t.dtype)
 
 
+COMPACT_MAX = (2, 3)
+"""Positions of a :func:`compact_sums` row to combine across ranks with MAX (all others: SUM)."""
+
+
+def compact_sums(
+    t: torch.Tensor, channel_dim: int | None, sample: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
+    """Like :func:`sample_sums`, with fewer device operations: ``(row, moments_source, check, counts)``.
+
+    For a tensor of one or more dimensions the row is *compact*, ``[SUMSQ, ZEROS, MAXV, NEGMIN, channel
+    sums...]`` (float64, on the device), made by :func:`signalprop._stats._fast_parts` (the reductions
+    ``tensor_sums`` runs: a dot, one channel sum, one ``aminmax``, one zero count) and one stack and one cat;
+    ``counts = (moment elements, zero-sample elements)`` are host numbers, and :func:`expand_row` turns
+    the host copy into a ``tensor_sums`` row (SUM is the sum of the channel sums). About half the
+    operations of a standalone ``tensor_sums`` row, and one long-lived allocation per tensor. A 0-d or empty
+    tensor gets a full ``tensor_sums`` row and ``counts=None``.
+    """
+    t = t.detach()
+    if t.dim() == 0 or t.numel() == 0:
+        row, head, check = sample_sums(t, channel_dim, sample)
+        return row, head, check, None
+    check = None
+    head = t
+    if sample is not None:
+        rows = leading_rows(t, sample, channel_dim)
+        head = t[:rows].to(torch.float64)
+        if rows < t.shape[0]:
+            check = t.sum(dtype=torch.float32 if t.dtype in _LOW_PRECISION else t.dtype)
+    cd = None if channel_dim is None else channel_dim % head.dim()
+    sumsq, lo, hi, zeros, chan, zero_n = _fast_parts(head, cd)
+    f64 = torch.float64
+    row = torch.cat([torch.stack([sumsq.to(f64), zeros.to(f64), hi.to(f64), -lo.to(f64)]), chan.to(f64)])
+    return row, head, check, (head.numel(), zero_n)
+
+
+def expand_row(compact: list[float], counts: tuple[int, int]) -> list[float]:
+    """The ``tensor_sums`` row (layout in :mod:`signalprop._stats`) of a host copy of a :func:`compact_sums` row."""
+    sumsq, zeros, maxv, negmin = compact[:4]
+    chan = compact[4:]
+    s = math.fsum(chan) if all(math.isfinite(x) for x in chan) else sum(chan)
+    n, zero_n = counts
+    return [float(n), float(n), s, sumsq, zeros, float(zero_n), 0.0, s, maxv, negmin, *chan]
+
+
 def with_full_check(row: list[float], check: float, numel: float) -> list[float]:
     """A host copy of a prefix row from :func:`sample_sums` with the whole tensor's CHECK and NUMEL put in."""
     out = list(row)
@@ -77,17 +126,18 @@ def with_full_check(row: list[float], check: float, numel: float) -> list[float]
     return out
 
 
-def standardized_histogram(x: torch.Tensor, row: torch.Tensor, bins: int) -> torch.Tensor:
+def standardized_histogram(x: torch.Tensor, bins: int) -> torch.Tensor:
     """Counts of ``x`` in ``bins`` equal bins of ``[mean - 6 std, mean + 6 std]`` (in std units), on device.
 
-    ``mean`` and ``std`` come from ``row`` (device tensors, no synchronization); values outside the range go
-    to the end bins (so do infinities), nan is left out. The edges in the data's units are ``mean + std * z`` for the
-    bin edges ``z``, known on the host once the row arrives (:func:`histogram_edges`).
+    ``mean`` and ``std`` are ``x``'s own (population std, float64, on the device: no synchronization); values
+    outside the range go to the end bins (so do infinities), nan is left out. The edges in the data's units
+    are ``mean + std * z`` for the bin edges ``z``, known on the host once the step's rows arrive
+    (:func:`histogram_edges`).
     """
     x = x.reshape(-1).to(torch.float64)
-    n = row[N].clamp_min(1.0)
-    mean = row[SUM] / n
-    std = (row[SUMSQ] / n - mean * mean).clamp_min(0.0).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+    n = max(x.numel(), 1)
+    mean = x.sum() / n
+    std = (torch.dot(x, x) / n - mean * mean).clamp_min(0.0).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
     z = ((x - mean) / std).clamp(-HIST_HALF_WIDTH, HIST_HALF_WIDTH)
     z = torch.nan_to_num(z, nan=2 * HIST_HALF_WIDTH)  # out of range: histc leaves it out
     return torch.histc(z, bins=bins, min=-HIST_HALF_WIDTH, max=HIST_HALF_WIDTH).to(torch.float64)

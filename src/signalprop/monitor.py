@@ -11,10 +11,16 @@ about 1e-3 for a healthy SGD run). It is built to stay on in real training runs:
   takes the moments from a **fixed-size sample**, the leading samples of the batch holding at least
   ``sample`` elements (16384 by default), accumulated in float64, and reads the whole tensor once, for a
   single sum that proves every element finite (:mod:`signalprop._monitor_sums`). ``sample=None`` gives exact
-  statistics over every element at the higher cost.
+  statistics over every element at the higher cost. Each tensor costs ten small device operations on its
+  prefix (float64 copy, dot, channel sum, aminmax, zero compare and count, two casts, one stack and one cat
+  into a compact row; the standalone ``tensor_sums`` row took about twenty) plus the full sum; the element
+  counts travel as one block per step.
 - **No per-layer host synchronization**: the hooks leave rows of sums on the device; ``step()`` concatenates
   them with the parameter norms into one tensor and moves it to the host in one transfer (``sync_every``
-  recorded steps may share one transfer, at the price of warnings arriving that many steps later).
+  recorded steps may share one transfer, at the price of warnings arriving that many steps later). A step
+  with nothing to warn about (every number finite, every sampled absmax far below its dtype's limit) and no
+  ``on_record`` or ``tensorboard`` waiting keeps its numbers as one host tensor; its :class:`Record` is built
+  when ``history`` is read, which keeps the Python work of building it out of the training step.
 - **At once**: the first step and layer whose values are not finite are named in a
   :class:`NonFiniteWarning` from the ``step()`` call that transferred them (``on_nonfinite="raise"`` raises
   instead, to stop the run), and a layer whose absmax comes within 8x of its dtype's largest value gets an
@@ -59,7 +65,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._errors import SignalpropError
-from ._monitor_sums import histogram_edges, sample_sums, standardized_histogram, with_full_check
+from ._monitor_sums import (
+    COMPACT_MAX,
+    compact_sums,
+    expand_row,
+    histogram_edges,
+    standardized_histogram,
+    with_full_check,
+)
 from ._recorder import PassOptions, Recorder, first_float_tensor, is_weight_layer
 from ._stats import CHECK, MAX_POSITIONS, NONFINITE, NUMEL, SUM, SUMSQ, stats_from_sums
 from .measure import ModuleFilter, select_modules
@@ -69,6 +82,9 @@ if TYPE_CHECKING:
     from .diagnose import Finding
 
 __all__ = ["Event", "Monitor", "NonFiniteWarning", "OverflowRiskWarning", "ParamStats", "Record"]
+
+_OVERFLOW_MARGIN = 8.0
+"""diagnose's default ``overflow_margin`` (signalprop._rulekit): absmax within 8x of the dtype's largest value."""
 
 DEFAULT_SAMPLE = 16384
 """Elements per tensor the statistics are taken from by default (DESIGN.md: 1.08x per step, std within 10%)."""
@@ -121,7 +137,7 @@ class Event:
 class _Call:
     """One module call of a recorded step: its place, and its rows of sums on the device."""
 
-    __slots__ = ("bwd", "bwd_check", "bwd_hist", "channel_dim", "dtype", "fwd", "fwd_check", "fwd_hist", "index",
+    __slots__ = ("bwd", "bwd_check", "bwd_counts", "bwd_hist", "channel_dim", "fwd_counts", "dtype", "fwd", "fwd_check", "fwd_hist", "index",
                  "kind", "name", "shape", "weight_layer")
 
     def __init__(self, name: str, kind: str, weight_layer: bool, index: int) -> None:
@@ -134,6 +150,8 @@ class _Call:
         self.fwd_hist: torch.Tensor | None = None
         self.bwd_hist: torch.Tensor | None = None
         self.fwd_check: torch.Tensor | None = None
+        self.fwd_counts: tuple[int, int] | None = None
+        self.bwd_counts: tuple[int, int] | None = None
         self.bwd_check: torch.Tensor | None = None
         self.shape: tuple[int, ...] = ()
         self.dtype = ""
@@ -151,6 +169,7 @@ class _Pending:
     n_layer: int
     payload: torch.Tensor
     meta: dict[str, Any]
+    max_index: list[int]
 
 
 class Monitor:
@@ -243,6 +262,7 @@ class Monitor:
         self._selected = select_modules(model, modules)
         self._history: list[Record] = []
         self._pending: list[_Pending] = []
+        self._unbuilt: list[tuple[_Pending, torch.Tensor]] = []
         self._handles: list[RemovableHandle] = []
         self._step = 0
         self._active = False
@@ -312,6 +332,7 @@ class Monitor:
     def history(self) -> list[Record]:
         """One :class:`Record` per recorded step, oldest first (moves pending numbers to the host first)."""
         self._flush()
+        self._build()
         return list(self._history)
 
     def step(self) -> None:
@@ -383,9 +404,9 @@ class Monitor:
             call.shape = tuple(out.shape)
             call.dtype = str(out.dtype).replace("torch.", "")
             call.channel_dim = self._shapes._channel_dim(mod, out)
-            call.fwd, head, call.fwd_check = sample_sums(out, call.channel_dim, self.sample)
+            call.fwd, head, call.fwd_check, call.fwd_counts = compact_sums(out, call.channel_dim, self.sample)
             if self.histograms:
-                call.fwd_hist = standardized_histogram(head, call.fwd, self.bins)
+                call.fwd_hist = standardized_histogram(head, self.bins)
             if out.requires_grad:
                 out.register_hook(self._grad_hook(call))
 
@@ -395,9 +416,9 @@ class Monitor:
         def hook(grad: torch.Tensor) -> None:
             if call.bwd is not None or not self._recording:
                 return
-            call.bwd, head, call.bwd_check = sample_sums(grad, call.channel_dim, self.sample)
+            call.bwd, head, call.bwd_check, call.bwd_counts = compact_sums(grad, call.channel_dim, self.sample)
             if self.histograms:
-                call.bwd_hist = standardized_histogram(head, call.bwd, self.bins)
+                call.bwd_hist = standardized_histogram(head, self.bins)
             self._bwd_order.append(call.index)
 
         return hook
@@ -416,7 +437,13 @@ class Monitor:
                 slots[(c.index, key)] = slice(pos, pos + row.numel())
                 parts.append(row)
                 pos += row.numel()
-        max_index = [s.start + p for s in slots.values() for p in MAX_POSITIONS]
+        max_index = [
+            slots[(c.index, key)].start + p
+            for c in calls
+            for key in ("fwd", "bwd")
+            if (c.index, key) in slots
+            for p in (MAX_POSITIONS if getattr(c, key + "_counts") is None else COMPACT_MAX)
+        ]
         for c in calls:
             for key in ("fwd_hist", "bwd_hist"):
                 h = getattr(c, key)
@@ -424,6 +451,17 @@ class Monitor:
                     slots[(c.index, key)] = slice(pos, pos + h.numel())
                     parts.append(h)
                     pos += h.numel()
+        # element counts of compact rows: one block (summed across ranks with the rows), one op for all calls
+        counts: list[float] = []
+        for c in calls:
+            for key in ("fwd", "bwd"):
+                cnt = getattr(c, key + "_counts")
+                if cnt is not None and (c.index, key) in slots:
+                    slots[(c.index, key + "_counts")] = slice(pos + len(counts), pos + len(counts) + 2)
+                    counts.extend(float(x) for x in cnt)
+        if counts:
+            parts.append(torch.tensor(counts, dtype=torch.float64, device=parts[0].device))
+            pos += len(counts)
         # full-tensor sums and element counts of sampled tensors: two short blocks, two ops for all calls
         checks: list[torch.Tensor] = []
         numels: list[float] = []
@@ -460,7 +498,7 @@ class Monitor:
         }
         names = {c.index: c.name for c in calls}
         order = [names[i] for i in self._bwd_order if i in names]
-        self._pending.append(_Pending(self._step, calls, order, slots, pos, payload, meta))
+        self._pending.append(_Pending(self._step, calls, order, slots, pos, payload, meta, max_index))
         self._calls, self._bwd_order, self._open = [], [], {}
 
     def _param_vector(self, dev: torch.device) -> torch.Tensor:
@@ -492,10 +530,41 @@ class Monitor:
         error: str | None = None
         for p in pending:
             n = p.payload.numel()
-            error = self._ingest(p, host[pos : pos + n].tolist()) or error
+            part = host[pos : pos + n]
             pos += n
+            if self._quiet(p, part):
+                self._unbuilt.append((p, part))  # nothing to warn about: build the Record when it is read
+                continue
+            self._build()
+            error = self._ingest(p, part.tolist()) or error
         if error is not None:
             raise SignalpropError(error)
+
+    def _quiet(self, p: _Pending, part: torch.Tensor) -> bool:
+        """True when a step's host numbers can hold nothing to warn about and nobody waits for its Record.
+
+        Every layer number and every parameter and gradient norm finite means no non-finite event; the
+        largest sampled absmax below the smallest overflow limit (diagnose's ``overflow_margin``, 8x) of the
+        step's dtypes means no overflow_risk event. Building the Record (Python objects for every call) then
+        waits until ``history`` is read, which keeps it out of the training step."""
+        if self.on_record is not None or self.tensorboard is not None:
+            return False
+        checked = part[: p.n_layer + 2 * len(self._param_list)]  # layer rows, parameter norms, grad norms
+        if not bool(torch.isfinite(checked).all()):
+            return False
+        if not p.max_index:
+            return True
+        try:
+            limit = min(float(torch.finfo(getattr(torch, c.dtype)).max) for c in p.calls) / _OVERFLOW_MARGIN
+        except (AttributeError, TypeError, ValueError):
+            return False
+        return float(part[p.max_index].max()) < limit
+
+    def _build(self) -> None:
+        """Build the Records of quiet steps (oldest first), so that history keeps step order."""
+        unbuilt, self._unbuilt = self._unbuilt, []
+        for p, part in unbuilt:
+            self._ingest(p, part.tolist())
 
     def _ingest(self, p: _Pending, vals: list[float]) -> str | None:
         """Build the Record of one pending step, keep it, warn; return the error text for on_nonfinite='raise'."""
@@ -530,11 +599,16 @@ class Monitor:
             self.on_record(record)
         return error
 
-    def _stats(self, vals: list[float], slots: dict[tuple[int, str], slice], index: int, key: str) -> Stats | None:
+    def _stats(
+        self, vals: list[float], slots: dict[tuple[int, str], slice], index: int, key: str
+    ) -> Stats | None:
         s = slots.get((index, key))
         if s is None:
             return None
         row = vals[s]
+        nz = slots.get((index, key + "_counts"))  # a compact row: its (moment, zero-sample) counts, rank-summed
+        if nz is not None:
+            row = expand_row(row, (int(vals[nz.start]), int(vals[nz.start + 1])))
         chk, cnt = slots.get((index, key + "_check")), slots.get((index, key + "_numel"))
         if chk is not None and cnt is not None:
             row = with_full_check(row, vals[chk.start], vals[cnt.start])
