@@ -11,6 +11,7 @@ import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .._errors import SignalpropError
@@ -432,3 +433,19 @@ def _with_gaps(rows: list[Row], keep: list[int], max_rows: int | None) -> list[R
         else:
             out.append(rows[i])
     return out
+
+
+def check_figure_path(path: str | Path) -> Path:
+    """The path a figure is written to: ``.png`` added when there is no suffix; an unknown format is an error."""
+    if not isinstance(path, str | Path):
+        raise SignalpropError(f"path must be a str or pathlib.Path, got {type(path).__name__}")
+    p = Path(path)
+    if not p.suffix:
+        p = p.with_suffix(".png")
+    supported = {"png", "pdf", "svg", "jpg", "jpeg", "webp", "eps", "ps", "tif", "tiff"}
+    if p.suffix.lstrip(".").lower() not in supported:
+        raise SignalpropError(
+            f"cannot write a figure as {p.suffix!r} ({p}); use one of "
+            f"{', '.join('.' + s for s in sorted(supported))}"
+        )
+    return p

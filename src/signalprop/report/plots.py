@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import SignalpropError
 from ..trace import LayerStats, Trace
 from ._common import as_view, check_layers_choice, select_layers, short_name, std_band, union_names
+from ._common import check_figure_path as _check_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -499,19 +500,6 @@ def _spread(items: list[LayerStats], k: int) -> list[LayerStats]:
     return [items[i] for i in idx]
 
 
-def _check_path(path: str | Path) -> Path:
-    if not isinstance(path, str | Path):
-        raise SignalpropError(f"path must be a str or pathlib.Path, got {type(path).__name__}")
-    p = Path(path)
-    if not p.suffix:
-        p = p.with_suffix(".png")
-    supported = {"png", "pdf", "svg", "jpg", "jpeg", "webp", "eps", "ps", "tif", "tiff"}
-    if p.suffix.lstrip(".").lower() not in supported:
-        raise SignalpropError(
-            f"cannot write a figure as {p.suffix!r} ({p}); use one of "
-            f"{', '.join('.' + s for s in sorted(supported))}"
-        )
-    return p
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._errors import SignalpropError
+from ._common import check_figure_path as _check_path
 from ._common import check_layers_choice, select_layers, short_name, union_names
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["heatmap_data", "plot_history"]
 
 _BAD_COLOR = "magenta"
-_FORMATS = {"png", "pdf", "svg", "jpg", "jpeg", "webp"}
 
 
 def _log10(x: float) -> float:
@@ -174,14 +174,3 @@ def _heatmap(fig: Figure, ax: Axes, names: list[str], steps: list[int], grid: li
     ax.set_xticklabels([str(steps[i]) for i in ticks], fontsize=8)
 
 
-def _check_path(path: str | Path) -> Path:
-    if not isinstance(path, str | Path):
-        raise SignalpropError(f"path must be a str or pathlib.Path, got {type(path).__name__}")
-    p = Path(path)
-    if not p.suffix:
-        p = p.with_suffix(".png")
-    if p.suffix.lstrip(".").lower() not in _FORMATS:
-        raise SignalpropError(
-            f"cannot write a figure as {p.suffix!r} ({p}); use one of {', '.join('.' + s for s in sorted(_FORMATS))}"
-        )
-    return p
