@@ -1,7 +1,8 @@
 """Reducing measure's packed statistics across torch.distributed ranks (issue 6, part 3).
 
-Every entry of the packed vector is a sum over elements except the extremes, so one all_reduce with SUM
-and one with MAX (on the extremes only) give every rank the statistics of the whole, sharded batch. With
+Every entry of the packed vector is a sum over elements except the extremes, so one all_gather followed by
+a local sum (a max on the extremes) gives every rank the statistics of the whole, sharded batch; measure and
+Monitor both use it. With
 the gloo backend the vector goes to the host first (gloo reduces CPU tensors); that is the one transfer
 measure makes anyway.
 """
@@ -14,13 +15,13 @@ from ._errors import SignalpropError
 
 
 def world_size(distributed: bool | None) -> int:
-    """How many ranks measure reduces over: 1 unless a process group is initialized (and not opted out)."""
+    """How many ranks measure and Monitor reduce over: 1 unless a process group is initialized (and not opted out)."""
     if distributed is False:
         return 1
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
+        return int(dist.get_world_size())
     if distributed:
         raise SignalpropError(
             "distributed=True but no torch.distributed process group is initialized; call "
@@ -30,17 +31,21 @@ def world_size(distributed: bool | None) -> int:
 
 
 def reduce_rows(vec: torch.Tensor, max_index: list[int], group_size: int) -> torch.Tensor:
-    """All-reduce across ranks: SUM for every entry, then MAX for the extremes (two collectives)."""
+    """Combine every rank's packed vector with ONE collective: all_gather, then a sum over ranks (a max at
+    ``max_index``, the extremes). With gloo the result stays on the host, where the caller brings it anyway."""
     if group_size <= 1 or vec.numel() == 0:
         return vec
     import torch.distributed as dist
 
     if dist.get_backend() == "gloo" and vec.device.type != "cpu":
         vec = vec.cpu()
-    idx = torch.tensor(max_index, dtype=torch.long, device=vec.device)
-    extremes = vec.index_select(0, idx) if max_index else None
-    dist.all_reduce(vec, op=dist.ReduceOp.SUM)
-    if extremes is not None:
-        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-        vec.index_copy_(0, idx, extremes)
-    return vec
+    vec = vec.contiguous()
+    out = torch.empty(group_size * vec.numel(), dtype=vec.dtype, device=vec.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.12
+    gather(out, vec)
+    parts = out.view(group_size, vec.numel())
+    red = parts.sum(0)
+    if max_index:
+        idx = torch.tensor(max_index, dtype=torch.long, device=vec.device)
+        red[idx] = parts[:, idx].amax(0)
+    return red

@@ -213,15 +213,7 @@ def tensor_sums(
 
     flat = x.reshape(-1)
     sumsq = torch.dot(flat, flat)
-    if channel_dim is None:
-        chan = flat.sum().reshape(1)
-    elif channel_dim == x.dim() - 1:
-        chan = x.reshape(-1, x.shape[-1]).sum(0)
-    else:
-        lead = 1
-        for s in x.shape[:channel_dim]:
-            lead *= s
-        chan = x.reshape(lead, x.shape[channel_dim], -1).sum((0, 2))
+    chan = _channel_sums(x, flat, channel_dim)
     total = chan.sum()
     lo, hi = torch.aminmax(flat)
 
@@ -352,6 +344,18 @@ def histogram_from_counts(counts: torch.Tensor | Sequence[float], lo: float, hi:
     return Histogram(edges=edges, counts=tuple(int(round(c)) for c in vals))
 
 
+def _channel_sums(x: torch.Tensor, flat: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
+    """The sum of each channel of ``x`` (one sum, as a 1-element tensor, when ``channel_dim`` is None)."""
+    if channel_dim is None:
+        return flat.sum().reshape(1)
+    if channel_dim == x.dim() - 1:
+        return x.reshape(-1, x.shape[-1]).sum(0)
+    lead = 1
+    for s in x.shape[:channel_dim]:
+        lead *= s
+    return x.reshape(lead, x.shape[channel_dim], -1).sum((0, 2))
+
+
 def _fast_parts(
     t: torch.Tensor, channel_dim: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -363,15 +367,7 @@ def _fast_parts(
         t = t.contiguous()
     flat = t.view(-1)
     sumsq = torch.dot(flat, flat)
-    if channel_dim is None:
-        chan = flat.sum().reshape(1)
-    elif channel_dim == t.dim() - 1:
-        chan = t.view(-1, t.shape[-1]).sum(0)
-    else:
-        lead = 1
-        for s in t.shape[:channel_dim]:
-            lead *= s
-        chan = t.view(lead, t.shape[channel_dim], -1).sum((0, 2))
+    chan = _channel_sums(t, flat, channel_dim)
     lo, hi = torch.aminmax(flat)
     zsrc = _zero_sample(flat, _zero_stride(max(1, flat.numel() // max(1, t.shape[0]))))
     zeros = (zsrc == 0).sum()

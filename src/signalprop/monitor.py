@@ -64,6 +64,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ._distributed import reduce_rows, world_size
 from ._errors import SignalpropError
 from ._monitor_sums import (
     COMPACT_MAX,
@@ -289,7 +290,7 @@ class Monitor:
         """Attach the hooks (what ``with`` does on entry); the step counter continues from earlier runs."""
         if self._active:
             raise SignalpropError("this Monitor is already running; enter it once (with sp.Monitor(model) as mon:)")
-        self._world = _world_size(self.distributed)
+        self._world = world_size(self.distributed)
         self._param_list = _unique_params(self.model) if self.params else []
         try:
             for name, m in self._selected:
@@ -485,7 +486,7 @@ class Monitor:
         dev = _device_of(parts, self._param_list)
         layer_vec = torch.cat([p.to(dev) for p in parts]) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
         if self._world > 1:
-            layer_vec = _gather_reduce(layer_vec, max_index, self._world)
+            layer_vec = reduce_rows(layer_vec, max_index, self._world)
         payload = torch.cat([layer_vec.to(dev), self._param_vector(dev)])
         for c in calls:  # the numbers live on in payload; drop the references
             c.fwd = c.bwd = c.fwd_hist = c.bwd_hist = c.fwd_check = c.bwd_check = None
@@ -697,40 +698,6 @@ def _autocast_dtype(dev: torch.device) -> str | None:
     if torch.is_autocast_enabled(dev.type):
         return str(torch.get_autocast_dtype(dev.type)).replace("torch.", "")
     return None
-
-
-def _world_size(distributed: bool | None) -> int:
-    if distributed is False:
-        return 1
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_world_size())
-    if distributed:
-        raise SignalpropError(
-            "distributed=True but no torch.distributed process group is initialized; call "
-            "torch.distributed.init_process_group first, or leave distributed=None"
-        )
-    return 1
-
-
-def _gather_reduce(vec: torch.Tensor, max_index: list[int], world: int) -> torch.Tensor:
-    """Combine the rows of every rank with ONE collective: all_gather, then sum (max at ``max_index``)."""
-    import torch.distributed as dist
-
-    dev = vec.device
-    if dist.get_backend() == "gloo" and dev.type != "cpu":
-        vec = vec.cpu()
-    vec = vec.contiguous()
-    out = torch.empty(world * vec.numel(), dtype=vec.dtype, device=vec.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.12
-    gather(out, vec)
-    parts = out.view(world, vec.numel())
-    red = parts.sum(0)
-    if max_index:
-        idx = torch.tensor(max_index, dtype=torch.long, device=vec.device)
-        red[idx] = parts[:, idx].amax(0)
-    return red.to(dev)
 
 
 def _first_nonfinite(record: Record, bwd_order: list[str]) -> tuple[str, str] | None:
