@@ -33,6 +33,7 @@ bench: setup
 	$(PY) bench/measure_overhead.py
 	$(PY) bench/lsuv.py
 	$(PY) bench/monitor.py
+	$(PY) bench/monitor.py --steady-allocator
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache signalprop-demo

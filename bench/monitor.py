@@ -5,13 +5,26 @@ entropy; 43 module calls a step, so 86 tensors (outputs and output gradients) to
 monitored steps of two identical models run in adjacent pairs (see :func:`paired`) and the median of the per-pair ratios is printed
 for each Monitor setting. The goal (issue 6): at most 1.10x on CPU with ``every=1``.
 
-    python bench/monitor.py [--pairs 20] [--threads 2] [--exact]
+The same run also times a *floor*: hooks on the same module calls that do only what exact non-finite
+detection cannot avoid, one sum over every element of every output and output gradient, and one host
+transfer per step (no statistics, no parameter norms). The Monitor's ratio against the floor's says how
+close it gets to that limit.
+
+Allocator: with glibc's default settings a freed 4 MB activation is often handed back to the kernel and
+the next one page-faults anew, which makes the plain step itself slower and its time noisier (here 190-290
+ms instead of 160-170 ms). ``--steady-allocator`` re-runs the benchmark with glibc told to keep freed memory
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``), the setting under which a
+ratio is least flattered by a slow baseline; the README gives both.
+
+    python bench/monitor.py [--pairs 20] [--threads 2] [--exact] [--steady-allocator]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -39,6 +52,35 @@ def make_loop(seed: int = 0) -> tuple[nn.Module, Callable[[], None]]:
     return model, step
 
 
+class Floor:
+    """The least a per-layer non-finite watcher must do: one full sum per tensor, one transfer per step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.sums: list[torch.Tensor] = []
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.history: list[torch.Tensor] = []
+
+    def __enter__(self) -> Floor:
+        for m in self.model.modules():
+            if not list(m.children()):
+                self.handles.append(m.register_forward_hook(self._hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, mod: nn.Module, args: object, out: torch.Tensor) -> None:
+        self.sums.append(out.detach().sum())
+        if out.requires_grad:
+            out.register_hook(lambda g: self.sums.append(g.sum()) and None)
+
+    def step(self) -> None:
+        self.history.append(torch.stack(self.sums).cpu())
+        self.sums = []
+
+
 def timed(step: Callable[[], None], after: Callable[[], None] | None = None) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of one step. CPU time is the steadier of the two on a shared machine."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -48,7 +90,7 @@ def timed(step: Callable[[], None], after: Callable[[], None] | None = None) -> 
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def paired(plain: Callable[[], None], monitored: Callable[[], None], mon: Monitor, pairs: int) -> list[tuple[float, float]]:
+def paired(plain: Callable[[], None], monitored: Callable[[], None], mon: Monitor | Floor, pairs: int) -> list[tuple[float, float]]:
     """Per pair: (monitored / plain) wall and CPU ratios of two adjacent steps, the order alternating, so that
     load on the machine, which drifts over seconds, hits both sides of each ratio alike.
 
@@ -73,7 +115,15 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--exact", action="store_true", help="also time sample=None (exact statistics)")
+    ap.add_argument("--steady-allocator", action="store_true",
+                    help="re-run with glibc keeping freed memory (no page faults from returned activations)")
     args = ap.parse_args()
+    if args.steady_allocator and os.environ.get("MALLOC_TRIM_THRESHOLD_") is None:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 32), MALLOC_TRIM_THRESHOLD_=str(1 << 36),
+                   MALLOC_TOP_PAD_=str(1 << 30))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads these at start-up only
+    if args.steady_allocator:
+        print("steady allocator: MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_ set")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
 
@@ -85,6 +135,9 @@ def main() -> None:
     _, plain = make_loop()
     model, monitored = make_loop()
     results = {}
+    with Floor(model) as floor:
+        paired(plain, monitored, floor, 2)
+        results["floor: one full sum per tensor"] = paired(plain, monitored, floor, args.pairs)
     for name, kw in settings.items():
         with Monitor(model, **kw) as mon:  # type: ignore[arg-type]
             paired(plain, monitored, mon, 2)  # warm-up: allocator, kernels, the first record
@@ -98,7 +151,7 @@ def main() -> None:
     for name, r in results.items():
         w = sorted(x[0] for x in r)
         c = sorted(x[1] for x in r)
-        print(f"  Monitor({name:<28}) median over {args.pairs} step pairs: wall ratio {statistics.median(w):.3f}x "
+        print(f"  {'Monitor(' + name + ')' if not name.startswith('floor') else name:<38} median over {args.pairs} step pairs: wall ratio {statistics.median(w):.3f}x "
               f"(quartiles {w[len(w) // 4]:.3f}-{w[3 * len(w) // 4]:.3f}), CPU ratio {statistics.median(c):.3f}x "
               f"(quartiles {c[len(c) // 4]:.3f}-{c[3 * len(c) // 4]:.3f})")
 

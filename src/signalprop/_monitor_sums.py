@@ -4,7 +4,11 @@ The reductions are :mod:`signalprop._stats`' (``_fast_parts``, the fast path of 
 of code for the statistics and their row layout); :func:`compact_sums` packs them into a short compact row
 with one stack and one cat, and :func:`expand_row` rebuilds the ``tensor_sums`` row on the host (about half
 the device operations of a standalone ``tensor_sums`` row, whose counts and constants each cost a small
-operation). What this module adds is where the numbers come from:
+operation). The Monitor's usual path batches the samples of many tensors instead
+(:mod:`signalprop._monitor_batch`, the same row layout); this per-tensor path serves exact statistics
+(``sample=None``), histograms and samples too large to batch. It also holds the non-finite check
+(:func:`full_sum`) and which modules may reuse their input's check (:func:`finite_preserving`). What this
+module adds is where the numbers come from:
 
 - **a fixed-size sample**: the moments, extremes, zeros and channel sums come from the smallest number of
   leading samples (along dim 0) that hold at least ``sample`` elements. A contiguous prefix reads only its
@@ -31,6 +35,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from ._stats import CHECK, NUMEL, _fast_parts, tensor_sums
 
@@ -71,7 +76,32 @@ def sample_sums(
     row = tensor_sums(head, channel_dim=channel_dim)
     if rows == t.shape[0]:
         return row, head, None
-    return row, head, t.sum(dtype=torch.float32 if t.dtype in _LOW_PRECISION else t.dtype)
+    return row, head, full_sum(t)
+
+
+def full_sum(t: torch.Tensor) -> torch.Tensor:
+    """The non-finite check of a whole tensor: its sum (0-d, on its device), float32 accumulation for float32
+    and half types. One read of every element; finite unless an element is inf/nan or the sum passes 3.4e38."""
+    return t.sum(dtype=torch.float32 if t.dtype in _LOW_PRECISION else t.dtype)
+
+
+_FINITE_PRESERVING: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.ELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh,
+    nn.Hardsigmoid, nn.Softsign, nn.Identity, nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+"""Modules (these exact classes, not subclasses) whose output is finite whenever their input is: each output
+element is the input element or a function bounded by max(|x|, a constant) (ReLU, GELU, tanh, ...), or a
+maximum or rearrangement of input elements. Average pools and SELU are left out (a sum of large finite
+values, or a gain above one, can pass the float maximum)."""
+
+
+def finite_preserving(module: nn.Module) -> bool:
+    """True when ``module``'s output is finite whenever its first input is (see :data:`_FINITE_PRESERVING`);
+    LeakyReLU counts when its negative slope is at most 1 in magnitude."""
+    if type(module) is nn.LeakyReLU:
+        return abs(float(module.negative_slope)) <= 1.0
+    return type(module) in _FINITE_PRESERVING
 
 
 COMPACT_MAX = (2, 3)
@@ -79,7 +109,7 @@ COMPACT_MAX = (2, 3)
 
 
 def compact_sums(
-    t: torch.Tensor, channel_dim: int | None, sample: int | None
+    t: torch.Tensor, channel_dim: int | None, sample: int | None, *, check: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
     """Like :func:`sample_sums`, with fewer device operations: ``(row, moments_source, check, counts)``.
 
@@ -89,24 +119,25 @@ def compact_sums(
     ``counts = (moment elements, zero-sample elements)`` are host numbers, and :func:`expand_row` turns
     the host copy into a ``tensor_sums`` row (SUM is the sum of the channel sums). About half the
     operations of a standalone ``tensor_sums`` row, and one long-lived allocation per tensor. A 0-d or empty
-    tensor gets a full ``tensor_sums`` row and ``counts=None``.
+    tensor gets a full ``tensor_sums`` row and ``counts=None``. ``check=False`` skips the full sum (the
+    caller vouches for the tensor's finiteness otherwise).
     """
     t = t.detach()
     if t.dim() == 0 or t.numel() == 0:
-        row, head, check = sample_sums(t, channel_dim, sample)
-        return row, head, check, None
-    check = None
+        row, head, chk = sample_sums(t, channel_dim, sample)
+        return row, head, chk, None
+    full = None
     head = t
     if sample is not None:
         rows = leading_rows(t, sample, channel_dim)
         head = t[:rows].to(torch.float64)
-        if rows < t.shape[0]:
-            check = t.sum(dtype=torch.float32 if t.dtype in _LOW_PRECISION else t.dtype)
+        if rows < t.shape[0] and check:
+            full = full_sum(t)
     cd = None if channel_dim is None else channel_dim % head.dim()
     sumsq, lo, hi, zeros, chan, zero_n = _fast_parts(head, cd)
     f64 = torch.float64
     row = torch.cat([torch.stack([sumsq.to(f64), zeros.to(f64), hi.to(f64), -lo.to(f64)]), chan.to(f64)])
-    return row, head, check, (head.numel(), zero_n)
+    return row, head, full, (head.numel(), zero_n)
 
 
 def expand_row(compact: list[float], counts: tuple[int, int]) -> list[float]:

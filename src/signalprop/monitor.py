@@ -11,10 +11,17 @@ about 1e-3 for a healthy SGD run). It is built to stay on in real training runs:
   takes the moments from a **fixed-size sample**, the leading samples of the batch holding at least
   ``sample`` elements (16384 by default), accumulated in float64, and reads the whole tensor once, for a
   single sum that proves every element finite (:mod:`signalprop._monitor_sums`). ``sample=None`` gives exact
-  statistics over every element at the higher cost. Each tensor costs ten small device operations on its
-  prefix (float64 copy, dot, channel sum, aminmax, zero compare and count, two casts, one stack and one cat
-  into a compact row; the standalone ``tensor_sums`` row took about twenty) plus the full sum; the element
-  counts travel as one block per step.
+  statistics over every element at the higher cost. Inside a training step each small device operation
+  costs 10-25 us (dispatch and cold caches after a large convolution), so a hook does two things per tensor:
+  it copies the sample into a slot of a persistent float64 buffer shared by all tensors of that layout, and
+  takes the full sum. The buffers are reduced in six batched operations per layout when they fill and when
+  the step closes (:mod:`signalprop._monitor_batch`), with the same numbers as reducing each sample alone.
+- **One read of each activation, or none**: the output of a module that cannot turn finite values into
+  inf/nan (ReLU, GELU, tanh, sigmoid, max pooling, flatten, ...; the exact classes in
+  ``signalprop._monitor_sums._FINITE_PRESERVING``) whose input is the very tensor an earlier call of the
+  step checked, unchanged since (same object, same version counter), takes no full sum of its own: it is
+  finite exactly when that input was. If the input was not finite the output is reported as not finite too
+  (everything downstream inherits it), although a ReLU may have mapped a lone -inf to 0.
 - **No per-layer host synchronization**: the hooks leave rows of sums on the device; ``step()`` concatenates
   them with the parameter norms into one tensor and moves it to the host in one transfer (``sync_every``
   recorded steps may share one transfer, at the price of warnings arriving that many steps later). A step
@@ -55,6 +62,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -66,10 +74,13 @@ from torch.utils.hooks import RemovableHandle
 
 from ._distributed import reduce_rows, world_size
 from ._errors import SignalpropError
+from ._monitor_batch import PrefixBatch
 from ._monitor_sums import (
     COMPACT_MAX,
     compact_sums,
     expand_row,
+    finite_preserving,
+    full_sum,
     histogram_edges,
     standardized_histogram,
     with_full_check,
@@ -138,8 +149,9 @@ class Event:
 class _Call:
     """One module call of a recorded step: its place, and its rows of sums on the device."""
 
-    __slots__ = ("bwd", "bwd_check", "bwd_counts", "bwd_hist", "channel_dim", "fwd_counts", "dtype", "fwd", "fwd_check", "fwd_hist", "index",
-                 "kind", "name", "shape", "weight_layer")
+    __slots__ = ("bwd", "bwd_check", "bwd_counts", "bwd_hist", "bwd_ticket", "channel_dim", "dtype", "fwd",
+                 "fwd_check", "fwd_counts", "fwd_from", "fwd_hist", "fwd_ticket", "index", "kind", "name", "shape",
+                 "weight_layer")
 
     def __init__(self, name: str, kind: str, weight_layer: bool, index: int) -> None:
         self.name = name
@@ -154,6 +166,10 @@ class _Call:
         self.fwd_counts: tuple[int, int] | None = None
         self.bwd_counts: tuple[int, int] | None = None
         self.bwd_check: torch.Tensor | None = None
+        self.fwd_ticket: tuple[int, int] | None = None
+        self.bwd_ticket: tuple[int, int] | None = None
+        self.fwd_from: int | None = None
+        """Index of the earlier call whose full check vouches for this output (see _FINITE_PRESERVING)."""
         self.shape: tuple[int, ...] = ()
         self.dtype = ""
         self.channel_dim: int | None = None
@@ -272,9 +288,14 @@ class Monitor:
         self._bwd_order: list[int] = []
         self._counts: dict[int, int] = {}
         self._open: dict[int, list[_Call]] = {}
+        self._checked: dict[int, tuple[weakref.ref[torch.Tensor], int, int]] = {}
+        """id(output) -> (weak reference, version, call index whose full check covers it), this step."""
+        self._batch = self._new_batch()
         self._shapes = Recorder([], PassOptions(), False)  # measure's channel-dimension rule, shared
         self._param_list: list[tuple[str, nn.Parameter]] = []
         self._snapshot: list[torch.Tensor] | None = None
+        self._last_norms: torch.Tensor | None = None
+        self._snapshot_norms: torch.Tensor | None = None
         self._nonfinite_seen = False
         self._overflow_seen: set[str] = set()
         self._world = 1
@@ -314,7 +335,9 @@ class Monitor:
             self._remove_hooks()
             self._active = self._recording = False
             self._calls, self._bwd_order, self._open, self._counts = [], [], {}, {}
-            self._snapshot = None
+            self._checked = {}
+            self._batch = self._new_batch()  # frees the sample buffers; a restarted Monitor allocates new ones
+            self._snapshot = self._last_norms = None
         if flush:
             self._flush()
 
@@ -370,6 +393,12 @@ class Monitor:
     def _begin_step(self) -> None:
         self._recording = self._active and self._step % self.every == 0
         self._calls, self._bwd_order, self._open, self._counts = [], [], {}, {}
+        self._checked = {}
+        if self._batch is not None:
+            self._batch.clear()
+        # the norms step() just took are those of the snapshot taken now (nothing runs in between)
+        just_closed, self._last_norms = self._last_norms, None
+        self._snapshot_norms = None
         if self._recording and self.update_ratio and self._param_list:
             with torch.no_grad():
                 params = [p.detach() for _, p in self._param_list]
@@ -377,10 +406,12 @@ class Monitor:
                     self._snapshot = [p.clone() for p in params]
                 else:
                     torch._foreach_copy_(self._snapshot, params)
+                self._snapshot_norms = just_closed
 
     def _pre_hook(self, name: str, module: nn.Module) -> Callable[..., None]:
         kind = type(module).__name__
         weight = is_weight_layer(module)
+        preserving = finite_preserving(module)
 
         def hook(mod: nn.Module, args: Any) -> None:
             if not self._recording or not torch.is_grad_enabled():
@@ -388,6 +419,10 @@ class Monitor:
             k = self._counts.get(id(mod), 0)
             self._counts[id(mod)] = k + 1
             call = _Call(name if k == 0 else f"{name}#{k}", kind, weight, len(self._calls))
+            if preserving and args and isinstance(args[0], torch.Tensor):
+                seen = self._checked.get(id(args[0]))
+                if seen is not None and seen[0]() is args[0] and seen[1] == args[0]._version:
+                    call.fwd_from = seen[2]
             self._calls.append(call)
             self._open.setdefault(id(mod), []).append(call)
 
@@ -401,13 +436,19 @@ class Monitor:
             call = stack.pop()
             out = first_float_tensor(output)
             if out is None:
+                call.fwd_from = None
                 return
             call.shape = tuple(out.shape)
             call.dtype = str(out.dtype).replace("torch.", "")
             call.channel_dim = self._shapes._channel_dim(mod, out)
-            call.fwd, head, call.fwd_check, call.fwd_counts = compact_sums(out, call.channel_dim, self.sample)
+            head = self._sums(out, call, "fwd", check=call.fwd_from is None)
             if self.histograms:
                 call.fwd_hist = standardized_histogram(head, self.bins)
+            # later finite-preserving calls that read this very tensor can reuse its check
+            root = call.fwd_from if call.fwd_from is not None else call.index
+            if call.fwd_from is not None or call.fwd_check is not None or call.fwd_counts is None \
+                    or call.fwd_counts[0] == out.numel():
+                self._checked[id(out)] = (weakref.ref(out), out._version, root)
             if out.requires_grad:
                 out.register_hook(self._grad_hook(call))
 
@@ -415,23 +456,67 @@ class Monitor:
 
     def _grad_hook(self, call: _Call) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
-            if call.bwd is not None or not self._recording:
+            if call.bwd is not None or call.bwd_ticket is not None or not self._recording:
                 return
-            call.bwd, head, call.bwd_check, call.bwd_counts = compact_sums(grad, call.channel_dim, self.sample)
+            head = self._sums(grad, call, "bwd", check=True)
             if self.histograms:
                 call.bwd_hist = standardized_histogram(head, self.bins)
             self._bwd_order.append(call.index)
 
         return hook
 
+    def _sums(self, t: torch.Tensor, call: _Call, key: str, *, check: bool) -> torch.Tensor:
+        """Queue ``t``'s sampled reductions for ``call`` (``key`` "fwd" or "bwd"); return the sample.
+
+        The sample is copied into the step's :class:`~signalprop._monitor_batch.PrefixBatch` (reduced in
+        batches at close); histograms, exact statistics (``sample=None``) and samples too large to batch
+        take the per-tensor path, :func:`~signalprop._monitor_sums.compact_sums`. ``check=False`` skips the
+        full-tensor sum (an earlier call's check vouches for this tensor)."""
+        t = t.detach()
+        cd = call.channel_dim
+        if self._batch is not None:
+            ticket = self._batch.add(t, cd)
+            if ticket is not None:
+                g, i, numel, zero_n, partial = ticket
+                if key == "fwd":
+                    call.fwd_ticket, call.fwd_counts = (g, i), (numel, zero_n)
+                    call.fwd_check = full_sum(t) if check and partial else None
+                else:
+                    call.bwd_ticket, call.bwd_counts = (g, i), (numel, zero_n)
+                    call.bwd_check = full_sum(t) if check and partial else None
+                return t  # (histograms, which need the sample itself, take the per-tensor path)
+        row, head, chk, counts = compact_sums(t, cd, self.sample, check=check)
+        setattr(call, key, row)
+        setattr(call, key + "_counts", counts)
+        setattr(call, key + "_check", chk)
+        return head
+
     # ---- closing a step ------------------------------------------------------------------------------
+    def _new_batch(self) -> PrefixBatch | None:
+        """The store for batched samples; None where every tensor takes the per-tensor path (exact
+        statistics, or histograms, which bin each sample itself)."""
+        return None if self.sample is None or self.histograms else PrefixBatch(self.sample)
+
     def _close_step(self) -> None:
-        calls = [c for c in self._calls if c.fwd is not None]
+        # the batched samples' compact rows: one (n, 4 + C) block per layout
+        blocks = self._batch.finish() if self._batch is not None else []
+        calls = [c for c in self._calls if c.fwd is not None or c.fwd_ticket is not None]
         parts: list[torch.Tensor] = []
         slots: dict[tuple[int, str], slice] = {}
         pos = 0
+        starts = []
+        for blk in blocks:
+            starts.append(pos)
+            parts.append(blk.reshape(-1))
+            pos += blk.numel()
         for c in calls:
             for key in ("fwd", "bwd"):
+                ticket = getattr(c, key + "_ticket")
+                if ticket is not None:
+                    width = blocks[ticket[0]].shape[1]
+                    start = starts[ticket[0]] + ticket[1] * width
+                    slots[(c.index, key)] = slice(start, start + width)
+                    continue
                 row = getattr(c, key)
                 if row is None:
                     continue
@@ -463,26 +548,32 @@ class Monitor:
         if counts:
             parts.append(torch.tensor(counts, dtype=torch.float64, device=parts[0].device))
             pos += len(counts)
-        # full-tensor sums and element counts of sampled tensors: two short blocks, two ops for all calls
+        # full-tensor sums of sampled tensors, then the element counts of those and of the outputs whose check
+        # an earlier call's vouches for: two short blocks, two ops for all calls
         checks: list[torch.Tensor] = []
+        numel_keys: list[tuple[int, str]] = []
         numels: list[float] = []
         for c in calls:
             for key in ("fwd", "bwd"):
                 chk = getattr(c, key + "_check")
+                cnt = getattr(c, key + "_counts")
+                size = math.prod(c.shape)
                 if chk is not None:
-                    slots[(c.index, key + "_check")] = slice(len(checks), len(checks) + 1)
+                    slots[(c.index, key + "_check")] = slice(pos + len(checks), pos + len(checks) + 1)
                     checks.append(chk)
-                    numels.append(float(math.prod(c.shape)))
+                elif not (key == "fwd" and c.fwd_from is not None and cnt is not None and cnt[0] < size):
+                    continue
+                numel_keys.append((c.index, key + "_numel"))
+                numels.append(float(size))
         if checks:
-            n = len(checks)
-            for (i, key), sl in list(slots.items()):
-                if key.endswith("_check"):  # positions in the two blocks that follow the rows
-                    slots[(i, key)] = slice(pos + sl.start, pos + sl.start + 1)
-                    slots[(i, key[:3] + "_numel")] = slice(pos + n + sl.start, pos + n + sl.start + 1)
             dev0 = checks[0].device
             parts.append(torch.stack([x.to(dev0) for x in checks]).to(torch.float64))
-            parts.append(torch.tensor(numels, dtype=torch.float64, device=dev0))
-            pos += 2 * len(checks)
+            pos += len(checks)
+        if numels:
+            for j, k in enumerate(numel_keys):
+                slots[k] = slice(pos + j, pos + j + 1)
+            parts.append(torch.tensor(numels, dtype=torch.float64, device=parts[0].device))
+            pos += len(numels)
         dev = _device_of(parts, self._param_list)
         layer_vec = torch.cat([p.to(dev) for p in parts]) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
         if self._world > 1:
@@ -490,6 +581,7 @@ class Monitor:
         payload = torch.cat([layer_vec.to(dev), self._param_vector(dev)])
         for c in calls:  # the numbers live on in payload; drop the references
             c.fwd = c.bwd = c.fwd_hist = c.bwd_hist = c.fwd_check = c.bwd_check = None
+            c.fwd_ticket = c.bwd_ticket = None
         meta = {
             "step": self._step,
             "sample": self.sample,
@@ -500,7 +592,7 @@ class Monitor:
         names = {c.index: c.name for c in calls}
         order = [names[i] for i in self._bwd_order if i in names]
         self._pending.append(_Pending(self._step, calls, order, slots, pos, payload, meta, max_index))
-        self._calls, self._bwd_order, self._open = [], [], {}
+        self._calls, self._bwd_order, self._open, self._checked = [], [], {}, {}
 
     def _param_vector(self, dev: torch.device) -> torch.Tensor:
         """[norms, grad norms (-1 without grad), update norms, previous norms] of every parameter, float64."""
@@ -508,7 +600,7 @@ class Monitor:
             return torch.zeros(0, dtype=torch.float64, device=dev)
         with torch.no_grad():
             ps = [p.detach() for _, p in self._param_list]
-            norms = _norms(ps, dev)
+            norms = self._last_norms = _norms(ps, dev)
             with_grad = [i for i, p in enumerate(ps) if self._param_list[i][1].grad is not None]
             grads = torch.full((len(ps),), -1.0, dtype=torch.float64, device=dev)  # -1: no .grad
             if with_grad:
@@ -516,7 +608,7 @@ class Monitor:
                 grads[torch.tensor(with_grad, device=dev)] = gn
             if self._snapshot is not None:
                 upd = _norms(list(torch._foreach_sub(ps, self._snapshot)), dev)
-                prev = _norms(self._snapshot, dev)
+                prev = self._snapshot_norms if self._snapshot_norms is not None else _norms(self._snapshot, dev)
             else:
                 upd = prev = torch.full((len(ps),), math.nan, dtype=torch.float64, device=dev)
         return torch.cat([norms, grads, upd, prev])
@@ -570,9 +662,12 @@ class Monitor:
     def _ingest(self, p: _Pending, vals: list[float]) -> str | None:
         """Build the Record of one pending step, keep it, warn; return the error text for on_nonfinite='raise'."""
         layers: list[LayerStats] = []
+        finite: dict[int, bool] = {}  # call index -> its output is finite (for calls whose check it vouches)
         for c in p.calls:
-            fwd = self._stats(vals, p.slots, c.index, "fwd")
+            vouch = None if c.fwd_from is None else (0.0 if finite.get(c.fwd_from, False) else math.nan)
+            fwd = self._stats(vals, p.slots, c.index, "fwd", vouch)
             assert fwd is not None
+            finite[c.index] = fwd.finite
             meta: dict[str, Any] = {"call": int(c.name.rsplit("#", 1)[1]) if "#" in c.name else 0}
             if c.channel_dim is not None:
                 meta["channel_dim"] = c.channel_dim
@@ -601,8 +696,13 @@ class Monitor:
         return error
 
     def _stats(
-        self, vals: list[float], slots: dict[tuple[int, str], slice], index: int, key: str
+        self, vals: list[float], slots: dict[tuple[int, str], slice], index: int, key: str,
+        vouch: float | None = None,
     ) -> Stats | None:
+        """The Stats of one call's output (``key`` "fwd") or output gradient ("bwd") from the host numbers.
+
+        ``vouch`` is the full-tensor check (0.0 finite, nan not) of the earlier call whose output this
+        call's finite-preserving module read; it stands in for a full sum this call did not take."""
         s = slots.get((index, key))
         if s is None:
             return None
@@ -613,6 +713,8 @@ class Monitor:
         chk, cnt = slots.get((index, key + "_check")), slots.get((index, key + "_numel"))
         if chk is not None and cnt is not None:
             row = with_full_check(row, vals[chk.start], vals[cnt.start])
+        elif cnt is not None and vouch is not None:
+            row = with_full_check(row, vouch, vals[cnt.start])
         bad_full = not math.isfinite(row[CHECK])
         bad_sample = not (math.isfinite(row[SUM]) and math.isfinite(row[SUMSQ]))
         hist = None
@@ -691,6 +793,8 @@ def _norms(ts: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
     """L2 norm of each tensor, accumulated in float64 (float32 squares overflow past 1.8e19, which a
     diverging run reaches), on ``dev``; one fused kernel per device and dtype."""
     out = torch._foreach_norm(ts, 2, dtype=torch.float64)
+    if all(n.device == dev for n in out):  # the usual case: no per-tensor .to() calls
+        return torch.stack(out)
     return torch.stack([n.to(dev, torch.float64) for n in out])
 
 

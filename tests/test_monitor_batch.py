@@ -1,0 +1,208 @@
+"""The Monitor's batched sample store and its reuse of checks: same numbers as the per-tensor path, fewer ops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import signalprop as sp
+from signalprop import monitor as monitor_mod
+from signalprop._monitor_batch import PrefixBatch
+from signalprop._monitor_sums import compact_sums, finite_preserving, leading_rows
+from signalprop.monitor import Monitor, NonFiniteWarning
+
+
+def _reference_row(t: torch.Tensor, cd: int | None, sample: int) -> list[float]:
+    row, _, _, _ = compact_sums(t, cd, sample)
+    return row.tolist()
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    shape=st.sampled_from([(6, 5, 4, 4), (40, 30), (3, 7, 12), (4, 3, 64, 64), (9, 2, 5, 3, 2)]),
+    sample=st.sampled_from([16, 200, 5000]),
+    zeros=st.booleans(),
+    group_bytes=st.sampled_from([1 << 12, 1 << 16, 8 << 20]),
+)
+def test_batched_rows_equal_the_per_tensor_rows(
+    seed: int, shape: tuple[int, ...], sample: int, zeros: bool, group_bytes: int
+) -> None:
+    """Every statistic of a batched sample equals compact_sums' to float64 rounding, whether the layout's
+    buffer is reduced once at the end or several times as it fills (small ``group_bytes``)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(shape, generator=gen) * (1 + i) for i in range(7)]
+    if zeros:
+        tensors = [t.relu() for t in tensors]
+    cd = 1 if len(shape) > 1 else None
+    batch = PrefixBatch(sample, group_bytes=group_bytes)
+    tickets = [batch.add(t, cd) for t in tensors]
+    if any(tk is None for tk in tickets):  # too large for this buffer size: the caller's per-tensor path
+        assert all(tk is None for tk in tickets)
+        assert 2 * 8 * tensors[0][: leading_rows(tensors[0], sample, cd)].numel() > group_bytes
+        return
+    blocks = batch.finish()
+    assert len(blocks) == 1
+    for t, tk in zip(tensors, tickets):
+        assert tk is not None
+        got = blocks[tk[0]][tk[1]].tolist()
+        want = _reference_row(t, cd, sample)
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+        _, _, check, counts = compact_sums(t, cd, sample)
+        assert counts is not None and (tk[2], tk[3]) == counts
+        assert tk[4] == (check is not None)  # partial sample: the caller adds the full-tensor check
+
+
+def test_layouts_get_their_own_groups_and_the_store_is_reused_across_steps() -> None:
+    batch = PrefixBatch(100)
+    a, b, a2 = torch.randn(4, 3, 8, 8), torch.randn(40, 10), torch.randn(4, 3, 8, 8)
+    t1, t2, t3 = batch.add(a, 1), batch.add(b, 1), batch.add(a2, 1)
+    assert t1 is not None and t2 is not None and t3 is not None
+    assert t1[:3] == (0, 0, 192) and t2[:3] == (1, 0, 100) and t3[:3] == (0, 1, 192)  # 1 sample; 10 rows
+    first = batch.finish()
+    assert [tuple(x.shape) for x in first] == [(2, 4 + 3), (1, 4 + 10)]
+    buffers = [g.buf.data_ptr() for g in batch._groups.values()]
+    again = batch.add(a2, 1)
+    assert again is not None and again[:2] == (0, 0)  # a fresh step starts at slot 0 of the same buffer
+    assert [g.buf.data_ptr() for g in batch._groups.values()] == buffers
+    second = batch.finish()
+    assert second[0][0].tolist() == pytest.approx(_reference_row(a2, 1, 100), rel=1e-12)
+    assert first[1][0].tolist() == pytest.approx(_reference_row(b, 1, 100), rel=1e-12)
+    assert batch.add(torch.zeros(0, 3), 1) is None and batch.add(torch.tensor(1.0), None) is None
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if not func.is_view and func.overloadpacket is not torch.ops.aten.detach:
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            self.ops.append((str(func.overloadpacket), -1 if first is None else first.numel()))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_monitored_tensor_costs_one_copy_and_one_full_read_in_the_hook() -> None:
+    """What the hooks do per sampled tensor: copy the sample into its slot, sum the whole tensor; and for
+    the output of a ReLU that reads a checked tensor, only the copy."""
+    mon = Monitor(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    call = monitor_mod._Call("x", "Conv2d", True, 0)
+    call.channel_dim = 1
+    t = torch.randn(64, 8, 16, 16)
+    mon._sums(t, call, "fwd", check=True)  # the first step allocates the layout's buffer, once
+    assert mon._batch is not None
+    mon._batch.finish()
+    with _Ops() as mode:
+        mon._sums(t, call, "fwd", check=True)
+    assert [op for op, _ in mode.ops] == ["aten.copy_", "aten.sum"], mode.ops
+    assert [op for op, n in mode.ops if n == t.numel()] == ["aten.sum"]
+    with _Ops() as mode:
+        mon._sums(t, call, "bwd", check=False)
+    assert [op for op, _ in mode.ops] == ["aten.copy_"], mode.ops
+
+
+def test_batched_and_per_tensor_monitors_record_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    def run(group_bytes: int) -> list[sp.Trace]:
+        torch.manual_seed(3)
+        model = sp.models.plain_cnn(5, 8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        gen = torch.Generator().manual_seed(1)
+        with Monitor(model, sample=256) as mon:
+            mon._batch = PrefixBatch(256, group_bytes=group_bytes)
+            for _ in range(3):
+                x = torch.randn(16, 3, 12, 12, generator=gen)
+                opt.zero_grad()
+                model(x).logsumexp(1).mean().backward()
+                opt.step()
+                mon.step()
+        return [r.trace for r in mon.history]
+
+    batched, single = run(8 << 20), run(0)  # group_bytes=0: nothing fits, every tensor on its own
+    for a, b in zip(batched, single):
+        assert a.names == b.names
+        for la, lb in zip(a, b):
+            for sa, sb in ((la.fwd, lb.fwd), (la.bwd, lb.bwd)):
+                assert sa is not None and sb is not None
+                for f in ("mean", "std", "rms", "absmax", "zero_frac", "chan_sq_mean", "chan_var"):
+                    assert getattr(sa, f) == pytest.approx(getattr(sb, f), rel=1e-9, abs=1e-12), (la.name, f)
+                assert sa.numel == sb.numel and sa.nonfinite_frac == sb.nonfinite_frac
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [(nn.ReLU(), True), (nn.ReLU(inplace=True), True), (nn.GELU(), True), (nn.MaxPool2d(2), True),
+     (nn.Flatten(), True), (nn.LeakyReLU(0.1), True), (nn.LeakyReLU(3.0), False), (nn.AvgPool2d(2), False),
+     (nn.SELU(), False), (nn.Conv2d(1, 1, 1), False), (type("MyReLU", (nn.ReLU,), {})(), False)],
+)
+def test_which_modules_reuse_their_inputs_check(module: nn.Module, expected: bool) -> None:
+    assert finite_preserving(module) is expected
+
+
+def _checked_calls(mon: Monitor, model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the calls of one recorded step whose output check an earlier call's full check vouched for."""
+    seen: list[str] = []
+    close = mon._close_step
+
+    def spy() -> None:
+        seen.extend(c.name for c in mon._calls if c.fwd_from is not None)
+        close()
+
+    mon._close_step = spy  # type: ignore[method-assign]
+    model(x).sum().backward()
+    mon.step()
+    return seen
+
+
+def test_activation_outputs_reuse_the_check_of_the_tensor_they_read() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 5), nn.Tanh())
+    with Monitor(model, sample=64) as mon:
+        names = _checked_calls(mon, model, torch.randn(16, 3, 8, 8))
+    assert names == ["1", "2", "3", "5"]
+    layers = mon.history[0].trace
+    assert all(layer.fwd.finite and layer.fwd.numel == layer.fwd.numel for layer in layers)
+    assert layers["1"].fwd.numel == 16 * 8 * 8 * 8  # the whole tensor's count, not the sample's
+
+
+class _Meddle(nn.Module):
+    """Changes the conv's output in place between its hook and the activation's: the check must not carry over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.poison = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.poison:
+            y[-1, 0, 0, 0] = math.inf
+        return self.act(y)
+
+
+def test_a_tensor_changed_in_place_after_its_check_gets_its_own() -> None:
+    model = _Meddle()
+    with Monitor(model, sample=32) as mon:
+        assert _checked_calls(mon, model, torch.randn(8, 3, 6, 6)) == ["act"]
+        model.poison = True
+        with pytest.warns(NonFiniteWarning, match=r"step 1, in act \(forward"):
+            assert _checked_calls(mon, model, torch.randn(8, 3, 6, 6)) == []
+    last = mon.history[-1].trace
+    assert last["conv"].fwd.finite and not last["act"].fwd.finite
+
+
+def test_a_nonfinite_input_is_inherited_by_the_activations_that_reuse_its_check() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
+    x = torch.randn(8, 3, 6, 6)
+    x[-1, 0, 2, 2] = math.nan  # outside the 32-element sample
+    with Monitor(model, sample=32) as mon:
+        with pytest.warns(NonFiniteWarning, match=r"step 0, in 0 \(forward"):
+            assert _checked_calls(mon, model, x) == ["1", "2"]
+    trace = mon.history[0].trace
+    assert [layer.fwd.finite for layer in trace] == [False, False, False]
