@@ -10,12 +10,27 @@ and a 30-layer plain net on ImageNet: at 22 layers both converge, He's sooner (F
 xavier net does not learn at all while He's does (Fig. 3).
 
 Here the same experiment runs on scikit-learn's bundled digits (8x8 grey images, 10 classes) in minutes:
-plain ``Conv(3x3, same) -> ReLU`` stacks of 22 and 30 layers, global average pooling and a Linear head,
-every layer initialized by the scheme under test with zero biases (Caffe's default), the same mini-batch
-order, the same SGD with momentum and the same learning rate for every run. The images are prepared as
-Caffe prepared ImageNet: 0-255 pixel scale, mean image subtracted, no division by the std
-(:func:`~signalprop.experiments._common.digits_caffe`). The training loss per step is the picture;
-ln 10 = 2.303 is the loss of a net that has learnt nothing.
+plain ``Conv(3x3, same) -> ReLU`` stacks of 22 and 30 layers (16 channels), global average pooling and a
+Linear head, every layer initialized by the scheme under test with zero biases (Caffe's default), the same
+mini-batch order, the same SGD with momentum, the same learning rate and the same gradient-norm clipping
+for every run. The images are prepared as Caffe prepared ImageNet: 0-255 pixel scale, mean image
+subtracted, no division by the std (:func:`~signalprop.experiments._common.digits_caffe`). The training
+loss per step is the picture; ln 10 = 2.303 is the loss of a net that has learnt nothing.
+
+Why 16 channels and clipping (measured here, 3000 steps, lr 0.003, seeds 0-4): at 8 channels a 22-layer
+xavier net leaves the plateau or not by chance (seeds 1-3 left it at steps 670-1780, seed 0 never, seed 4
+left it and then died back to ln 10 with every ReLU off): so narrow a net's per-layer gains and dead
+channels vary a lot from draw to draw. At 16 channels the raw-scale inputs (std 69) put He's initial
+logits in the tens (initial loss up to 75) and one 22-layer He net of four (seed 1), unclipped, was killed
+by a first step whose gradient norm was 1400, and sat at ln 10 for good. Clipping the gradient's norm at 10
+(``Config.clip``, the same for both schemes) bounds those first steps. It never touches a xavier net on
+its plateau, whose gradient norm is 0.15-0.3 (the 30-layer xavier run of seed 0 has no clipped step in
+3000); once a net learns, its gradient norm passes 10 now and then and those steps are clipped whatever
+the init (seed 0: 423 steps of the 22-layer xavier run, 478 and 661 of He's at 22 and 30 layers;
+:attr:`Result.clipped` counts them). With both, seeds 0-3
+all showed the paper's outcome: at 22 layers He below loss 2 at steps 145-409 and xavier at 372-1242,
+He first in every seed; at 30 layers every xavier net at ln 10 after 3000 steps and every He net below 2
+by step 436.
 
 Why xavier stalls, and why the input scale matters: without biases a ReLU net is positively homogeneous,
 so the xavier net computes 2^{-L/2} times what a He net with the same weight directions computes, and
@@ -23,8 +38,9 @@ while its logits are that small every weight's relative update |dw|/|w| is about
 (1e-3 at 22 layers, 6e-5 at 30), times the input's scale. All layers' scales then grow together, slowly
 at first and faster as they grow, so the plateau ends after a time that is about 16x longer at 30 layers
 than at 22. With inputs standardized to std 1 even the 22-layer xavier net did not leave ln 10 within
-3000 steps here; with Caffe's raw-scale inputs (std 69, as on ImageNet) it leaves it after about 2000
-steps, which is what the paper saw at 22 layers, while the 30-layer one stays.
+3000 steps here (width 16, lr 0.01, seed 0); with Caffe's raw-scale inputs (std 69, as on ImageNet) it
+leaves it after 370-1240 steps (seeds 0-3), which is what the paper saw at 22 layers, while the 30-layer
+one stays.
 """
 
 from __future__ import annotations
@@ -62,11 +78,13 @@ class Config:
     """Everything that decides a run. Both schemes at one depth share all of it, seed included."""
 
     depths: tuple[int, ...] = (22, 30)
-    width: int = 8
+    width: int = 16
     batch_size: int = 32
     steps: int = 3000
     lr: float = 0.003
     momentum: float = 0.9
+    clip: float | None = 10.0
+    """Largest gradient norm per step (``torch.nn.utils.clip_grad_norm_``), the same for every run; None: off."""
     window: int = 100
     """Steps averaged for the "final loss" (the last ``window`` steps) and for smoothing the curves."""
     learnt_below: float = 2.0
@@ -86,6 +104,8 @@ class Config:
             raise SignalpropError(
                 f"he2015 needs lr > 0 and 0 <= momentum < 1, got lr={self.lr!r}, momentum={self.momentum!r}"
             )
+        if self.clip is not None and not self.clip > 0:
+            raise SignalpropError(f"he2015 Config.clip must be a positive number or None, got {self.clip!r}")
         if self.window > self.steps:
             raise SignalpropError(f"he2015 Config.window ({self.window}) must not exceed steps ({self.steps})")
 
@@ -108,21 +128,25 @@ class Result(Outcome):
     """depth -> scheme -> first step whose smoothed loss is below ``config.learnt_below`` (None: never)."""
     output_std: dict[int, dict[str, float]]
     """depth -> scheme -> std of the last conv layer's output at initialization (measured)."""
+    clipped: dict[int, dict[str, int]]
+    """depth -> scheme -> steps whose gradient norm was above ``config.clip`` (and so was scaled down)."""
     seconds: float
     checks: dict[str, bool] = field(default_factory=dict)
     png: Path | None = None
     json: Path | None = None
 
     def summary(self) -> str:
-        lines = [f"he2015: Caffe xavier (Var[w]=1/fan_in) vs He (Var[w]=2/fan_in), plain ReLU CNNs on digits, "
-                 f"{self.config.steps} SGD steps, lr {self.config.lr:g} ({fmt_seconds(self.seconds)})"]
+        clip = "no clipping" if self.config.clip is None else f"grad norm clipped at {self.config.clip:g}"
+        lines = [f"he2015: Caffe xavier (Var[w]=1/fan_in) vs He (Var[w]=2/fan_in), plain ReLU CNNs of width "
+                 f"{self.config.width} on digits, {self.config.steps} SGD steps, lr {self.config.lr:g}, {clip} "
+                 f"({fmt_seconds(self.seconds)})"]
         for d in self.config.depths:
             parts = []
             for s in SCHEMES:
                 at = self.learnt_at[d][s]
                 parts.append(f"{s} final loss {self.final_loss[d][s]:.3f} "
                              f"(loss<{self.config.learnt_below:g} at step {at if at is not None else 'never'}, "
-                             f"init output std {self.output_std[d][s]:.2g})")
+                             f"init output std {self.output_std[d][s]:.2g}, {self.clipped[d][s]} steps clipped)")
             lines.append(f"  {d} layers: " + "; ".join(parts))
         lines += self.outcome_lines()
         return "\n".join(lines)
@@ -168,15 +192,20 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, cfg: Config,
-           report: Progress, label: str) -> list[float]:
+           report: Progress, label: str) -> tuple[list[float], int]:
+    """Train on the mini-batches of ``order``; return the loss at every step and the number of clipped steps."""
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     losses: list[float] = []
+    clipped = 0
     every = max(1, cfg.steps // 5)
     model.train()
     for step, idx in enumerate(order):
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            clipped += int(bool(norm > cfg.clip))
         opt.step()
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -188,7 +217,7 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torch.Tens
         if (step + 1) % every == 0 or step + 1 == cfg.steps:
             recent = losses[-min(len(losses), cfg.window):]
             report(f"{label}: step {step + 1}/{cfg.steps}, loss {sum(recent) / len(recent):.3f}")
-    return losses
+    return losses, clipped
 
 
 def _output_std(model: nn.Sequential, x: torch.Tensor) -> float:
@@ -211,8 +240,9 @@ def run(
     Parameters
     ----------
     out: folder for ``he2015.png`` and ``he2015.json`` (created); None writes nothing.
-    quick: the test-sized run (:data:`QUICK`: 30 layers only, 400 steps at lr 0.005, about 18 s of CPU);
-        otherwise :data:`FULL` (22 and 30 layers, width 8, 3000 steps at lr 0.003, about 4 min of CPU).
+    quick: the test-sized run (:data:`QUICK`: 30 layers only, 400 steps at lr 0.005, about 16 s of CPU);
+        otherwise :data:`FULL` (22 and 30 layers, width 16, 3000 steps at lr 0.003, gradient norm clipped
+        at 10, about 3-4 min of CPU).
     seed: seeds the weights (the same for both schemes at a depth) and the mini-batch order.
     progress: True prints progress lines on stderr; a callable receives them.
     config: overrides the preset that ``quick`` picks.
@@ -230,14 +260,17 @@ def run(
     order = _batches(len(x), cfg, seed)
     losses: dict[int, dict[str, list[float]]] = {}
     stds: dict[int, dict[str, float]] = {}
+    clipped: dict[int, dict[str, int]] = {}
     with flushed_denormals():
         for depth in cfg.depths:
-            losses[depth], stds[depth] = {}, {}
+            losses[depth], stds[depth], clipped[depth] = {}, {}, {}
             for scheme in SCHEMES:
                 torch.manual_seed(seed)  # nothing random should read it, but pin it anyway
                 model = build(depth, scheme, width=cfg.width, seed=seed + depth)
                 stds[depth][scheme] = _output_std(model, x)
-                losses[depth][scheme] = _train(model, x, y, order, cfg, report, f"{depth} layers, {scheme}")
+                losses[depth][scheme], clipped[depth][scheme] = _train(
+                    model, x, y, order, cfg, report, f"{depth} layers, {scheme}"
+                )
     final = {d: {s: sum(v[-cfg.window:]) / cfg.window for s, v in per.items()} for d, per in losses.items()}
     learnt: dict[int, dict[str, int | None]] = {}
     for d, per in losses.items():
@@ -245,7 +278,7 @@ def run(
         for s, v in per.items():
             below = [i for i, m in enumerate(_smooth(v, cfg.window)) if i + 1 >= cfg.window and m < cfg.learnt_below]
             learnt[d][s] = below[0] if below else None
-    result = Result(cfg, seed, losses, final, learnt, stds, report.elapsed, _checks(cfg, final, learnt))
+    result = Result(cfg, seed, losses, final, learnt, stds, clipped, report.elapsed, _checks(cfg, final, learnt))
     return write_outputs(result, folder, "he2015", _figure, _as_dict)
 
 
@@ -277,6 +310,7 @@ def _as_dict(r: Result) -> dict[str, Any]:
         "final_loss": r.final_loss,
         "learnt_at_step": r.learnt_at,
         "init_output_std": r.output_std,
+        "clipped_steps": r.clipped,
         "checks": r.checks,
         "ok": r.ok,
         "losses": r.losses,
@@ -303,6 +337,7 @@ def _figure(r: Result) -> Any:
         ax.grid(alpha=0.25)
     axes[0].set_ylabel("training loss (cross-entropy)")
     axes[0].legend(loc="lower left", fontsize=8)
-    fig.suptitle(f"He et al. 2015 on digits: same data order, SGD lr {cfg.lr:g}, momentum {cfg.momentum:g}, "
+    clip = "" if cfg.clip is None else f", grad norm clip {cfg.clip:g}"
+    fig.suptitle(f"He et al. 2015 on digits: same data order, SGD lr {cfg.lr:g}, momentum {cfg.momentum:g}{clip}, "
                  f"width {cfg.width}, batch {cfg.batch_size}", fontsize=9)
     return fig
