@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from torch.utils._python_dispatch import TorchDispatchMode
 
 settings.register_profile(
     "signalprop",
@@ -26,3 +27,24 @@ def _seed() -> None:
     random.seed(0)
     np.random.seed(0)  # noqa: NPY002 -- code under test may use the legacy global generator
     torch.manual_seed(0)
+
+
+class CountOps(TorchDispatchMode):
+    """Records (op, elements of its first tensor argument) for the aten ops that compute something (views and
+    detach left out): what the overhead tests count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if not func.is_view and func.overloadpacket is not torch.ops.aten.detach:
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            self.ops.append((str(func.overloadpacket), -1 if first is None else first.numel()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def count_ops() -> type[CountOps]:
+    """The :class:`CountOps` dispatch mode: ``with count_ops() as mode: ...; mode.ops``."""
+    return CountOps

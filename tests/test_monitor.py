@@ -368,28 +368,15 @@ def test_importing_the_monitor_stays_light() -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-class _CountOps(TorchDispatchMode):
-    """Records (op, elements of its first tensor argument) for the aten ops that compute something (views and
-    detach left out)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[tuple[str, int]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if not func.is_view and func.overloadpacket is not torch.ops.aten.detach:
-            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            self.ops.append((str(func.overloadpacket), -1 if first is None else first.numel()))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("shape", [(32, 16, 8, 8), (64, 300), (8, 20, 48)])
-def test_a_sampled_tensor_costs_few_device_ops_and_one_full_read(shape: tuple[int, ...]) -> None:
+def test_a_sampled_tensor_costs_few_device_ops_and_one_full_read(
+    shape: tuple[int, ...], count_ops: type[TorchDispatchMode]
+) -> None:
     """The per-tensor work of a recorded step, which the overhead goal rests on: float64 prefix copy, dot,
     channel sum, aminmax, zero compare and count, stack, cat (plus dtype casts that are no-ops on float64),
     and ONE op that reads every element: the sum for the non-finite check."""
     t = torch.randn(shape)
-    with _CountOps() as mode:
+    with count_ops() as mode:
         compact_sums(t, 1, 512)
     assert len(mode.ops) <= 11, mode.ops
     assert [op for op, n in mode.ops if n == t.numel()] == ["aten.sum"], mode.ops

@@ -66,7 +66,7 @@ def test_layouts_get_their_own_groups_and_the_store_is_reused_across_steps() -> 
     assert t1[:3] == (0, 0, 192) and t2[:3] == (1, 0, 100) and t3[:3] == (0, 1, 192)  # 1 sample; 10 rows
     first = batch.finish()
     assert [tuple(x.shape) for x in first] == [(2, 4 + 3), (1, 4 + 10)]
-    buffers = [g.buf.data_ptr() for g in batch._groups.values()]
+    buffers = [g.buf.data_ptr() for g in batch._groups.values()]  # 4 slots each, neither filled
     again = batch.add(a2, 1)
     assert again is not None and again[:2] == (0, 0)  # a fresh step starts at slot 0 of the same buffer
     assert [g.buf.data_ptr() for g in batch._groups.values()] == buffers
@@ -76,19 +76,9 @@ def test_layouts_get_their_own_groups_and_the_store_is_reused_across_steps() -> 
     assert batch.add(torch.zeros(0, 3), 1) is None and batch.add(torch.tensor(1.0), None) is None
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[tuple[str, int]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if not func.is_view and func.overloadpacket is not torch.ops.aten.detach:
-            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            self.ops.append((str(func.overloadpacket), -1 if first is None else first.numel()))
-        return func(*args, **(kwargs or {}))
-
-
-def test_a_monitored_tensor_costs_one_copy_and_one_full_read_in_the_hook() -> None:
+def test_a_monitored_tensor_costs_one_copy_and_one_full_read_in_the_hook(
+    count_ops: type[TorchDispatchMode],
+) -> None:
     """What the hooks do per sampled tensor: copy the sample into its slot, sum the whole tensor; and for
     the output of a ReLU that reads a checked tensor, only the copy."""
     mon = Monitor(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
@@ -98,11 +88,11 @@ def test_a_monitored_tensor_costs_one_copy_and_one_full_read_in_the_hook() -> No
     mon._sums(t, call, "fwd", check=True)  # the first step allocates the layout's buffer, once
     assert mon._batch is not None
     mon._batch.finish()
-    with _Ops() as mode:
+    with count_ops() as mode:
         mon._sums(t, call, "fwd", check=True)
     assert [op for op, _ in mode.ops] == ["aten.copy_", "aten.sum"], mode.ops
     assert [op for op, n in mode.ops if n == t.numel()] == ["aten.sum"]
-    with _Ops() as mode:
+    with count_ops() as mode:
         mon._sums(t, call, "bwd", check=False)
     assert [op for op, _ in mode.ops] == ["aten.copy_"], mode.ops
 
@@ -206,3 +196,33 @@ def test_a_nonfinite_input_is_inherited_by_the_activations_that_reuse_its_check(
             assert _checked_calls(mon, model, x) == ["1", "2"]
     trace = mon.history[0].trace
     assert [layer.fwd.finite for layer in trace] == [False, False, False]
+
+
+def test_buffers_of_shapes_that_come_and_go_are_freed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Variable shapes (sequence lengths) must not keep a buffer each forever."""
+    import signalprop._monitor_batch as mb
+
+    monkeypatch.setattr(mb, "TOTAL_BYTES", 1 << 20)
+    batch = PrefixBatch(1000)
+    for length in range(40, 80):  # one new (1, length, 64) sample layout per step
+        t = torch.randn(2, length, 64)
+        assert batch.add(t, -1) is not None
+        (block,) = batch.finish()
+        assert block.shape == (1, 4 + 64)
+        assert block[0].tolist() == pytest.approx(_reference_row(t, 2, 1000), rel=1e-12)
+        assert batch.nbytes <= (1 << 20) + 4 * 8 * 80 * 64  # past the limit only this step's buffer stays
+    assert len(batch._groups) < 40
+
+
+def test_a_buffer_grows_to_what_a_step_needs_and_then_stays() -> None:
+    batch = PrefixBatch(64)
+    ts = [torch.randn(3, 64) * (i + 1) for i in range(11)]
+    sizes = []
+    for _ in range(4):
+        tickets = [batch.add(t, 1) for t in ts]
+        (block,) = batch.finish()
+        for t, tk in zip(ts, tickets):
+            assert tk is not None
+            assert block[tk[1]].tolist() == pytest.approx(_reference_row(t, 1, 64), rel=1e-12)
+        sizes.append(len(next(iter(batch._groups.values())).slots))
+    assert sizes == [8, 16, 16, 16]  # 4 -> 8 in the first step, 8 -> 16 in the second, then it fits

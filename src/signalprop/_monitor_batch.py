@@ -15,8 +15,9 @@ whenever every element is). A float32 buffer with an exact power-of-two rescalin
 its reductions ran 20% faster, but in the training step it saved about 1 ms of 165 (within the noise) at
 the price of float32 rounding of the sums, so it was left out.
 
-Buffers are allocated once (each at most :data:`GROUP_BYTES`, reused every step), so nothing is allocated
-per tensor; a sample too large for a buffer is left to the per-tensor path.
+Buffers are reused every step, so nothing is allocated per tensor: each starts with 4 slots and doubles
+when a step fills it, up to :data:`MAX_SLOTS` samples or :data:`GROUP_BYTES`, after which a full buffer
+is reduced and refilled; a sample too large for a buffer is left to the per-tensor path.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ GROUP_BYTES = 8 << 20
 MAX_SLOTS = 64
 """At most this many samples are reduced in one batch."""
 
+TOTAL_BYTES = 64 << 20
+"""When the buffers of all layouts pass this, those a step did not use are freed after it."""
+
+MAX_PLANS = 4096
+"""Shapes whose sampling plan is remembered; past this the plans are worked out again."""
+
 _ZERO_RUN = 64  # the zero sample: the first 64 of every 64 k elements, as in signalprop._stats
 
 
@@ -47,6 +54,8 @@ class _Group:
     buf: torch.Tensor
     slots: list[torch.Tensor] = field(default_factory=list)
     """``buf[i]`` for every i, made once (indexing is a device operation of its own)."""
+    max_slots: int = 2
+    """The buffer starts with 4 slots (or fewer) and doubles, up to this many, when a step fills it."""
     used: int = 0
     blocks: list[torch.Tensor] = field(default_factory=list)
     taken: int = 0
@@ -92,6 +101,10 @@ class PrefixBatch:
             self._order.append(g)
         if g.used == len(g.slots):
             self._reduce(g)
+            if len(g.slots) < g.max_slots:  # grow for the next steps: buffers fit what a step needs
+                g.buf = torch.empty((min(2 * len(g.slots), g.max_slots), *g.shape), dtype=g.buf.dtype,
+                                    device=g.buf.device)
+                g.slots = list(g.buf.unbind(0))
         partial = rows < t.shape[0]
         g.slots[g.used].copy_(t[:rows] if partial else t)
         g.used += 1
@@ -111,9 +124,9 @@ class PrefixBatch:
         key = (shape, cd, t.device, per_sample)
         g = self._groups.get(key)
         if g is None:
-            slots = max(2, min(self.max_slots, self.group_bytes // (numel * size)))
-            buf = torch.empty((slots, *shape), dtype=torch.float64, device=t.device)
-            g = _Group(shape, cd, _zero_stride(per_sample), buf, list(buf.unbind(0)))
+            most = max(2, min(self.max_slots, self.group_bytes // (numel * size)))
+            buf = torch.empty((min(4, most), *shape), dtype=torch.float64, device=t.device)
+            g = _Group(shape, cd, _zero_stride(per_sample), buf, list(buf.unbind(0)), most)
             self._groups[key] = g
         zero_n = numel if g.zero_stride == 1 else numel // g.zero_stride
         return g, rows, numel, zero_n
@@ -125,15 +138,33 @@ class PrefixBatch:
             if g.used:
                 self._reduce(g)
             out.append(g.blocks[0] if len(g.blocks) == 1 else torch.cat(g.blocks))
-            g.blocks, g.taken, g.pos = [], 0, -1
-        self._order = []
+        self._end_step()
         return out
 
     def clear(self) -> None:
         """Forget this step's samples (the buffers stay allocated for the next step)."""
         for g in self._order:
-            g.used, g.blocks, g.taken, g.pos = 0, [], 0, -1
+            g.used = 0
+        self._end_step()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        return sum(g.buf.numel() * g.buf.element_size() for g in self._groups.values())
+
+    def _end_step(self) -> None:
+        """Reset this step's groups. Shapes that change from step to step (sequence lengths, a last short
+        batch) would each keep a buffer: past :data:`TOTAL_BYTES`, the buffers this step did not use are
+        freed, and past :data:`MAX_PLANS` shapes the plans are forgotten (both are rebuilt when needed)."""
+        used = {id(g) for g in self._order}
+        for g in self._order:
+            g.blocks, g.taken, g.pos = [], 0, -1
         self._order = []
+        if self.nbytes > TOTAL_BYTES:
+            self._groups = {k: g for k, g in self._groups.items() if id(g) in used}
+            self._plans = {k: p for k, p in self._plans.items() if p[0] is None or id(p[0]) in used}
+        if len(self._plans) > MAX_PLANS:
+            self._plans = {}
 
     def _reduce(self, g: _Group) -> None:
         g.blocks.append(reduce_block(g.buf[: g.used], g.channel_dim, g.zero_stride))
