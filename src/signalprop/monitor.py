@@ -68,6 +68,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -642,8 +643,9 @@ class Monitor:
         waits until ``history`` is read, which keeps it out of the training step."""
         if self.on_record is not None or self.tensorboard is not None:
             return False
-        checked = part[: p.n_layer + 2 * len(self._param_list)]  # layer rows, parameter norms, grad norms
-        if not bool(torch.isfinite(checked).all()):
+        host = part.numpy()  # a few thousand host numbers: numpy answers in microseconds, torch in ~0.3 ms here
+        checked = host[: p.n_layer + 2 * len(self._param_list)]  # layer rows, parameter norms, grad norms
+        if not bool(np.isfinite(checked).all()):
             return False
         if not p.max_index:
             return True
@@ -651,7 +653,7 @@ class Monitor:
             limit = min(float(torch.finfo(getattr(torch, c.dtype)).max) for c in p.calls) / _OVERFLOW_MARGIN
         except (AttributeError, TypeError, ValueError):
             return False
-        return float(part[p.max_index].max()) < limit
+        return float(host[p.max_index].max()) < limit
 
     def _build(self) -> None:
         """Build the Records of quiet steps (oldest first), so that history keeps step order."""
