@@ -51,17 +51,26 @@ class _Group:
     shape: tuple[int, ...]
     channel_dim: int | None
     zero_stride: int
-    buf: torch.Tensor
-    slots: list[torch.Tensor] = field(default_factory=list)
-    """``buf[i]`` for every i, made once (indexing is a device operation of its own)."""
-    max_slots: int = 2
+    device: torch.device
+    max_slots: int
     """The buffer starts with 4 slots (or fewer) and doubles, up to this many, when a step fills it."""
+    buf: torch.Tensor = field(init=False)
+    slots: list[torch.Tensor] = field(init=False)
+    """``buf[i]`` for every i, made once (indexing is a device operation of its own)."""
     used: int = 0
     blocks: list[torch.Tensor] = field(default_factory=list)
     taken: int = 0
     """Samples of this step already reduced into ``blocks``."""
     pos: int = -1
     """Place among this step's groups (-1: none of this step's samples yet)."""
+
+    def __post_init__(self) -> None:
+        self.allocate(min(4, self.max_slots))
+
+    def allocate(self, n: int) -> None:
+        """A fresh float64 buffer of ``n`` slots (what it held is dropped)."""
+        self.buf = torch.empty((n, *self.shape), dtype=torch.float64, device=self.device)
+        self.slots = list(self.buf.unbind(0))
 
 
 class PrefixBatch:
@@ -102,9 +111,7 @@ class PrefixBatch:
         if g.used == len(g.slots):
             self._reduce(g)
             if len(g.slots) < g.max_slots:  # grow for the next steps: buffers fit what a step needs
-                g.buf = torch.empty((min(2 * len(g.slots), g.max_slots), *g.shape), dtype=g.buf.dtype,
-                                    device=g.buf.device)
-                g.slots = list(g.buf.unbind(0))
+                g.allocate(min(2 * len(g.slots), g.max_slots))
         partial = rows < t.shape[0]
         g.slots[g.used].copy_(t[:rows] if partial else t)
         g.used += 1
@@ -116,18 +123,15 @@ class PrefixBatch:
         cd = None if channel_dim is None else channel_dim % t.dim()
         rows = leading_rows(t, self.sample, cd)
         shape = (rows, *t.shape[1:])
-        numel = t.numel() // t.shape[0] * rows
-        size = 8  # float64
-        if 2 * numel * size > self.group_bytes:
-            return None, rows, numel, 0
         per_sample = t.numel() // t.shape[0]
+        numel = per_sample * rows
+        if 2 * numel * 8 > self.group_bytes:  # float64 slots
+            return None, rows, numel, 0
         key = (shape, cd, t.device, per_sample)
         g = self._groups.get(key)
         if g is None:
-            most = max(2, min(self.max_slots, self.group_bytes // (numel * size)))
-            buf = torch.empty((min(4, most), *shape), dtype=torch.float64, device=t.device)
-            g = _Group(shape, cd, _zero_stride(per_sample), buf, list(buf.unbind(0)), most)
-            self._groups[key] = g
+            most = max(2, min(self.max_slots, self.group_bytes // (numel * 8)))
+            g = self._groups[key] = _Group(shape, cd, _zero_stride(per_sample), t.device, most)
         zero_n = numel if g.zero_stride == 1 else numel // g.zero_stride
         return g, rows, numel, zero_n
 

@@ -445,10 +445,12 @@ class Monitor:
             head = self._sums(out, call, "fwd", check=call.fwd_from is None)
             if self.histograms:
                 call.fwd_hist = standardized_histogram(head, self.bins)
+            whole = call.fwd_counts is None or call.fwd_counts[0] == out.numel()
+            if whole:
+                call.fwd_from = None  # the sample is the whole tensor: its own row is the check
             # later finite-preserving calls that read this very tensor can reuse its check
-            root = call.fwd_from if call.fwd_from is not None else call.index
-            if call.fwd_from is not None or call.fwd_check is not None or call.fwd_counts is None \
-                    or call.fwd_counts[0] == out.numel():
+            if whole or call.fwd_check is not None or call.fwd_from is not None:
+                root = call.fwd_from if call.fwd_from is not None else call.index
                 self._checked[id(out)] = (weakref.ref(out), out._version, root)
             if out.requires_grad:
                 out.register_hook(self._grad_hook(call))
@@ -479,12 +481,9 @@ class Monitor:
             ticket = self._batch.add(t, cd)
             if ticket is not None:
                 g, i, numel, zero_n, partial = ticket
-                if key == "fwd":
-                    call.fwd_ticket, call.fwd_counts = (g, i), (numel, zero_n)
-                    call.fwd_check = full_sum(t) if check and partial else None
-                else:
-                    call.bwd_ticket, call.bwd_counts = (g, i), (numel, zero_n)
-                    call.bwd_check = full_sum(t) if check and partial else None
+                setattr(call, key + "_ticket", (g, i))
+                setattr(call, key + "_counts", (numel, zero_n))
+                setattr(call, key + "_check", full_sum(t) if check and partial else None)
                 return t  # (histograms, which need the sample itself, take the per-tensor path)
         row, head, chk, counts = compact_sums(t, cd, self.sample, check=check)
         setattr(call, key, row)
@@ -557,15 +556,13 @@ class Monitor:
         for c in calls:
             for key in ("fwd", "bwd"):
                 chk = getattr(c, key + "_check")
-                cnt = getattr(c, key + "_counts")
-                size = math.prod(c.shape)
                 if chk is not None:
                     slots[(c.index, key + "_check")] = slice(pos + len(checks), pos + len(checks) + 1)
                     checks.append(chk)
-                elif not (key == "fwd" and c.fwd_from is not None and cnt is not None and cnt[0] < size):
+                elif not (key == "fwd" and c.fwd_from is not None):
                     continue
                 numel_keys.append((c.index, key + "_numel"))
-                numels.append(float(size))
+                numels.append(float(math.prod(c.shape)))
         if checks:
             dev0 = checks[0].device
             parts.append(torch.stack([x.to(dev0) for x in checks]).to(torch.float64))
