@@ -39,7 +39,10 @@ def _train(model: nn.Module, steps: int, mon: Monitor | None = None, *, lr: floa
 
 
 def _hooks(model: nn.Module) -> list[int]:
-    return [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()]
+    """Hooks on every module and on every parameter (the Monitor hooks biases too)."""
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()] + [
+        len(p._backward_hooks or {}) for p in model.parameters()
+    ]
 
 
 def test_records_every_kth_step_with_the_measure_schema() -> None:

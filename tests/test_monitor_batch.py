@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -226,3 +227,182 @@ def test_a_buffer_grows_to_what_a_step_needs_and_then_stays() -> None:
             assert block[tk[1]].tolist() == pytest.approx(_reference_row(t, 1, 64), rel=1e-12)
         sizes.append(len(next(iter(batch._groups.values())).slots))
     assert sizes == [8, 16, 16, 16]  # 4 -> 8 in the first step, 8 -> 16 in the second, then it fits
+
+
+# ---- a bias gradient checks the output gradient -------------------------------------------------------------
+class _PoisonAt(torch.autograd.Function):
+    """Identity forward; backward writes the gate's ``value`` (read then) into the gradient's last element,
+    outside any prefix sample."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, gate: _Gate) -> torch.Tensor:  # type: ignore[override]
+        ctx.gate = gate  # type: ignore[attr-defined]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        value = ctx.gate.value  # type: ignore[attr-defined]
+        if value is not None:
+            g = g.clone()
+            g.view(-1)[-1] = value
+        return g, None
+
+
+class _Gate(nn.Module):
+    """Passes its input on; while armed (``value`` not None), poisons the gradient flowing back through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: float | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _PoisonAt.apply(x, self)
+
+
+def _layer(kind: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """A biased layer and the input shape it takes (batch 16)."""
+    return {
+        "linear": (nn.Linear(12, 10), (16, 12)),
+        "linear3d": (nn.Linear(12, 10), (16, 5, 12)),
+        "conv1d": (nn.Conv1d(3, 6, 3, padding=1), (16, 3, 20)),
+        "conv2d": (nn.Conv2d(3, 6, 3, padding=1), (16, 3, 8, 8)),
+        "convT2d": (nn.ConvTranspose2d(3, 6, 3, padding=1), (16, 3, 8, 8)),
+        "bn2d": (nn.BatchNorm2d(3), (16, 3, 8, 8)),
+        "layernorm": (nn.LayerNorm(12), (16, 5, 12)),
+        "groupnorm": (nn.GroupNorm(2, 4), (16, 4, 6, 6)),
+    }[kind]
+
+
+def _bwd_check_kinds(mon: Monitor) -> dict[str, str]:
+    """How each output gradient of the pending step was checked: "bias" (its bias gradient), "full" (a sum
+    over every element) or "whole" (the sample is the whole tensor)."""
+    (p,) = mon._pending
+    out = {}
+    for c in p.calls:
+        if (c.index, "bwd") not in p.slots:
+            continue
+        if (c.index, "bwd_bias") in p.slots:
+            out[c.name] = "bias"
+        elif (c.index, "bwd_check") in p.slots:
+            out[c.name] = "full"
+        else:
+            out[c.name] = "whole"
+    return out
+
+
+def _not_the_gate(gate: nn.Module) -> Callable[[str, nn.Module], bool]:
+    return lambda name, m: m is not gate and not isinstance(m, nn.Sequential)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear3d", "conv1d", "conv2d", "convT2d", "bn2d", "layernorm",
+                                  "groupnorm"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, None])
+def test_a_biased_layer_checks_its_output_gradient_by_its_bias_gradient(kind: str, value: float | None) -> None:
+    """dL/db = sum of dL/dy over all but the channel dimension, so the bias gradient is finite exactly when the
+    output gradient is: one inf or nan outside the sample is still named, in backward order, at once."""
+    torch.manual_seed(0)
+    layer, shape = _layer(kind)
+    gate = _Gate()
+    model = nn.Sequential(layer, gate, nn.Tanh())
+    x = torch.randn(shape)
+    numel = layer(x).numel()
+    with Monitor(model, sample=32, sync_every=10, modules=_not_the_gate(gate)) as mon:
+        gate.value = value
+        model(x).sum().backward()
+        mon.step()
+        assert _bwd_check_kinds(mon) == {"0": "bias", "2": "full"}
+        if value is None:
+            history = mon.history
+        else:
+            with pytest.warns(NonFiniteWarning, match=r"step 0, in 0 \(backward"):
+                history = mon.history
+    stats = history[0].trace["0"].bwd
+    assert stats is not None and stats.finite == (value is None) and stats.numel == numel
+    assert not layer.bias._backward_hooks  # the bias hook is gone with the Monitor
+
+
+class _Twice(nn.Module):
+    """One Linear called twice, the gate between the calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(12, 12)
+        self.gate = _Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(self.gate(self.lin(x))))
+
+
+class _SharedBias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 12), nn.Linear(12, 12)
+        self.b.bias = self.a.bias
+        self.gate = _Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.b(self.gate(self.a(x))))
+
+
+class _Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 12)
+        self.gate = _Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.gate(self.a(x)))
+
+
+def _poisoned_first_layer(case: str) -> tuple[str, dict[str, str]]:
+    """Run one recorded step of ``case`` with an inf outside the sample of the first layer's output gradient;
+    return the warned-of layer and how each output gradient was checked."""
+    torch.manual_seed(0)
+    model: nn.Module = _SharedBias() if case == "shared bias" else _Twice() if case == "called twice" else _Plain()
+    x = torch.randn(16, 12)
+    if case == "float16":
+        model, x = model.half(), x.half()
+    if case == "clamping hook on the bias":  # turns the inf its gradient would carry into a finite value
+        model.a.bias.register_hook(lambda g: g.clamp(-1, 1))
+    if case == "another forward hook":
+        model.a.register_forward_hook(lambda m, a, out: None)
+    model.gate.value = math.inf
+    kwargs = {"histograms": True} if case == "histograms" else {}
+    with Monitor(model, sample=32, sync_every=10, modules=_not_the_gate(model.gate), **kwargs) as mon:
+        loss = model(x).float().sum()
+        if case == "autograd.grad":  # no parameter gradient: the bias hook never fires
+            torch.autograd.grad(loss, [model.a.weight])
+        elif case == "autograd.grad, then backward":  # two gradients reach the output; the first is recorded
+            torch.autograd.grad(loss, [model.a.weight], retain_graph=True)
+            model.gate.value = None
+            loss.backward()
+        else:
+            loss.backward()
+        mon.step()
+        kinds = _bwd_check_kinds(mon)
+        with pytest.warns(NonFiniteWarning) as warned:
+            mon.history  # noqa: B018
+    (w,) = warned
+    return str(w.message).split(" in ", 1)[1].split(" (", 1)[0], kinds
+
+
+@pytest.mark.parametrize(("case", "layer", "kinds"), [
+    ("plain", "a", {"a": "bias"}),
+    ("histograms", "a", {"a": "bias"}),
+    ("called twice", "lin", {"lin": "full", "lin#1": "full"}),
+    ("shared bias", "a", {"a": "full", "b": "full"}),
+    ("clamping hook on the bias", "a", {"a": "full"}),
+    ("another forward hook", "a", {"a": "full"}),
+    ("float16", "a", {"a": "full"}),
+    ("autograd.grad", "a", {"a": "full"}),
+    ("autograd.grad, then backward", "a", {"a": "full"}),
+])
+def test_the_bias_check_steps_aside_where_the_bias_gradient_is_not_this_gradients_sum(
+    case: str, layer: str, kinds: dict[str, str]
+) -> None:
+    """A module called twice, a shared bias, a hook that may change the bias gradient, another forward hook,
+    float16 (whose sums overflow early), a gradient whose bias gradient never comes or comes from another
+    backward pass: the output gradient takes its own full sum, and the inf is still found."""
+    got_layer, got = _poisoned_first_layer(case)
+    assert {k: v for k, v in got.items() if k in kinds} == kinds
+    assert got_layer == layer

@@ -104,6 +104,37 @@ def finite_preserving(module: nn.Module) -> bool:
     return type(module) in _FINITE_PRESERVING
 
 
+_BIAS_SUMS_GRADIENT: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+)
+"""Modules (these exact classes) whose output is ``y = f(x) + bias`` broadcast along the channel dimension,
+so that the gradient arriving at ``bias`` from one call is the output gradient summed over every other
+dimension: ``dL/db_c = sum_{n,h,w} dL/dy_{n,c,h,w}``. A sum holds inf/nan whenever an addend does (inf + -inf
+is nan), so that small gradient is finite exactly when the whole output gradient is (up to float32
+overflow of the sum, as for :func:`full_sum`)."""
+
+BIAS_CHECK_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+"""Output-gradient dtypes whose bias gradient can stand in for the full sum: float16's largest value
+(65504) is small enough for a sum of finite gradients to overflow, so float16 gradients take a full sum."""
+
+
+def checking_bias(module: nn.Module, owners: dict[int, int]) -> nn.Parameter | None:
+    """The bias of ``module`` whose incoming gradient can stand in for its output gradient's full sum (see
+    :data:`_BIAS_SUMS_GRADIENT`), or None: a plain 1-d float parameter that requires grad, is owned by this
+    module alone (``owners``: id(parameter) -> modules holding it) and has no gradient hooks of its own
+    (a hook registered before the Monitor's could change the gradient it sees, e.g. a clamp turning inf into
+    a finite value)."""
+    if type(module) not in _BIAS_SUMS_GRADIENT:
+        return None
+    bias = module._parameters.get("bias")
+    if type(bias) is not nn.Parameter or not bias.requires_grad or bias.dim() != 1 or not bias.is_floating_point():
+        return None
+    if owners.get(id(bias), 0) != 1 or bias._backward_hooks:
+        return None
+    return bias
+
+
 COMPACT_MAX = (2, 3)
 """Positions of a :func:`compact_sums` row to combine across ranks with MAX (all others: SUM)."""
 

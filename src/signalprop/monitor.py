@@ -22,6 +22,16 @@ about 1e-3 for a healthy SGD run). It is built to stay on in real training runs:
   step checked, unchanged since (same object, same version counter), takes no full sum of its own: it is
   finite exactly when that input was. If the input was not finite the output is reported as not finite too
   (everything downstream inherits it), although a ReLU may have mapped a lone -inf to 0.
+- **Output gradients checked by their bias**: the gradient reaching the bias of a Linear, ConvNd,
+  ConvTransposeNd, BatchNorm, LayerNorm or GroupNorm from one call is the output gradient summed over every
+  dimension but the channel (``dL/db_c = sum_{n,h,w} dL/dy_{n,c,h,w}``), and a sum holds inf/nan whenever an
+  addend does. So a hook on the bias (registered on entry, removed on exit) takes that small gradient as the
+  output gradient's non-finite check, in place of a read of the whole tensor (half of a CNN's backward
+  reads). It steps aside, and the output gradient takes its own full sum, when the bias gradient may not be
+  that one gradient's sum: the module called twice in the step, a bias shared with another module or with a
+  gradient hook of its own, another forward hook on the module, a float16 gradient (its sums overflow at
+  65504), or no bias gradient arriving (``torch.autograd.grad``). A bias also used outside its module can
+  only add non-finite values: the layer is then reported not finite for a gradient its bias received.
 - **No per-layer host synchronization**: the hooks leave rows of sums on the device; ``step()`` concatenates
   them with the parameter norms into one tensor and moves it to the host in one transfer (``sync_every``
   recorded steps may share one transfer, at the price of warnings arriving that many steps later). A step
@@ -71,13 +81,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 from torch.utils.hooks import RemovableHandle
 
 from ._distributed import reduce_rows, world_size
 from ._errors import SignalpropError
 from ._monitor_batch import PrefixBatch
 from ._monitor_sums import (
+    BIAS_CHECK_DTYPES,
     COMPACT_MAX,
+    checking_bias,
     compact_sums,
     expand_row,
     finite_preserving,
@@ -150,7 +163,8 @@ class Event:
 class _Call:
     """One module call of a recorded step: its place, and its rows of sums on the device."""
 
-    __slots__ = ("bwd", "bwd_check", "bwd_counts", "bwd_hist", "bwd_ticket", "channel_dim", "dtype", "fwd",
+    __slots__ = ("bwd", "bwd_bias", "bwd_check", "bwd_counts", "bwd_hist", "bwd_ticket", "bwd_wait", "channel_dim",
+                 "dtype", "fwd",
                  "fwd_check", "fwd_counts", "fwd_from", "fwd_hist", "fwd_ticket", "index", "kind", "name", "shape",
                  "weight_layer")
 
@@ -167,6 +181,10 @@ class _Call:
         self.fwd_counts: tuple[int, int] | None = None
         self.bwd_counts: tuple[int, int] | None = None
         self.bwd_check: torch.Tensor | None = None
+        self.bwd_bias: torch.Tensor | None = None
+        """The gradient that reached the module's bias from this call: its sum is the output gradient's check."""
+        self.bwd_wait: torch.Tensor | None = None
+        """The output gradient, held until the bias gradient arrives (full-summed if it never does)."""
         self.fwd_ticket: tuple[int, int] | None = None
         self.bwd_ticket: tuple[int, int] | None = None
         self.fwd_from: int | None = None
@@ -291,6 +309,10 @@ class Monitor:
         self._open: dict[int, list[_Call]] = {}
         self._checked: dict[int, tuple[weakref.ref[torch.Tensor], int, int]] = {}
         """id(output) -> (weak reference, version, call index whose full check covers it), this step."""
+        self._biases: set[int] = set()
+        """id(module) of the modules whose bias gradient checks their output gradient (hooked in start())."""
+        self._waiting: dict[int, _Call] = {}
+        """id(module) -> the call of this step whose output gradient waits for that module's bias gradient."""
         self._batch = self._new_batch()
         self._shapes = Recorder([], PassOptions(), False)  # measure's channel-dimension rule, shared
         self._param_list: list[tuple[str, nn.Parameter]] = []
@@ -314,10 +336,19 @@ class Monitor:
             raise SignalpropError("this Monitor is already running; enter it once (with sp.Monitor(model) as mon:)")
         self._world = world_size(self.distributed)
         self._param_list = _unique_params(self.model) if self.params else []
+        owners: dict[int, int] = {}
+        for m in self.model.modules():
+            for p in m._parameters.values():
+                if p is not None:
+                    owners[id(p)] = owners.get(id(p), 0) + 1
         try:
             for name, m in self._selected:
                 self._handles.append(m.register_forward_pre_hook(self._pre_hook(name, m)))
                 self._handles.append(m.register_forward_hook(self._post_hook()))
+                bias = checking_bias(m, owners)
+                if bias is not None:
+                    self._handles.append(bias.register_hook(self._bias_hook(id(m))))
+                    self._biases.add(id(m))
         except BaseException:
             self._remove_hooks()
             raise
@@ -336,7 +367,7 @@ class Monitor:
             self._remove_hooks()
             self._active = self._recording = False
             self._calls, self._bwd_order, self._open, self._counts = [], [], {}, {}
-            self._checked = {}
+            self._checked, self._waiting = {}, {}
             self._batch = self._new_batch()  # frees the sample buffers; a restarted Monitor allocates new ones
             self._snapshot = self._last_norms = None
         if flush:
@@ -346,6 +377,7 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._biases.clear()
 
     # ---- public --------------------------------------------------------------------------------------
     @property
@@ -394,7 +426,7 @@ class Monitor:
     def _begin_step(self) -> None:
         self._recording = self._active and self._step % self.every == 0
         self._calls, self._bwd_order, self._open, self._counts = [], [], {}, {}
-        self._checked = {}
+        self._checked, self._waiting = {}, {}
         if self._batch is not None:
             self._batch.clear()
         # the norms step() just took are those of the snapshot taken now (nothing runs in between)
@@ -453,20 +485,56 @@ class Monitor:
                 root = call.fwd_from if call.fwd_from is not None else call.index
                 self._checked[id(out)] = (weakref.ref(out), out._version, root)
             if out.requires_grad:
-                out.register_hook(self._grad_hook(call))
+                # the bias gradient checks this output's gradient only if nothing but the module made `out`
+                biased = id(mod) in self._biases and out is output and len(mod._forward_hooks) == 1 and not (
+                    _global_forward_hooks
+                )
+                out.register_hook(self._grad_hook(call, id(mod) if biased else None))
 
         return hook
 
-    def _grad_hook(self, call: _Call) -> Callable[[torch.Tensor], None]:
+    def _grad_hook(self, call: _Call, module: int | None) -> Callable[[torch.Tensor], None]:
+        """The hook on one call's output: queue its gradient's sums. ``module`` (the module's id) when the
+        module's bias gradient may stand in for the full sum (see :meth:`_bias_hook`)."""
+
         def hook(grad: torch.Tensor) -> None:
             if call.bwd is not None or call.bwd_ticket is not None or not self._recording:
+                if call.bwd_wait is not None:  # a second gradient for this output: the bias would sum that one
+                    self._settle(call)
                 return
-            head = self._sums(grad, call, "bwd", check=True)
+            # one call of the module so far this step: the bias gradient will be this gradient's sum alone
+            biased = module is not None and self._counts.get(module) == 1 and grad.dtype in BIAS_CHECK_DTYPES
+            head = self._sums(grad, call, "bwd", check=not biased)
+            if module is not None and biased and call.bwd_counts is not None and call.bwd_counts[0] < grad.numel():
+                call.bwd_wait = grad
+                self._waiting[module] = call
             if self.histograms:
                 call.bwd_hist = standardized_histogram(head, self.bins)
             self._bwd_order.append(call.index)
 
         return hook
+
+    def _bias_hook(self, module: int) -> Callable[[torch.Tensor], None]:
+        """The hook on a checking bias (:func:`~signalprop._monitor_sums.checking_bias`): the gradient reaching
+        it is the waiting output gradient summed over all but the channel dimension, so it is finite exactly
+        when that gradient is, and its few numbers replace one read of the whole output gradient."""
+
+        def hook(grad: torch.Tensor) -> None:
+            call = self._waiting.pop(module, None)
+            if call is not None:
+                call.bwd_bias = grad.detach()
+                call.bwd_wait = None
+
+        return hook
+
+    def _settle(self, call: _Call) -> None:
+        """Give a call still waiting for its bias gradient the full sum of its output gradient instead."""
+        assert call.bwd_wait is not None
+        call.bwd_check = full_sum(call.bwd_wait)
+        call.bwd_wait = None
+        for k, c in list(self._waiting.items()):
+            if c is call:
+                del self._waiting[k]
 
     def _sums(self, t: torch.Tensor, call: _Call, key: str, *, check: bool) -> torch.Tensor:
         """Queue ``t``'s sampled reductions for ``call`` (``key`` "fwd" or "bwd"); return the sample.
@@ -548,9 +616,14 @@ class Monitor:
         if counts:
             parts.append(torch.tensor(counts, dtype=torch.float64, device=parts[0].device))
             pos += len(counts)
-        # full-tensor sums of sampled tensors, then the element counts of those and of the outputs whose check
-        # an earlier call's vouches for: two short blocks, two ops for all calls
+        # full-tensor sums of sampled tensors, the bias gradients that stand in for output gradients' sums, then
+        # the element counts of those and of the outputs whose check an earlier call's vouches for: three short
+        # blocks, three ops for all calls
+        for c in calls:
+            if c.bwd_wait is not None:  # its bias gradient never arrived (e.g. torch.autograd.grad)
+                self._settle(c)
         checks: list[torch.Tensor] = []
+        biases: list[torch.Tensor] = []
         numel_keys: list[tuple[int, str]] = []
         numels: list[float] = []
         for c in calls:
@@ -559,6 +632,8 @@ class Monitor:
                 if chk is not None:
                     slots[(c.index, key + "_check")] = slice(pos + len(checks), pos + len(checks) + 1)
                     checks.append(chk)
+                elif key == "bwd" and c.bwd_bias is not None:
+                    biases.append(c.bwd_bias.reshape(-1))
                 elif not (key == "fwd" and c.fwd_from is not None):
                     continue
                 numel_keys.append((c.index, key + "_numel"))
@@ -567,6 +642,15 @@ class Monitor:
             dev0 = checks[0].device
             parts.append(torch.stack([x.to(dev0) for x in checks]).to(torch.float64))
             pos += len(checks)
+        if biases:
+            start = pos
+            for c in calls:
+                if c.bwd_bias is not None and (c.index, "bwd_check") not in slots:
+                    slots[(c.index, "bwd_bias")] = slice(start, start + c.bwd_bias.numel())
+                    start += c.bwd_bias.numel()
+            dev0 = biases[0].device
+            parts.append(torch.cat([b.to(dev0) for b in biases]).to(torch.float64))
+            pos = start
         if numels:
             for j, k in enumerate(numel_keys):
                 slots[k] = slice(pos + j, pos + j + 1)
@@ -578,7 +662,7 @@ class Monitor:
             layer_vec = reduce_rows(layer_vec, max_index, self._world)
         payload = torch.cat([layer_vec.to(dev), self._param_vector(dev)])
         for c in calls:  # the numbers live on in payload; drop the references
-            c.fwd = c.bwd = c.fwd_hist = c.bwd_hist = c.fwd_check = c.bwd_check = None
+            c.fwd = c.bwd = c.fwd_hist = c.bwd_hist = c.fwd_check = c.bwd_check = c.bwd_bias = None
             c.fwd_ticket = c.bwd_ticket = None
         meta = {
             "step": self._step,
@@ -590,7 +674,7 @@ class Monitor:
         names = {c.index: c.name for c in calls}
         order = [names[i] for i in self._bwd_order if i in names]
         self._pending.append(_Pending(self._step, calls, order, slots, pos, payload, meta, max_index))
-        self._calls, self._bwd_order, self._open, self._checked = [], [], {}, {}
+        self._calls, self._bwd_order, self._open, self._checked, self._waiting = [], [], {}, {}, {}
 
     def _param_vector(self, dev: torch.device) -> torch.Tensor:
         """[norms, grad norms (-1 without grad), update norms, previous norms] of every parameter, float64."""
@@ -710,8 +794,12 @@ class Monitor:
         if nz is not None:
             row = expand_row(row, (int(vals[nz.start]), int(vals[nz.start + 1])))
         chk, cnt = slots.get((index, key + "_check")), slots.get((index, key + "_numel"))
+        bias = slots.get((index, key + "_bias"))  # the bias gradient: finite exactly when the output gradient is
         if chk is not None and cnt is not None:
             row = with_full_check(row, vals[chk.start], vals[cnt.start])
+        elif bias is not None and cnt is not None:
+            row = with_full_check(row, math.fsum(vals[bias]) if all(map(math.isfinite, vals[bias])) else math.nan,
+                                  vals[cnt.start])
         elif cnt is not None and vouch is not None:
             row = with_full_check(row, vouch, vals[cnt.start])
         bad_full = not math.isfinite(row[CHECK])
