@@ -149,6 +149,31 @@ def test_sampled_std_is_within_its_standard_error_of_the_exact_one(
     assert got.nonfinite_frac == 0
 
 
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    layout=st.sampled_from([((4, 8, 32, 32), 1), ((3, 16, 16, 64), 1), ((2, 64, 128), 2), ((2, 32, 32, 8), 3)]),
+    sample=st.sampled_from([1024, 2048, 4096]),
+    scale=st.floats(1e-3, 1e3),
+)
+def test_a_sample_of_every_kth_row_of_one_sample_is_within_its_standard_error(
+    seed: int, layout: tuple[tuple[int, ...], int], sample: int, scale: float
+) -> None:
+    """One batch sample holding twice ``sample`` or more is sampled every k-th row: for i.i.d. elements the
+    same bound as a prefix, 1 / sqrt(2n) with the finite-population factor, 6 standard errors."""
+    gen = torch.Generator().manual_seed(seed)
+    shape, cd = layout
+    t = torch.randn(shape, generator=gen) * scale - 0.3 * scale
+    row, head, check = sample_sums(t, cd, sample)
+    n = head.numel()
+    assert sample <= n < 2 * sample and head.shape[cd] == shape[cd]  # every channel, about `sample` elements
+    assert check is not None
+    got = stats_from_sums(with_full_check(row.tolist(), float(check), float(t.numel())))
+    exact = t.double().std(unbiased=False).item()
+    se = math.sqrt((1 - n / t.numel()) / (2 * n))
+    assert abs(got.std / exact - 1) <= 6 * se + 1e-9
+    assert got.numel == t.numel()
+
+
 def test_sampled_std_of_a_real_network_is_within_the_error_its_samples_allow() -> None:
     """In a network, elements of one sample are correlated, so the error is judged per sample: the prefix
     holds b of the B samples, each with its own mean square m_i, and the prefix's mean square has standard

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import signalprop as sp
 from signalprop import monitor as monitor_mod
 from signalprop._monitor_batch import PrefixBatch
-from signalprop._monitor_sums import compact_sums, finite_preserving, leading_rows
+from signalprop._monitor_sums import compact_sums, finite_preserving, sample_of
 from signalprop.monitor import Monitor, NonFiniteWarning
 
 
@@ -45,7 +45,7 @@ def test_batched_rows_equal_the_per_tensor_rows(
     tickets = [batch.add(t, cd) for t in tensors]
     if any(tk is None for tk in tickets):  # too large for this buffer size: the caller's per-tensor path
         assert all(tk is None for tk in tickets)
-        assert 2 * 8 * tensors[0][: leading_rows(tensors[0], sample, cd)].numel() > group_bytes
+        assert 2 * 8 * sample_of(tensors[0], sample, cd).numel() > group_bytes
         return
     blocks = batch.finish()
     assert len(blocks) == 1
@@ -148,6 +148,43 @@ def _checked_calls(mon: Monitor, model: nn.Module, x: torch.Tensor) -> list[str]
     model(x).sum().backward()
     mon.step()
     return seen
+
+
+@pytest.mark.parametrize(("shape", "cd", "sample", "index"), [
+    ((8, 32, 32, 32), 1, 16384, (slice(0, 1), slice(None), slice(None, None, 2))),  # NCHW: every other row
+    ((8, 32, 32, 32), 1, 8192, (slice(0, 1), slice(None), slice(None, None, 4))),
+    ((8, 32, 32, 32), 1, 32768, (slice(0, 1),)),  # one image is the sample
+    ((8, 32, 32, 32), 1, 40000, (slice(0, 2),)),  # the fewest leading images
+    ((8, 32, 32, 32), 3, 16384, (slice(0, 1), slice(None, None, 2))),  # channels last: every other row
+    ((4, 64, 512), 2, 8192, (slice(0, 1), slice(None, None, 4))),  # (batch, tokens, features): every 4th token
+    ((4, 64, 512), None, 8192, (slice(0, 1), slice(None, None, 4))),
+    ((8, 4096, 2, 2), 1, 2048, (slice(0, 1),)),  # rows of 2 elements: too short to stride over
+    ((8, 32, 32, 32), 0, 16, (slice(None),)),  # channel dimension 0: every sample
+    ((64, 300), 1, 512, (slice(0, 2),)),
+])
+def test_the_sample_is_the_leading_samples_or_every_kth_row_of_one(
+    shape: tuple[int, ...], cd: int | None, sample: int, index: tuple[slice, ...]
+) -> None:
+    t = torch.randn(shape)
+    got = sample_of(t, sample, cd)
+    want = t[index]
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert got.numel() >= min(sample, t.numel())
+    if got.numel() < t[0].numel():  # strided within one sample: about `sample` elements, every channel
+        assert got.numel() < 2 * sample and (cd is None or got.shape[cd] == t.shape[cd])
+    assert got.data_ptr() == t.data_ptr()  # a view
+
+
+def test_a_strided_sample_batches_to_the_per_tensor_row_and_stays_exact_for_offset_views() -> None:
+    base = torch.randn(10, 32, 32, 32)
+    for t in (base, base[2:], base.permute(0, 2, 3, 1)):  # an offset view and a channels-last layout
+        cd = 3 if t.stride()[-1] != 1 else 1
+        batch = PrefixBatch(8192)
+        tk = batch.add(t, cd)
+        assert tk is not None and tk[2] == sample_of(t, 8192, cd).numel() == 8192
+        (block,) = batch.finish()
+        assert block[tk[1]].tolist() == pytest.approx(_reference_row(t, cd, 8192), rel=1e-12)
+        assert torch.equal(sample_of(t, 8192, cd), t[:1, :, ::4] if cd == 1 else t[:1, ::4])
 
 
 def test_activation_outputs_reuse_the_check_of_the_tensor_they_read() -> None:

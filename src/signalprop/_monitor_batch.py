@@ -5,7 +5,7 @@ each one's sample on its own (:func:`signalprop._monitor_sums.compact_sums`: a d
 ``aminmax``, a zero count, then a stack and a cat) costs some ten small device operations per tensor, and
 inside a training step, right after a large convolution, each small operation costs 10-25 us of dispatch
 and cold caches, several times its isolated cost (measured here on a 20-layer CNN step: ~120 us a tensor).
-So the hooks only *copy* each sample (the same leading-sample prefix) into a slot of a persistent buffer
+So the hooks only *copy* each sample (the same one, :func:`signalprop._monitor_sums.sample_of`) into a slot of a persistent buffer
 shared by every tensor of that layout, and the buffer is reduced in one batch of a few operations when it
 fills and when the step closes (:meth:`PrefixBatch.finish`): the per-tensor cost is one copy.
 
@@ -22,11 +22,12 @@ is reduced and refilled; a sample too large for a buffer is left to the per-tens
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ._monitor_sums import leading_rows
+from ._monitor_sums import sample_plan, sample_shape, sample_view
 from ._stats import _zero_stride
 
 GROUP_BYTES = 8 << 20
@@ -87,12 +88,13 @@ class PrefixBatch:
         self.group_bytes = group_bytes
         self.max_slots = max_slots
         self._groups: dict[tuple[object, ...], _Group] = {}
-        self._plans: dict[tuple[object, ...], tuple[_Group | None, int, int, int]] = {}
+        self._plans: dict[tuple[object, ...], tuple[_Group | None, tuple[int, int, int], int, int]] = {}
         self._order: list[_Group] = []
 
     def add(self, t: torch.Tensor, channel_dim: int | None) -> tuple[int, int, int, int, bool] | None:
-        """Copy the sample of ``t`` (the fewest leading samples holding ``sample`` elements, as
-        :func:`~signalprop._monitor_sums.leading_rows` picks) into its layout's buffer, cast to float64.
+        """Copy the sample of ``t`` (as :func:`~signalprop._monitor_sums.sample_of` cuts it: the fewest
+        leading samples holding ``sample`` elements, or the leading part of one) into its layout's buffer,
+        cast to float64.
 
         Returns ``(group, index, sample size, zero-sample size, partial)``, ``partial`` being True when the
         sample is not the whole tensor; or None when ``t`` is empty, 0-d or its sample too large to batch.
@@ -102,7 +104,7 @@ class PrefixBatch:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan(t, channel_dim)
-        g, rows, numel, zero_n = plan
+        g, cut, numel, zero_n = plan
         if g is None:
             return None
         if g.pos < 0:
@@ -112,28 +114,30 @@ class PrefixBatch:
             self._reduce(g)
             if len(g.slots) < g.max_slots:  # grow for the next steps: buffers fit what a step needs
                 g.allocate(min(2 * len(g.slots), g.max_slots))
-        partial = rows < t.shape[0]
-        g.slots[g.used].copy_(t[:rows] if partial else t)
+        partial = numel < t.numel()
+        g.slots[g.used].copy_(sample_view(t, cut))
         g.used += 1
         return g.pos, g.taken + g.used - 1, numel, zero_n, partial
 
-    def _plan(self, t: torch.Tensor, channel_dim: int | None) -> tuple[_Group | None, int, int, int]:
+    def _plan(
+        self, t: torch.Tensor, channel_dim: int | None
+    ) -> tuple[_Group | None, tuple[int, int, int], int, int]:
         if t.dim() == 0 or t.numel() == 0:
-            return None, 0, 0, 0
+            return None, (0, 0, 1), 0, 0
         cd = None if channel_dim is None else channel_dim % t.dim()
-        rows = leading_rows(t, self.sample, cd)
-        shape = (rows, *t.shape[1:])
-        per_sample = t.numel() // t.shape[0]
-        numel = per_sample * rows
+        cut = sample_plan(tuple(t.shape), self.sample, cd)
+        shape = sample_shape(tuple(t.shape), cut)
+        numel = math.prod(shape)
+        per_sample = numel // shape[0]
         if 2 * numel * 8 > self.group_bytes:  # float64 slots
-            return None, rows, numel, 0
+            return None, cut, numel, 0
         key = (shape, cd, t.device, per_sample)
         g = self._groups.get(key)
         if g is None:
             most = max(2, min(self.max_slots, self.group_bytes // (numel * 8)))
             g = self._groups[key] = _Group(shape, cd, _zero_stride(per_sample), t.device, most)
         zero_n = numel if g.zero_stride == 1 else numel // g.zero_stride
-        return g, rows, numel, zero_n
+        return g, cut, numel, zero_n
 
     def finish(self) -> list[torch.Tensor]:
         """Reduce what is queued; per group of this step (in ticket order), its rows; then reset."""

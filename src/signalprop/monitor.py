@@ -9,7 +9,8 @@ about 1e-3 for a healthy SGD run). It is built to stay on in real training runs:
 - **Where the cost goes** (DESIGN.md, "Monitor's cost"): exact statistics over every element of the 86
   tensors of a 20-layer CNN step cost 1.23-1.29x, each full-size temporary about 0.7 ms. So the Monitor
   takes the moments from a **fixed-size sample**, the leading samples of the batch holding at least
-  ``sample`` elements (16384 by default), accumulated in float64, and reads the whole tensor once, for a
+  ``sample`` elements (16384 by default; every k-th row of one sample where one alone holds twice that,
+  :func:`~signalprop._monitor_sums.sample_of`), accumulated in float64, and reads the whole tensor once, for a
   single sum that proves every element finite (:mod:`signalprop._monitor_sums`). ``sample=None`` gives exact
   statistics over every element at the higher cost. Inside a training step each small device operation
   costs 10-25 us (dispatch and cold caches after a large convolution), so a hook does two things per tensor:
@@ -219,7 +220,8 @@ class Monitor:
         Record steps ``0, every, 2 * every, ...``; hooks return at once on the other steps.
     sample:
         Elements per tensor to take the statistics from (the leading samples of the batch that hold at least
-        this many; see the module docstring); ``None`` for exact statistics over every element.
+        this many, or every k-th row of one that holds twice as many or more; see the module docstring);
+        ``None`` for exact statistics over every element.
     modules:
         Which module calls to record, as in :func:`signalprop.measure` (default: leaves and modules owning
         parameters directly).
