@@ -450,3 +450,35 @@ def test_quiet_steps_build_their_records_when_read_and_in_order() -> None:
     for a, b in zip(lazy.history, eager.history, strict=True):
         assert a.trace.names == b.trace.names
         assert [x.fwd.std for x in a.trace] == [x.fwd.std for x in b.trace]
+
+
+class _WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(6, 4)
+        self.spare = nn.Linear(6, 4)  # trainable but never called: no .grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+@pytest.mark.parametrize("spare", [True, False])
+def test_gradient_norms_are_those_of_grad_and_a_parameter_without_grad_says_so(spare: bool) -> None:
+    model = _WithUnused()
+    if not spare:
+        model.spare.requires_grad_(False)
+    with Monitor(model) as mon:
+        model(torch.randn(5, 6)).pow(2).sum().backward()
+        mon.step()
+    params = mon.history[0].params
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert name not in params
+            continue
+        ps = params[name]
+        assert ps.norm == pytest.approx(p.detach().double().norm().item(), rel=1e-12)
+        if p.grad is None:
+            assert not ps.has_grad and math.isnan(ps.grad_norm)
+        else:
+            assert ps.has_grad and ps.grad_norm == pytest.approx(p.grad.double().norm().item(), rel=1e-12)
+    assert sum(not ps.has_grad for ps in params.values()) == (2 if spare else 0)

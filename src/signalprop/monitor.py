@@ -435,8 +435,8 @@ class Monitor:
         just_closed, self._last_norms = self._last_norms, None
         self._snapshot_norms = None
         if self._recording and self.update_ratio and self._param_list:
-            with torch.no_grad():
-                params = [p.detach() for _, p in self._param_list]
+            with torch.no_grad():  # (no detach needed: nothing is recorded for autograd here)
+                params: list[torch.Tensor] = [p for _, p in self._param_list]
                 if self._snapshot is None:
                     self._snapshot = [p.clone() for p in params]
                 else:
@@ -682,14 +682,18 @@ class Monitor:
         """[norms, grad norms (-1 without grad), update norms, previous norms] of every parameter, float64."""
         if not self._param_list:
             return torch.zeros(0, dtype=torch.float64, device=dev)
-        with torch.no_grad():
-            ps = [p.detach() for _, p in self._param_list]
+        with torch.no_grad():  # (no detach needed: nothing is recorded for autograd here)
+            ps: list[torch.Tensor] = [p for _, p in self._param_list]
             norms = self._last_norms = _norms(ps, dev)
-            with_grad = [i for i, p in enumerate(ps) if self._param_list[i][1].grad is not None]
-            grads = torch.full((len(ps),), -1.0, dtype=torch.float64, device=dev)  # -1: no .grad
-            if with_grad:
-                gn = _norms([self._param_list[i][1].grad.detach() for i in with_grad], dev)  # type: ignore[union-attr]
-                grads[torch.tensor(with_grad, device=dev)] = gn
+            gs = [p.grad for p in ps]
+            if all(g is not None for g in gs):  # the usual case: one op for all, no index tensor to move
+                grads = _norms(gs, dev)  # type: ignore[arg-type]
+            else:
+                grads = torch.full((len(ps),), -1.0, dtype=torch.float64, device=dev)  # -1: no .grad
+                with_grad = [i for i, g in enumerate(gs) if g is not None]
+                if with_grad:
+                    gn = _norms([gs[i] for i in with_grad], dev)  # type: ignore[misc]
+                    grads[torch.tensor(with_grad, device=dev)] = gn
             if self._snapshot is not None:
                 upd = _norms(list(torch._foreach_sub(ps, self._snapshot)), dev)
                 prev = self._snapshot_norms if self._snapshot_norms is not None else _norms(self._snapshot, dev)
