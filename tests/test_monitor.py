@@ -282,6 +282,30 @@ def test_one_host_transfer_per_recorded_step(monkeypatch: pytest.MonkeyPatch) ->
     assert [r.step for r in mon.history] == [0, 2, 4]
 
 
+def test_a_step_makes_no_device_tensor_of_host_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Element counts are known on the host: on a GPU, `torch.tensor(numbers, device=...)` would be a
+    host-to-device copy and a stream synchronization each step, so (in one process) they wait on the host and
+    join the transferred numbers there; the numbers that come out are the same (counts = whole tensors)."""
+    model = _cnn()
+    made: list[object] = []
+    real = torch.tensor
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        made.append(kwargs.get("device"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    with Monitor(model, sample=64, sync_every=2) as mon:
+        for _ in range(3):
+            model(torch.randn(16, 3, 8, 8)).sum().backward()
+            monkeypatch.setattr(torch, "tensor", spy)
+            mon.step()
+            monkeypatch.setattr(torch, "tensor", real)
+    assert made and all(d is None for d in made), made
+    for r in mon.history:
+        for layer in r.trace:
+            assert layer.fwd.numel == math.prod(layer.shape) and layer.fwd.finite
+
+
 def test_sync_every_batches_transfers_without_changing_numbers() -> None:
     torch.manual_seed(0)
     a = _cnn()

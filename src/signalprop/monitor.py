@@ -35,7 +35,8 @@ about 1e-3 for a healthy SGD run). It is built to stay on in real training runs:
   only add non-finite values: the layer is then reported not finite for a gradient its bias received.
 - **No per-layer host synchronization**: the hooks leave rows of sums on the device; ``step()`` concatenates
   them with the parameter norms into one tensor and moves it to the host in one transfer (``sync_every``
-  recorded steps may share one transfer, at the price of warnings arriving that many steps later). A step
+  recorded steps may share one transfer, at the price of warnings arriving that many steps later), and none
+  the other way: element counts, known on the host, stay there and join the transferred numbers on arrival. A step
   with nothing to warn about (every number finite, every sampled absmax far below its dtype's limit) and no
   ``on_record`` or ``tensorboard`` waiting keeps its numbers as one host tensor; its :class:`Record` is built
   when ``history`` is read, which keeps the Python work of building it out of the training step.
@@ -207,6 +208,8 @@ class _Pending:
     payload: torch.Tensor
     meta: dict[str, Any]
     max_index: list[int]
+    tail: torch.Tensor | None = None
+    """Host numbers that follow the payload once it is on the host (element counts; see _close_step)."""
 
 
 class Monitor:
@@ -607,27 +610,23 @@ class Monitor:
                     slots[(c.index, key)] = slice(pos, pos + h.numel())
                     parts.append(h)
                     pos += h.numel()
-        # element counts of compact rows: one block (summed across ranks with the rows), one op for all calls
-        counts: list[float] = []
+        # numbers the host knows already: the element counts of compact rows, of sampled tensors and of the
+        # outputs whose check an earlier call's vouches for (placed once the device part's length is known)
+        host_keys: list[tuple[tuple[int, str], int]] = []
+        host_nums: list[float] = []
         for c in calls:
             for key in ("fwd", "bwd"):
                 cnt = getattr(c, key + "_counts")
                 if cnt is not None and (c.index, key) in slots:
-                    slots[(c.index, key + "_counts")] = slice(pos + len(counts), pos + len(counts) + 2)
-                    counts.extend(float(x) for x in cnt)
-        if counts:
-            parts.append(torch.tensor(counts, dtype=torch.float64, device=parts[0].device))
-            pos += len(counts)
-        # full-tensor sums of sampled tensors, the bias gradients that stand in for output gradients' sums, then
-        # the element counts of those and of the outputs whose check an earlier call's vouches for: three short
-        # blocks, three ops for all calls
+                    host_keys.append(((c.index, key + "_counts"), 2))
+                    host_nums.extend(float(x) for x in cnt)
+        # full-tensor sums of sampled tensors and the bias gradients that stand in for output gradients' sums:
+        # two short blocks, two ops for all calls
         for c in calls:
             if c.bwd_wait is not None:  # its bias gradient never arrived (e.g. torch.autograd.grad)
                 self._settle(c)
         checks: list[torch.Tensor] = []
         biases: list[torch.Tensor] = []
-        numel_keys: list[tuple[int, str]] = []
-        numels: list[float] = []
         for c in calls:
             for key in ("fwd", "bwd"):
                 chk = getattr(c, key + "_check")
@@ -638,8 +637,8 @@ class Monitor:
                     biases.append(c.bwd_bias.reshape(-1))
                 elif not (key == "fwd" and c.fwd_from is not None):
                     continue
-                numel_keys.append((c.index, key + "_numel"))
-                numels.append(float(math.prod(c.shape)))
+                host_keys.append(((c.index, key + "_numel"), 1))
+                host_nums.append(float(math.prod(c.shape)))
         if checks:
             dev0 = checks[0].device
             parts.append(torch.stack([x.to(dev0) for x in checks]).to(torch.float64))
@@ -653,12 +652,21 @@ class Monitor:
             dev0 = biases[0].device
             parts.append(torch.cat([b.to(dev0) for b in biases]).to(torch.float64))
             pos = start
-        if numels:
-            for j, k in enumerate(numel_keys):
-                slots[k] = slice(pos + j, pos + j + 1)
-            parts.append(torch.tensor(numels, dtype=torch.float64, device=parts[0].device))
-            pos += len(numels)
         dev = _device_of(parts, self._param_list)
+        # Alone, the host numbers wait on the host and join the transferred numbers there (after the
+        # parameter block): making a device tensor of host data would cost an operation and, on a GPU, a
+        # synchronization of its own. Across ranks they travel with the layer rows, to be summed.
+        tail: torch.Tensor | None = None
+        if self._world > 1 and host_nums:
+            parts.append(torch.tensor(host_nums, dtype=torch.float64, device=dev))
+            start = pos
+            pos += len(host_nums)
+        else:
+            start = pos + 4 * len(self._param_list)
+            tail = torch.tensor(host_nums, dtype=torch.float64) if host_nums else None
+        for k, width in host_keys:
+            slots[k] = slice(start, start + width)
+            start += width
         layer_vec = torch.cat([p.to(dev) for p in parts]) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
         if self._world > 1:
             layer_vec = reduce_rows(layer_vec, max_index, self._world)
@@ -675,7 +683,7 @@ class Monitor:
         }
         names = {c.index: c.name for c in calls}
         order = [names[i] for i in self._bwd_order if i in names]
-        self._pending.append(_Pending(self._step, calls, order, slots, pos, payload, meta, max_index))
+        self._pending.append(_Pending(self._step, calls, order, slots, pos, payload, meta, max_index, tail))
         self._calls, self._bwd_order, self._open, self._checked, self._waiting = [], [], {}, {}, {}
 
     def _param_vector(self, dev: torch.device) -> torch.Tensor:
@@ -713,6 +721,8 @@ class Monitor:
             n = p.payload.numel()
             part = host[pos : pos + n]
             pos += n
+            if p.tail is not None:
+                part = torch.cat([part, p.tail])
             if self._quiet(p, part):
                 self._unbuilt.append((p, part))  # nothing to warn about: build the Record when it is read
                 continue
