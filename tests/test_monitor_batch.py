@@ -358,44 +358,33 @@ def test_a_biased_layer_checks_its_output_gradient_by_its_bias_gradient(kind: st
     assert not layer.bias._backward_hooks  # the bias hook is gone with the Monitor
 
 
-class _Twice(nn.Module):
-    """One Linear called twice, the gate between the calls."""
+class _Gated(nn.Module):
+    """A Linear ``a`` with the gate on its output, then ``second``: nothing, ``a`` called again ("called
+    twice"), or a Linear ``b`` holding ``a``'s bias ("shared bias")."""
 
-    def __init__(self) -> None:
+    def __init__(self, second: str = "") -> None:
         super().__init__()
-        self.lin = nn.Linear(12, 12)
-        self.gate = _Gate()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.lin(self.gate(self.lin(x))))
-
-
-class _SharedBias(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(12, 12), nn.Linear(12, 12)
-        self.b.bias = self.a.bias
-        self.gate = _Gate()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.b(self.gate(self.a(x))))
-
-
-class _Plain(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
+        self.second = second
         self.a = nn.Linear(12, 12)
         self.gate = _Gate()
+        if second == "shared bias":
+            self.b = nn.Linear(12, 12)
+            self.b.bias = self.a.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.gate(self.a(x)))
+        y = self.gate(self.a(x))
+        if self.second == "called twice":
+            y = self.a(y)
+        elif self.second == "shared bias":
+            y = self.b(y)
+        return torch.tanh(y)
 
 
 def _poisoned_first_layer(case: str) -> tuple[str, dict[str, str]]:
     """Run one recorded step of ``case`` with an inf outside the sample of the first layer's output gradient;
     return the warned-of layer and how each output gradient was checked."""
     torch.manual_seed(0)
-    model: nn.Module = _SharedBias() if case == "shared bias" else _Twice() if case == "called twice" else _Plain()
+    model = _Gated(case if case in ("shared bias", "called twice") else "")
     x = torch.randn(16, 12)
     if case == "float16":
         model, x = model.half(), x.half()
@@ -426,7 +415,7 @@ def _poisoned_first_layer(case: str) -> tuple[str, dict[str, str]]:
 @pytest.mark.parametrize(("case", "layer", "kinds"), [
     ("plain", "a", {"a": "bias"}),
     ("histograms", "a", {"a": "bias"}),
-    ("called twice", "lin", {"lin": "full", "lin#1": "full"}),
+    ("called twice", "a", {"a": "full", "a#1": "full"}),
     ("shared bias", "a", {"a": "full", "b": "full"}),
     ("clamping hook on the bias", "a", {"a": "full"}),
     ("another forward hook", "a", {"a": "full"}),

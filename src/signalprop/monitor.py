@@ -504,15 +504,17 @@ class Monitor:
 
         def hook(grad: torch.Tensor) -> None:
             if call.bwd is not None or call.bwd_ticket is not None or not self._recording:
-                if call.bwd_wait is not None:  # a second gradient for this output: the bias would sum that one
-                    self._settle(call)
+                if module is not None and call.bwd_wait is not None:  # a second gradient for this output:
+                    self._settle(module)  # the bias would sum that one
                 return
             # one call of the module so far this step: the bias gradient will be this gradient's sum alone
-            biased = module is not None and self._counts.get(module) == 1 and grad.dtype in BIAS_CHECK_DTYPES
-            head = self._sums(grad, call, "bwd", check=not biased)
-            if module is not None and biased and call.bwd_counts is not None and call.bwd_counts[0] < grad.numel():
+            biased = module if module is not None and self._counts.get(module) == 1 and (
+                grad.dtype in BIAS_CHECK_DTYPES
+            ) else None
+            head = self._sums(grad, call, "bwd", check=biased is None)
+            if biased is not None and call.bwd_counts is not None and call.bwd_counts[0] < grad.numel():
                 call.bwd_wait = grad
-                self._waiting[module] = call
+                self._waiting[biased] = call
             if self.histograms:
                 call.bwd_hist = standardized_histogram(head, self.bins)
             self._bwd_order.append(call.index)
@@ -532,14 +534,13 @@ class Monitor:
 
         return hook
 
-    def _settle(self, call: _Call) -> None:
-        """Give a call still waiting for its bias gradient the full sum of its output gradient instead."""
+    def _settle(self, module: int) -> None:
+        """Give the call waiting for ``module``'s bias gradient the full sum of its output gradient instead
+        (a call holds ``bwd_wait`` exactly while it is in ``_waiting``)."""
+        call = self._waiting.pop(module)
         assert call.bwd_wait is not None
         call.bwd_check = full_sum(call.bwd_wait)
         call.bwd_wait = None
-        for k, c in list(self._waiting.items()):
-            if c is call:
-                del self._waiting[k]
 
     def _sums(self, t: torch.Tensor, call: _Call, key: str, *, check: bool) -> torch.Tensor:
         """Queue ``t``'s sampled reductions for ``call`` (``key`` "fwd" or "bwd"); return the sample.
@@ -622,11 +623,10 @@ class Monitor:
                     host_nums.extend(float(x) for x in cnt)
         # full-tensor sums of sampled tensors and the bias gradients that stand in for output gradients' sums:
         # two short blocks, two ops for all calls
-        for c in calls:
-            if c.bwd_wait is not None:  # its bias gradient never arrived (e.g. torch.autograd.grad)
-                self._settle(c)
+        for module in list(self._waiting):  # bias gradients that never arrived (e.g. torch.autograd.grad)
+            self._settle(module)
         checks: list[torch.Tensor] = []
-        biases: list[torch.Tensor] = []
+        biases: list[tuple[int, torch.Tensor]] = []
         for c in calls:
             for key in ("fwd", "bwd"):
                 chk = getattr(c, key + "_check")
@@ -634,7 +634,7 @@ class Monitor:
                     slots[(c.index, key + "_check")] = slice(pos + len(checks), pos + len(checks) + 1)
                     checks.append(chk)
                 elif key == "bwd" and c.bwd_bias is not None:
-                    biases.append(c.bwd_bias.reshape(-1))
+                    biases.append((c.index, c.bwd_bias.reshape(-1)))
                 elif not (key == "fwd" and c.fwd_from is not None):
                     continue
                 host_keys.append(((c.index, key + "_numel"), 1))
@@ -644,14 +644,11 @@ class Monitor:
             parts.append(torch.stack([x.to(dev0) for x in checks]).to(torch.float64))
             pos += len(checks)
         if biases:
-            start = pos
-            for c in calls:
-                if c.bwd_bias is not None and (c.index, "bwd_check") not in slots:
-                    slots[(c.index, "bwd_bias")] = slice(start, start + c.bwd_bias.numel())
-                    start += c.bwd_bias.numel()
-            dev0 = biases[0].device
-            parts.append(torch.cat([b.to(dev0) for b in biases]).to(torch.float64))
-            pos = start
+            dev0 = biases[0][1].device
+            for index, b in biases:
+                slots[(index, "bwd_bias")] = slice(pos, pos + b.numel())
+                pos += b.numel()
+            parts.append(torch.cat([b.to(dev0) for _, b in biases]).to(torch.float64))
         dev = _device_of(parts, self._param_list)
         # Alone, the host numbers wait on the host and join the transferred numbers there (after the
         # parameter block): making a device tensor of host data would cost an operation and, on a GPU, a
