@@ -160,6 +160,7 @@ def _checked_calls(mon: Monitor, model: nn.Module, x: torch.Tensor) -> list[str]
     ((4, 64, 512), None, 8192, (slice(0, 1), slice(None, None, 4))),
     ((8, 4096, 2, 2), 1, 2048, (slice(0, 1),)),  # rows of 2 elements: too short to stride over
     ((8, 32, 32, 32), 0, 16, (slice(None),)),  # channel dimension 0: every sample
+    ((40000,), -1, 16384, (slice(None),)),  # a 1-d tensor of channels, the dimension given from the end
     ((64, 300), 1, 512, (slice(0, 2),)),
 ])
 def test_the_sample_is_the_leading_samples_or_every_kth_row_of_one(

@@ -38,7 +38,7 @@ import math
 import torch
 from torch import nn
 
-from ._stats import CHECK, NUMEL, _fast_parts, tensor_sums
+from ._stats import CHECK, NUMEL, _fast_parts, leading_rows, tensor_sums
 
 HIST_HALF_WIDTH = 6.0
 """Histograms cover ``mean +- HIST_HALF_WIDTH * std`` of the sample."""
@@ -54,16 +54,11 @@ contiguous elements (64 bytes of float32, a cache line)."""
 def sample_plan(shape: tuple[int, ...], sample: int, channel_dim: int | None) -> tuple[int, int, int]:
     """``(rows, dim, step)``: the Monitor's sample of a tensor of ``shape`` is ``t[:rows]``, with only every
     ``step``-th index along ``dim`` when ``dim > 0`` (see :func:`sample_of`). Shape arithmetic only."""
-    if not shape or shape[0] == 0:
-        return 0, 0, 1
-    n = int(shape[0])
-    if channel_dim == 0:
-        return n, 0, 1
+    rows = leading_rows(shape, sample, channel_dim)
     per = max(1, math.prod(shape[1:]))
-    rows = min(n, -(-sample // per))
-    if rows > 1 or per < 2 * sample:
+    cd = None if channel_dim is None or not shape else channel_dim % len(shape)
+    if rows != 1 or per < 2 * sample or cd == 0:  # (channel dimension 0: every sample holds channels)
         return rows, 0, 1
-    cd = None if channel_dim is None else channel_dim % len(shape)
     dim = next((d for d in range(1, len(shape)) if d != cd and shape[d] > 1), 0)
     if dim == 0 or math.prod(shape[dim + 1 :]) < MIN_RUN:
         return rows, 0, 1

@@ -100,6 +100,19 @@ def _check_tensor(t: object) -> torch.Tensor:
     return t
 
 
+def leading_rows(shape: tuple[int, ...], sample: int, channel_dim: int | None) -> int:
+    """How many leading samples (dim 0) hold at least ``sample`` elements: all of them when the channel
+    dimension is 0 (every channel must be in the sample). Shape arithmetic only; measure's and the
+    Monitor's sampling both start from it."""
+    if not shape or shape[0] == 0:
+        return 0
+    n = int(shape[0])
+    if channel_dim is not None and channel_dim % len(shape) == 0:
+        return n
+    per = max(1, math.prod(shape[1:]))
+    return min(n, -(-sample // per))
+
+
 def _zero_stride(per_sample: int) -> int:
     """Largest power of two k <= 64 such that blocks of 64 k elements tile a sample and 1/k of it leaves
     >= ZERO_PER_SAMPLE elements.
@@ -185,11 +198,7 @@ def tensor_sums(
     if sample is not None:
         if not isinstance(sample, int) or sample < 1:
             raise SignalpropError(f"sample must be a positive number of elements or None, got {sample!r}")
-        per = max(1, numel // max(1, t.shape[0]))
-        rows = min(t.shape[0], -(-sample // per))
-        if channel_dim == 0:
-            rows = t.shape[0]
-        t = t[:rows]
+        t = t[: leading_rows(tuple(t.shape), sample, channel_dim)]
     if t.dtype in _LOW_PRECISION:
         t = t.float()
     if not t.is_contiguous():
