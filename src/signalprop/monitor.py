@@ -34,7 +34,8 @@ about 1e-3 for a healthy SGD run). It is built to stay on in real training runs:
   65504), or no bias gradient arriving (``torch.autograd.grad``). A bias also used outside its module can
   only add non-finite values: the layer is then reported not finite for a gradient its bias received.
 - **No per-layer host synchronization**: the hooks leave rows of sums on the device; ``step()`` concatenates
-  them with the parameter norms into one tensor and moves it to the host in one transfer (``sync_every``
+  them with the parameter norms (float64; those of every parameter of up to 64 K elements come from padded
+  buffers, four norms of a whole size group in one ``vector_norm``: :mod:`signalprop._monitor_params`) into one tensor and moves it to the host in one transfer (``sync_every``
   recorded steps may share one transfer, at the price of warnings arriving that many steps later), and none
   the other way: element counts, known on the host, stay there and join the transferred numbers on arrival. A step
   with nothing to warn about (every number finite, every sampled absmax far below its dtype's limit) and no
@@ -89,6 +90,7 @@ from torch.utils.hooks import RemovableHandle
 from ._distributed import reduce_rows, world_size
 from ._errors import SignalpropError
 from ._monitor_batch import PrefixBatch
+from ._monitor_params import ParamNorms
 from ._monitor_sums import (
     BIAS_CHECK_DTYPES,
     COMPACT_MAX,
@@ -208,6 +210,8 @@ class _Pending:
     payload: torch.Tensor
     meta: dict[str, Any]
     max_index: list[int]
+    param_cols: list[tuple[str, int]]
+    """Each parameter's name and column in the payload's parameter blocks (see ParamNorms.position)."""
     tail: torch.Tensor | None = None
     """Host numbers that follow the payload once it is on the host (element counts; see _close_step)."""
 
@@ -321,9 +325,8 @@ class Monitor:
         self._batch = self._new_batch()
         self._shapes = Recorder([], PassOptions(), False)  # measure's channel-dimension rule, shared
         self._param_list: list[tuple[str, nn.Parameter]] = []
-        self._snapshot: list[torch.Tensor] | None = None
-        self._last_norms: torch.Tensor | None = None
-        self._snapshot_norms: torch.Tensor | None = None
+        self._param_norms: ParamNorms | None = None
+        self._param_cols: list[tuple[str, int]] = []
         self._nonfinite_seen = False
         self._overflow_seen: set[str] = set()
         self._world = 1
@@ -341,6 +344,8 @@ class Monitor:
             raise SignalpropError("this Monitor is already running; enter it once (with sp.Monitor(model) as mon:)")
         self._world = world_size(self.distributed)
         self._param_list = _unique_params(self.model) if self.params else []
+        self._param_norms = ParamNorms([p for _, p in self._param_list], self.update_ratio)
+        self._param_cols = [(name, col) for (name, _), col in zip(self._param_list, self._param_norms.position)]
         owners: dict[int, int] = {}
         for m in self.model.modules():
             for p in m._parameters.values():
@@ -374,7 +379,7 @@ class Monitor:
             self._calls, self._bwd_order, self._open, self._counts = [], [], {}, {}
             self._checked, self._waiting = {}, {}
             self._batch = self._new_batch()  # frees the sample buffers; a restarted Monitor allocates new ones
-            self._snapshot = self._last_norms = None
+            self._param_norms = None  # frees the parameter buffers
         if flush:
             self._flush()
 
@@ -434,17 +439,8 @@ class Monitor:
         self._checked, self._waiting = {}, {}
         if self._batch is not None:
             self._batch.clear()
-        # the norms step() just took are those of the snapshot taken now (nothing runs in between)
-        just_closed, self._last_norms = self._last_norms, None
-        self._snapshot_norms = None
-        if self._recording and self.update_ratio and self._param_list:
-            with torch.no_grad():  # (no detach needed: nothing is recorded for autograd here)
-                params: list[torch.Tensor] = [p for _, p in self._param_list]
-                if self._snapshot is None:
-                    self._snapshot = [p.clone() for p in params]
-                else:
-                    torch._foreach_copy_(self._snapshot, params)
-                self._snapshot_norms = just_closed
+        if self._param_norms is not None:
+            self._param_norms.begin(self._recording)
 
     def _pre_hook(self, name: str, module: nn.Module) -> Callable[..., None]:
         kind = type(module).__name__
@@ -667,7 +663,8 @@ class Monitor:
         layer_vec = torch.cat([p.to(dev) for p in parts]) if parts else torch.zeros(0, dtype=torch.float64, device=dev)
         if self._world > 1:
             layer_vec = reduce_rows(layer_vec, max_index, self._world)
-        payload = torch.cat([layer_vec.to(dev), self._param_vector(dev)])
+        norms = self._param_norms.vector(dev) if self._param_norms is not None else layer_vec[:0]
+        payload = torch.cat([layer_vec.to(dev), norms])
         for c in calls:  # the numbers live on in payload; drop the references
             c.fwd = c.bwd = c.fwd_hist = c.bwd_hist = c.fwd_check = c.bwd_check = c.bwd_bias = None
             c.fwd_ticket = c.bwd_ticket = None
@@ -680,31 +677,8 @@ class Monitor:
         }
         names = {c.index: c.name for c in calls}
         order = [names[i] for i in self._bwd_order if i in names]
-        self._pending.append(_Pending(self._step, calls, order, slots, pos, payload, meta, max_index, tail))
+        self._pending.append(_Pending(self._step, calls, order, slots, pos, payload, meta, max_index, self._param_cols, tail))
         self._calls, self._bwd_order, self._open, self._checked, self._waiting = [], [], {}, {}, {}
-
-    def _param_vector(self, dev: torch.device) -> torch.Tensor:
-        """[norms, grad norms (-1 without grad), update norms, previous norms] of every parameter, float64."""
-        if not self._param_list:
-            return torch.zeros(0, dtype=torch.float64, device=dev)
-        with torch.no_grad():  # (no detach needed: nothing is recorded for autograd here)
-            ps: list[torch.Tensor] = [p for _, p in self._param_list]
-            norms = self._last_norms = _norms(ps, dev)
-            gs = [p.grad for p in ps]
-            if all(g is not None for g in gs):  # the usual case: one op for all, no index tensor to move
-                grads = _norms(gs, dev)  # type: ignore[arg-type]
-            else:
-                grads = torch.full((len(ps),), -1.0, dtype=torch.float64, device=dev)  # -1: no .grad
-                with_grad = [i for i, g in enumerate(gs) if g is not None]
-                if with_grad:
-                    gn = _norms([gs[i] for i in with_grad], dev)  # type: ignore[misc]
-                    grads[torch.tensor(with_grad, device=dev)] = gn
-            if self._snapshot is not None:
-                upd = _norms(list(torch._foreach_sub(ps, self._snapshot)), dev)
-                prev = self._snapshot_norms if self._snapshot_norms is not None else _norms(self._snapshot, dev)
-            else:
-                upd = prev = torch.full((len(ps),), math.nan, dtype=torch.float64, device=dev)
-        return torch.cat([norms, grads, upd, prev])
 
     # ---- on the host ---------------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -738,7 +712,7 @@ class Monitor:
         if self.on_record is not None or self.tensorboard is not None:
             return False
         host = part.numpy()  # a few thousand host numbers: numpy answers in microseconds, torch in ~0.3 ms here
-        checked = host[: p.n_layer + 2 * len(self._param_list)]  # layer rows, parameter norms, grad norms
+        checked = host[: p.n_layer + 2 * len(p.param_cols)]  # layer rows, parameter norms, grad norms
         if not bool(np.isfinite(checked).all()):
             return False
         if not p.max_index:
@@ -773,10 +747,10 @@ class Monitor:
             ))
         trace = Trace(layers, source="measured", meta=p.meta)
         params: dict[str, ParamStats] = {}
-        k = len(self._param_list)
+        k = len(p.param_cols)
         base = p.n_layer
-        for i, (name, _) in enumerate(self._param_list):
-            norm, grad, upd, prev = (vals[base + j * k + i] for j in range(4))
+        for name, col in p.param_cols:
+            norm, grad, upd, prev = (vals[base + j * k + col] for j in range(4))
             ratio = upd / prev if prev > 0 else (0.0 if upd == 0 else math.inf if math.isfinite(upd) else upd)
             has_grad = grad != -1.0
             params[name] = ParamStats(norm, grad if has_grad else math.nan, ratio, has_grad)
@@ -887,15 +861,6 @@ def _device_of(parts: list[torch.Tensor], params: list[tuple[str, nn.Parameter]]
     if params:
         return params[0][1].device
     return torch.device("cpu")
-
-
-def _norms(ts: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
-    """L2 norm of each tensor, accumulated in float64 (float32 squares overflow past 1.8e19, which a
-    diverging run reaches), on ``dev``; one fused kernel per device and dtype."""
-    out = torch._foreach_norm(ts, 2, dtype=torch.float64)
-    if all(n.device == dev for n in out):  # the usual case: no per-tensor .to() calls
-        return torch.stack(out)
-    return torch.stack([n.to(dev, torch.float64) for n in out])
 
 
 def _autocast_dtype(dev: torch.device) -> str | None:
