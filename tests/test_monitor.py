@@ -6,6 +6,7 @@ import copy
 import math
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -506,3 +507,41 @@ def test_gradient_norms_are_those_of_grad_and_a_parameter_without_grad_says_so(s
         else:
             assert ps.has_grad and ps.grad_norm == pytest.approx(p.grad.double().norm().item(), rel=1e-12)
     assert sum(not ps.has_grad for ps in params.values()) == (2 if spare else 0)
+
+
+class _Chunks(nn.Module):
+    """Returns one chunk of its input (an output of a two-output autograd node) or both."""
+
+    def __init__(self, which: int | None) -> None:
+        super().__init__()
+        self.which = which
+
+    def forward(self, x: torch.Tensor) -> Any:
+        a, b = (x * 1.0).chunk(2, dim=1)
+        return (a, b) if self.which is None else (a, b)[self.which]
+
+
+def test_output_gradients_of_multi_output_nodes_and_leaves() -> None:
+    """The gradient hook sits on the node that made an output: the second output of a chunk node gets the
+    gradient of that chunk (not of the first); an output that never reaches the loss records no gradient;
+    a module that returns a leaf (Identity on an input that requires grad) still gets its gradient."""
+    x = torch.randn(4, 6, requires_grad=True)
+    model = nn.Sequential(nn.Identity(), _Chunks(1))
+    with Monitor(model, sample=None) as mon:
+        y = model(x)
+        (y * torch.arange(3.0)).sum().backward()
+        mon.step()
+    layers = {la.name: la for la in mon.history[0].trace}
+    ident, chunk = layers["0"].bwd, layers["1"].bwd
+    assert chunk is not None and ident is not None
+    g = torch.arange(3.0).expand(4, 3)  # the gradient with respect to the second chunk
+    assert chunk.mean == pytest.approx(float(g.mean())) and chunk.std == pytest.approx(float(g.std(correction=0)))
+    full = torch.cat([torch.zeros(4, 3), g], 1)  # with respect to the Identity's output (= x)
+    assert ident.mean == pytest.approx(float(full.mean())) and ident.absmax == pytest.approx(2.0)
+    both = nn.Sequential(nn.Linear(6, 6), _Chunks(None))
+    with Monitor(both, sample=None) as mon:
+        _, b = both(x)
+        b.sum().backward()  # the first chunk, the one the Monitor records, does not reach the loss
+        mon.step()
+    layers = {la.name: la for la in mon.history[0].trace}
+    assert layers["1"].bwd is None and layers["0"].bwd is not None and layers["0"].bwd.absmax == pytest.approx(1.0)

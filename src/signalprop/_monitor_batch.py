@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._monitor_sums import sample_plan, sample_shape, sample_view
+from ._monitor_sums import sample_plan, sample_shape, view_args
 from ._stats import _zero_stride
 
 GROUP_BYTES = 8 << 20
@@ -41,6 +41,9 @@ TOTAL_BYTES = 64 << 20
 
 MAX_PLANS = 4096
 """Shapes whose sampling plan is remembered; past this the plans are worked out again."""
+
+_ViewArgs = tuple[tuple[int, ...], tuple[int, ...]] | None
+"""``(size, stride)`` of a sample's ``as_strided`` view, None for the whole tensor (see view_args)."""
 
 _ZERO_RUN = 64  # the zero sample: the first 64 of every 64 k elements, as in signalprop._stats
 
@@ -88,7 +91,7 @@ class PrefixBatch:
         self.group_bytes = group_bytes
         self.max_slots = max_slots
         self._groups: dict[tuple[object, ...], _Group] = {}
-        self._plans: dict[tuple[object, ...], tuple[_Group | None, tuple[int, int, int], int, int]] = {}
+        self._plans: dict[tuple[object, ...], tuple[_Group | None, _ViewArgs, int, int]] = {}
         self._order: list[_Group] = []
 
     def add(self, t: torch.Tensor, channel_dim: int | None) -> tuple[int, int, int, int, bool] | None:
@@ -100,11 +103,11 @@ class PrefixBatch:
         sample is not the whole tensor; or None when ``t`` is empty, 0-d or its sample too large to batch.
         The zero sample is that of :func:`signalprop._stats.tensor_sums` for the same prefix. What depends
         only on the shape is worked out once per shape."""
-        key = (t.shape, channel_dim, t.device)
+        key = (t.shape, t.stride(), channel_dim, t.device)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan(t, channel_dim)
-        g, cut, numel, zero_n = plan
+        g, view, numel, zero_n = plan
         if g is None:
             return None
         if g.pos < 0:
@@ -115,29 +118,29 @@ class PrefixBatch:
             if len(g.slots) < g.max_slots:  # grow for the next steps: buffers fit what a step needs
                 g.allocate(min(2 * len(g.slots), g.max_slots))
         partial = numel < t.numel()
-        g.slots[g.used].copy_(sample_view(t, cut))
+        g.slots[g.used].copy_(t if view is None else t.as_strided(view[0], view[1], t.storage_offset()))
         g.used += 1
         return g.pos, g.taken + g.used - 1, numel, zero_n, partial
 
-    def _plan(
-        self, t: torch.Tensor, channel_dim: int | None
-    ) -> tuple[_Group | None, tuple[int, int, int], int, int]:
+    def _plan(self, t: torch.Tensor, channel_dim: int | None) -> tuple[_Group | None, _ViewArgs, int, int]:
+        """(group, view of the sample, sample size, zero-sample size) for tensors of ``t``'s shape, stride,
+        channel dimension and device; group None: too large to batch (or empty)."""
         if t.dim() == 0 or t.numel() == 0:
-            return None, (0, 0, 1), 0, 0
+            return None, None, 0, 0
         cd = None if channel_dim is None else channel_dim % t.dim()
         cut = sample_plan(tuple(t.shape), self.sample, cd)
         shape = sample_shape(tuple(t.shape), cut)
         numel = math.prod(shape)
         per_sample = numel // shape[0]
         if 2 * numel * 8 > self.group_bytes:  # float64 slots
-            return None, cut, numel, 0
+            return None, None, numel, 0
         key = (shape, cd, t.device, per_sample)
         g = self._groups.get(key)
         if g is None:
             most = max(2, min(self.max_slots, self.group_bytes // (numel * 8)))
             g = self._groups[key] = _Group(shape, cd, _zero_stride(per_sample), t.device, most)
         zero_n = numel if g.zero_stride == 1 else numel // g.zero_stride
-        return g, cut, numel, zero_n
+        return g, view_args(tuple(t.shape), t.stride(), cut), numel, zero_n
 
     def finish(self) -> list[torch.Tensor]:
         """Reduce what is queued; per group of this step (in ticket order), its rows; then reset."""

@@ -71,15 +71,24 @@ def sample_shape(shape: tuple[int, ...], plan: tuple[int, int, int]) -> tuple[in
     return tuple(rows if d == 0 else -(-s // step) if d == dim and dim > 0 else s for d, s in enumerate(shape))
 
 
+def view_args(
+    shape: tuple[int, ...], stride: tuple[int, ...], plan: tuple[int, int, int]
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(size, stride)`` of the ``as_strided`` view that is the sample ``plan`` (from :func:`sample_plan`)
+    describes of a tensor of this shape and stride; None when the sample is the whole tensor."""
+    rows, dim, step = plan
+    if dim == 0 and rows == shape[0]:
+        return None
+    strides = list(stride)
+    strides[dim] *= step
+    return sample_shape(shape, plan), tuple(strides)
+
+
 def sample_view(t: torch.Tensor, plan: tuple[int, int, int]) -> torch.Tensor:
     """The sample of ``t`` that ``plan`` (from :func:`sample_plan`) describes, as one view (one device-side
     operation: inside a training step each costs 5-20 us, two slices twice that)."""
-    rows, dim, step = plan
-    if dim == 0 and rows == t.shape[0]:
-        return t
-    stride = list(t.stride())
-    stride[dim] *= step
-    return t.as_strided(sample_shape(tuple(t.shape), plan), stride, t.storage_offset())
+    args = view_args(tuple(t.shape), t.stride(), plan)
+    return t if args is None else t.as_strided(args[0], args[1], t.storage_offset())
 
 
 def sample_of(t: torch.Tensor, sample: int, channel_dim: int | None) -> torch.Tensor:

@@ -490,15 +490,27 @@ class Monitor:
                 biased = id(mod) in self._biases and out is output and len(mod._forward_hooks) == 1 and not (
                     _global_forward_hooks
                 )
-                out.register_hook(self._grad_hook(call, id(mod) if biased else None))
+                node = out.grad_fn
+                if node is not None:  # a hook on the node that made `out` (2 us less than a tensor hook)
+                    node.register_prehook(self._grad_hook(call, id(mod) if biased else None, out.output_nr))
+                else:  # a leaf output
+                    out.register_hook(self._leaf_hook(self._grad_hook(call, None, 0)))
 
         return hook
 
-    def _grad_hook(self, call: _Call, module: int | None) -> Callable[[torch.Tensor], None]:
-        """The hook on one call's output: queue its gradient's sums. ``module`` (the module's id) when the
-        module's bias gradient may stand in for the full sum (see :meth:`_bias_hook`)."""
+    def _grad_hook(
+        self, call: _Call, module: int | None, nr: int
+    ) -> Callable[[tuple[torch.Tensor | None, ...]], None]:
+        """The pre-hook on the autograd node that made one call's output (its output ``nr``): queue that
+        output's gradient's sums. ``module`` (the module's id) when the module's bias gradient may stand in
+        for the full sum (see :meth:`_bias_hook`). A node's pre-hook sees the gradient with respect to the
+        output as it was when the hook was registered, as a tensor hook would (an in-place ReLU after a
+        convolution: the convolution's output gradient)."""
 
-        def hook(grad: torch.Tensor) -> None:
+        def hook(grads: tuple[torch.Tensor | None, ...]) -> None:
+            grad = grads[nr]
+            if grad is None:  # the output did not reach the loss
+                return
             if call.bwd is not None or call.bwd_ticket is not None or not self._recording:
                 if module is not None and call.bwd_wait is not None:  # a second gradient for this output:
                     self._settle(module)  # the bias would sum that one
@@ -516,6 +528,15 @@ class Monitor:
             self._bwd_order.append(call.index)
 
         return hook
+
+    @staticmethod
+    def _leaf_hook(hook: Callable[[tuple[torch.Tensor | None, ...]], None]) -> Callable[[torch.Tensor], None]:
+        """A tensor hook for an output that no node made (a leaf, e.g. an input returned as it is)."""
+
+        def leaf(grad: torch.Tensor) -> None:
+            hook((grad,))
+
+        return leaf
 
     def _bias_hook(self, module: int) -> Callable[[torch.Tensor], None]:
         """The hook on a checking bias (:func:`~signalprop._monitor_sums.checking_bias`): the gradient reaching
