@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -81,20 +82,23 @@ class Floor:
         self.sums = []
 
 
-def timed(step: Callable[[], None], after: Callable[[], None] | None = None) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one step. CPU time is the steadier of the two on a shared machine."""
+def timed(step: Callable[[], None], after: Callable[[], None] | None = None) -> tuple[float, float, int]:
+    """(wall seconds, process CPU seconds, minor page faults) of one step. CPU time is the steadier of the
+    two on a shared machine; the page faults tell a step that re-touched memory the allocator gave back."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0, c0 = time.perf_counter(), time.process_time()
     step()
     if after is not None:
         after()
-    return time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
 
 def paired(
     plain: Callable[[], None], monitored: Callable[[], None], mon: Monitor | Floor, pairs: int
-) -> list[tuple[float, float, float]]:
-    """Per pair: (monitored / plain) wall and CPU ratios of two adjacent steps and the wall milliseconds the
-    monitored one took more, the order alternating, so that load on the machine, which drifts over seconds,
+) -> list[tuple[float, float, float, int, int]]:
+    """Per pair: (monitored / plain) wall and CPU ratios of two adjacent steps, the wall milliseconds the
+    monitored one took more and the page faults of each (plain, monitored), the order alternating, so that load on the machine, which drifts over seconds,
     hits both sides of each ratio alike. The added milliseconds compare across hosts of different speed,
     where the ratio follows the plain step's.
 
@@ -110,7 +114,7 @@ def paired(
         else:
             m = timed(monitored, mon.step)
             p = timed(plain)
-        out.append((m[0] / p[0], m[1] / p[1], (m[0] - p[0]) * 1e3))
+        out.append((m[0] / p[0], m[1] / p[1], (m[0] - p[0]) * 1e3, p[2], m[2]))
     return out
 
 
@@ -158,7 +162,8 @@ def main() -> None:
         added = statistics.median(x[2] for x in r)
         print(f"  {'Monitor(' + name + ')' if not name.startswith('floor') else name:<38} median over {args.pairs} step pairs: wall ratio {statistics.median(w):.3f}x "
               f"(quartiles {w[len(w) // 4]:.3f}-{w[3 * len(w) // 4]:.3f}), CPU ratio {statistics.median(c):.3f}x "
-              f"(quartiles {c[len(c) // 4]:.3f}-{c[3 * len(c) // 4]:.3f}), {added:+.1f} ms a step")
+              f"(quartiles {c[len(c) // 4]:.3f}-{c[3 * len(c) // 4]:.3f}), {added:+.1f} ms a step; page faults a step "
+              f"{statistics.median(x[3] for x in r):.0f} plain, {statistics.median(x[4] for x in r):.0f} watched")
 
 
 if __name__ == "__main__":
