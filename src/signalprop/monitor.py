@@ -207,7 +207,8 @@ class _Pending:
     bwd_order: list[str]
     slots: dict[tuple[int, str], slice]
     n_layer: int
-    payload: torch.Tensor
+    payload: torch.Tensor | None
+    """The step's numbers on the device, until the transfer."""
     meta: dict[str, Any]
     max_index: list[int]
     param_cols: list[tuple[str, int]]
@@ -327,6 +328,8 @@ class Monitor:
         self._param_list: list[tuple[str, nn.Parameter]] = []
         self._param_norms: ParamNorms | None = None
         self._param_cols: list[tuple[str, int]] = []
+        self._layout: tuple[dict[tuple[int, str], slice], list[int], list[str]] | None = None
+        """The last closed step's slots, max_index and backward order, shared by later steps equal to them."""
         self._nonfinite_seen = False
         self._overflow_seen: set[str] = set()
         self._world = 1
@@ -698,6 +701,11 @@ class Monitor:
         }
         names = {c.index: c.name for c in calls}
         order = [names[i] for i in self._bwd_order if i in names]
+        # a step laid out as the one before shares its tables (kept steps then hold little besides numbers)
+        last = self._layout
+        if last is not None and last[0] == slots and last[1] == max_index and last[2] == order:
+            slots, max_index, order = last
+        self._layout = (slots, max_index, order)
         self._pending.append(_Pending(self._step, calls, order, slots, pos, payload, meta, max_index, self._param_cols, tail))
         self._calls, self._bwd_order, self._open, self._checked, self._waiting = [], [], {}, {}, {}
 
@@ -706,15 +714,17 @@ class Monitor:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        host = torch.cat([p.payload for p in pending]).cpu()  # the one host transfer
+        payloads = [p.payload for p in pending if p.payload is not None]
+        host = torch.cat(payloads).cpu()  # the one host transfer
         pos = 0
         error: str | None = None
-        for p in pending:
-            n = p.payload.numel()
+        for p, payload in zip(pending, payloads):
+            n = payload.numel()
             part = host[pos : pos + n]
             pos += n
             if p.tail is not None:
                 part = torch.cat([part, p.tail])
+            p.payload = p.tail = None  # (kept steps hold their host numbers only)
             if self._quiet(p, part):
                 self._unbuilt.append((p, part))  # nothing to warn about: build the Record when it is read
                 continue
