@@ -14,7 +14,9 @@ Allocator: with glibc's default settings a freed 4 MB activation is often handed
 the next one page-faults anew, which makes the plain step itself slower and its time noisier (here 190-290
 ms instead of 160-170 ms). ``--steady-allocator`` re-runs the benchmark with glibc told to keep freed memory
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``), the setting under which a
-ratio is least flattered by a slow baseline; the README gives both.
+ratio is least flattered by a slow baseline; the README gives both. Each line also gives the minor page
+faults a step of the plain and the watched loop: under glibc's defaults they swing a ratio by 100 ms a
+step either way, whichever loop happens to re-touch the memory glibc gave back.
 
     python bench/monitor.py [--pairs 20] [--threads 2] [--exact] [--steady-allocator]
 """
