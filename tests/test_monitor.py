@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import signalprop as sp
+from signalprop import _monitor_params
 from signalprop._monitor_sums import compact_sums, expand_row, sample_sums, with_full_check
 from signalprop._stats import stats_from_sums
 from signalprop.measure import measure
@@ -88,11 +89,20 @@ def test_hooks_are_removed_when_the_loop_raises() -> None:
     assert _hooks(model) == before
 
 
-def test_update_ratio_is_lr_times_grad_norm_over_weight_norm_for_plain_sgd() -> None:
+@pytest.mark.parametrize("small", [None, 40])
+def test_update_ratio_is_lr_times_grad_norm_over_weight_norm_for_plain_sgd(
+    small: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the default grouping (every parameter in padded buffers) and with ``SMALL=40`` (the 16x16
+    weights take the per-tensor path, the biases the padded one): norms, gradient norms, update ratios."""
+    if small is not None:
+        monkeypatch.setattr(_monitor_params, "SMALL", small)
     model = sp.models.mlp(depth=2, width=16)
     lr = 0.1
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     with Monitor(model) as mon:
+        assert mon._param_norms is not None and bool(mon._param_norms.large) == (small is not None)
+        assert mon._param_norms.groups
         for _ in range(3):
             prev = {n: p.detach().norm().item() for n, p in model.named_parameters()}
             opt.zero_grad()
@@ -102,6 +112,7 @@ def test_update_ratio_is_lr_times_grad_norm_over_weight_norm_for_plain_sgd() -> 
             mon.step()
             rec = mon.history[-1]
             for n, ps in rec.params.items():
+                assert ps.norm == pytest.approx(dict(model.named_parameters())[n].detach().norm().item(), rel=1e-5)
                 assert ps.grad_norm == pytest.approx(grads[n], rel=1e-5)
                 assert ps.update_ratio == pytest.approx(lr * grads[n] / prev[n], rel=1e-4)
 

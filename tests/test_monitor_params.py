@@ -10,7 +10,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from signalprop import _monitor_params
 from signalprop._monitor_params import ParamNorms, padded_length
 from signalprop.monitor import Monitor
 
@@ -163,27 +162,6 @@ def test_a_cnn_takes_a_few_groups_and_no_per_tensor_norm(monkeypatch: pytest.Mon
 def test_padded_length_wastes_at_most_a_quarter(n: int) -> None:
     length = padded_length(n)
     assert n <= length <= max(4, 1.25 * n)
-
-
-def test_monitor_update_ratio_with_large_and_small_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through the Monitor, both paths at once: SGD's update ratio lr * ||g|| / ||w|| for every parameter."""
-    monkeypatch.setattr(_monitor_params, "SMALL", 40)  # the 8x8 weight and up take the per-tensor path
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
-    lr = 0.05
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    with Monitor(model) as mon:
-        assert mon._param_norms is not None and mon._param_norms.large and mon._param_norms.groups
-        for _ in range(3):
-            prev = {n: p.detach().norm().item() for n, p in model.named_parameters()}
-            opt.zero_grad()
-            model(torch.randn(16, 8)).pow(2).mean().backward()
-            grads = {n: p.grad.norm().item() for n, p in model.named_parameters()}  # type: ignore[union-attr]
-            opt.step()
-            mon.step()
-            for n, ps in mon.history[-1].params.items():
-                assert ps.norm == pytest.approx(dict(model.named_parameters())[n].detach().norm().item(), rel=1e-5)
-                assert ps.update_ratio == pytest.approx(lr * grads[n] / prev[n], rel=1e-4)
 
 
 def test_monitor_trains_a_sparse_embedding() -> None:

@@ -153,12 +153,19 @@ class ParamNorms:
             cols: list[torch.Tensor] = []
             for g in self.groups:
                 torch._foreach_copy_(g.views[0], [self.params[i] for i in g.members])
-                dense = [(v, grads[i]) for v, i in zip(g.views[1], g.members) if grads[i] is not None]
-                if len(dense) < len(g.members) or not all(_dense(gr) for _, gr in dense):  # type: ignore[arg-type]
-                    odd.extend(i for i in g.members if grads[i] is not None and not _dense(grads[i]))  # type: ignore[arg-type]
-                    dense = [(v, gr) for v, gr in dense if _dense(gr)]  # type: ignore[arg-type]
-                if dense:
-                    torch._foreach_copy_([v for v, _ in dense], [gr for _, gr in dense])  # type: ignore[misc]
+                rows: list[torch.Tensor] = []
+                srcs: list[torch.Tensor] = []
+                for v, i in zip(g.views[1], g.members):
+                    gr = grads[i]
+                    if gr is None:
+                        continue
+                    if _dense(gr):
+                        rows.append(v)
+                        srcs.append(gr)
+                    else:
+                        odd.append(i)
+                if rows:
+                    torch._foreach_copy_(rows, srcs)
                 if self._snapped:
                     torch.sub(g.buf[0], g.buf[3], out=g.buf[2])
                 cols.append(torch.linalg.vector_norm(g.buf, dim=2).to(dev))
