@@ -89,6 +89,30 @@ def test_second_step_reuses_the_buffers_and_the_large_norms() -> None:
             assert prev == pytest.approx(_norm64(b), rel=1e-12)
 
 
+@given(seed=st.integers(0, 2**31 - 1), recorded=st.lists(st.booleans(), min_size=1, max_size=8))
+def test_snapshot_is_the_value_at_the_start_of_each_recorded_step(seed: int, recorded: list[bool]) -> None:
+    """Any pattern of recorded and unrecorded steps (``every`` > 1, or recording switched on and off): the
+    update and previous norms of a recorded step are those of the change since that step began, whether
+    the snapshot was copied (the step before was not recorded) or is the value rows the step before has
+    just filled, which then swap roles with the snapshot rows."""
+    gen = torch.Generator().manual_seed(seed)
+    ps = _params(gen, SIZES)
+    pn = ParamNorms(ps, update=True, small=100)
+    assert pn.groups and pn.large
+    for rec in recorded:
+        pn.begin(rec)
+        before = [p.detach().clone() for p in ps]
+        with torch.no_grad():
+            for p in ps:
+                p.add_(torch.randn(p.shape, generator=gen))
+        if not rec:
+            continue
+        for p, b, (n, _, u, prev) in zip(ps, before, _unpack(pn, pn.vector(CPU))):
+            assert n == pytest.approx(_norm64(p), rel=1e-12)
+            assert u == pytest.approx(float((p.detach().double() - b.double()).norm()), rel=1e-6)
+            assert prev == pytest.approx(_norm64(b), rel=1e-12)
+
+
 def test_missing_and_sparse_gradients() -> None:
     """A parameter without .grad reads -1 (what the Monitor turns into "no gradient"); a sparse gradient
     (an Embedding with sparse=True), small or large, gets its own norm."""
