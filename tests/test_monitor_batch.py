@@ -267,6 +267,28 @@ def test_a_buffer_grows_to_what_a_step_needs_and_then_stays() -> None:
     assert sizes == [8, 16, 16, 16]  # 4 -> 8 in the first step, 8 -> 16 in the second, then it fits
 
 
+def test_reducing_a_full_buffer_allocates_no_large_temporary() -> None:
+    """Reducing 32 samples of 16 K elements (4 MB of float64) allocates only the small rows, no temporary
+    of the block's size (a bool sum cast to float64 was 1 MB of them, freed again inside the backward pass,
+    where a returned block can make the next activation page-fault); the counts stay exact."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(5)
+    ts = [torch.randn(32, 32, 32, 32, generator=gen).relu() for _ in range(32)]
+    batch = PrefixBatch(16384)
+    for _ in range(2):  # (the buffer grows in the first step, the zero-count scratch to the second's block)
+        tickets = [batch.add(t, 1) for t in ts]
+        batch.finish()
+    tickets = [batch.add(t, 1) for t in ts]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        (block,) = batch.finish()
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest <= block.numel() * 8
+    for t, tk in zip(ts, tickets):
+        assert tk is not None
+        assert block[tk[1]].tolist() == pytest.approx(_reference_row(t, 1, 16384), rel=1e-12)
+
+
 # ---- a bias gradient checks the output gradient -------------------------------------------------------------
 class _PoisonAt(torch.autograd.Function):
     """Identity forward; backward writes the gate's ``value`` (read then) into the gradient's last element,

@@ -93,6 +93,8 @@ class PrefixBatch:
         self._groups: dict[tuple[object, ...], _Group] = {}
         self._plans: dict[tuple[object, ...], tuple[_Group | None, _ViewArgs, int, int]] = {}
         self._order: list[_Group] = []
+        self._scratch: dict[torch.device, torch.Tensor] = {}
+        """Per device, the float64 zero indicators of the block being reduced (see :func:`reduce_block`)."""
 
     def add(self, t: torch.Tensor, channel_dim: int | None) -> tuple[int, int, int, int, bool] | None:
         """Copy the sample of ``t`` (as :func:`~signalprop._monitor_sums.sample_of` cuts it: the fewest
@@ -160,7 +162,7 @@ class PrefixBatch:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the buffers."""
+        """Bytes held by the sample buffers (the zero-count scratch, at most one block's zero sample, aside)."""
         return sum(g.buf.numel() * g.buf.element_size() for g in self._groups.values())
 
     def _end_step(self) -> None:
@@ -178,12 +180,18 @@ class PrefixBatch:
             self._plans = {}
 
     def _reduce(self, g: _Group) -> None:
-        g.blocks.append(reduce_block(g.buf[: g.used], g.channel_dim, g.zero_stride))
+        need = g.used * (g.buf[0].numel() // g.zero_stride)
+        scratch = self._scratch.get(g.device)
+        if scratch is None or scratch.numel() < need:  # sized by the largest block so far, kept for the run
+            scratch = self._scratch[g.device] = torch.empty(need, dtype=torch.float64, device=g.device)
+        g.blocks.append(reduce_block(g.buf[: g.used], g.channel_dim, g.zero_stride, scratch))
         g.taken += g.used
         g.used = 0
 
 
-def reduce_block(v: torch.Tensor, channel_dim: int | None, zero_stride: int) -> torch.Tensor:
+def reduce_block(
+    v: torch.Tensor, channel_dim: int | None, zero_stride: int, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """Compact rows of ``k`` same-shaped float64 samples ``v`` (k, *sample shape): four reads of the block
     (sum of squares, max, min, channel sums), a zero count over 1/``zero_stride`` of it, one cat.
 
@@ -193,6 +201,12 @@ def reduce_block(v: torch.Tensor, channel_dim: int | None, zero_stride: int) -> 
     square of every finite float32 value, so it is finite whenever the sample is. (``amax`` and ``amin``
     are two reads but 5x faster here than one ``aminmax(dim=1)`` or ``vector_norm(x, inf)``: 0.31 ms
     against 1.7 ms for 32 samples of 32 K elements.)
+
+    ``scratch``, a float64 tensor of at least the zero sample's size on ``v``'s device, receives the zero
+    indicators: a CPU sum of a bool tensor first casts all of it to the sum's dtype, a temporary 8x the
+    indicators' size (2 MB for 64 samples of 16 K elements, allocated and freed inside the backward pass)
+    and 4x the time (0.32 ms against 0.074 ms here); written into float64 in place and summed as they are,
+    the counts are the same (exact: integers far below 2^53).
     """
     k = v.shape[0]
     flat = v.reshape(k, -1)
@@ -208,5 +222,10 @@ def reduce_block(v: torch.Tensor, channel_dim: int | None, zero_stride: int) -> 
     hi = flat.amax(1)
     lo = flat.amin(1)
     zsrc = flat if zero_stride == 1 else flat.view(k, -1, _ZERO_RUN * zero_stride)[:, :, :_ZERO_RUN]
-    zeros = (zsrc == 0).reshape(k, -1).sum(1, dtype=torch.float64)
+    if scratch is None:
+        zeros = (zsrc == 0).reshape(k, -1).sum(1, dtype=torch.float64)
+    else:
+        ind = scratch[: zsrc.numel()].view(zsrc.shape)
+        torch.eq(zsrc, 0, out=ind)
+        zeros = ind.view(k, -1).sum(1)
     return torch.cat([torch.stack([sumsq, zeros, hi, lo.neg()], 1), chan], 1)
