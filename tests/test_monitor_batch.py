@@ -267,6 +267,74 @@ def test_a_buffer_grows_to_what_a_step_needs_and_then_stays() -> None:
     assert sizes == [8, 16, 16, 16]  # 4 -> 8 in the first step, 8 -> 16 in the second, then it fits
 
 
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    plan=st.lists(st.tuples(st.booleans(), st.integers(0, 100), st.sampled_from([(0.0, None), (0.0, 6.0)])),
+                  min_size=1, max_size=20),
+    group_bytes=st.sampled_from([1 << 13, 1 << 15, 8 << 20]),
+)
+def test_a_derived_sample_is_the_clamped_sample_of_its_source(
+    seed: int, plan: list[tuple[bool, int, tuple[float, float | None]]], group_bytes: int
+) -> None:
+    """Any mix of copied samples and samples derived from one copied earlier (``derive``: the source clamped,
+    e.g. a ReLU's output from its input's sample), with buffers small enough to fill and be reduced in
+    between: every row equals compact_sums' of the clamped tensor itself; where the source has left the
+    buffer (or the buffer is full) ``derive`` declines and the caller copies, as the Monitor does."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = PrefixBatch(64, group_bytes=group_bytes)
+    copied: list[tuple[torch.Tensor, tuple[int, int]]] = []
+    want: list[tuple[tuple[int, int], torch.Tensor]] = []
+    for derive, pick, (lo, hi) in plan:
+        if derive and copied:
+            x, source = copied[pick % len(copied)]
+            t = x.clamp(lo, hi)
+            tk = batch.derive(t, 1, source, lo, hi) or batch.add(t, 1)
+        else:
+            t = torch.randn(4, 8, 16, generator=gen) * 5
+            tk = batch.add(t, 1)
+            assert tk is not None
+            copied.append((t, tk[:2]))
+        assert tk is not None
+        want.append((tk[:2], t))
+    (block,) = batch.finish()
+    for (_, index), t in want:
+        assert block[index].tolist() == pytest.approx(_reference_row(t, 1, 64), rel=1e-12, abs=1e-12)
+
+
+def test_a_relus_sample_is_derived_from_its_inputs_without_a_copy(count_ops: type[TorchDispatchMode]) -> None:
+    """In a step of a CNN whose ReLU and ReLU6 (in place or not) read a convolution's output, the forward
+    hooks copy the convolutions' samples only, and the activations' statistics equal those of the
+    per-tensor path, which reduces their own copies."""
+    def run(group_bytes: int, ops: list[tuple[str, int]] | None = None) -> sp.Trace:
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+                              nn.Conv2d(8, 8, 3, padding=1), nn.ReLU6(),
+                              nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 3))
+        x = torch.randn(16, 3, 8, 8) * 4
+        with Monitor(model, sample=256) as mon:
+            mon._batch = PrefixBatch(256, group_bytes=group_bytes)
+            for _ in range(2):
+                if ops is None:
+                    out = model(x)
+                else:
+                    with count_ops() as mode:
+                        out = model(x)
+                    ops[:] = mode.ops
+                out.logsumexp(1).mean().backward()
+                mon.step()
+        return mon.history[-1].trace
+
+    ops: list[tuple[str, int]] = []
+    batched, single = run(8 << 20, ops), run(0)
+    copies = [n for op, n in ops if op == "aten.copy_"]
+    assert len(copies) == 5, ops  # three convolutions, the flatten, the linear: not the three activations
+    for la, lb in zip(batched, single):
+        assert la.name == lb.name
+        for f in ("mean", "std", "rms", "absmax", "zero_frac", "chan_sq_mean", "chan_var"):
+            assert getattr(la.fwd, f) == pytest.approx(getattr(lb.fwd, f), rel=1e-9, abs=1e-12), (la.name, f)
+    assert batched["3"].fwd.absmax <= 6.0 and batched["1"].fwd.zero_frac > 0.3
+
+
 def test_reducing_a_full_buffer_allocates_no_large_temporary() -> None:
     """Reducing 32 samples of 16 K elements (4 MB of float64) allocates only the small rows, no temporary
     of the block's size (a bool sum cast to float64 was 1 MB of them, freed again inside the backward pass,

@@ -150,6 +150,19 @@ def finite_preserving(module: nn.Module) -> bool:
     return type(module) in _FINITE_PRESERVING
 
 
+_CLAMPS: dict[type[nn.Module], tuple[float, float | None]] = {nn.ReLU: (0.0, None), nn.ReLU6: (0.0, 6.0)}
+"""Modules (these exact classes) whose output is ``clamp(input, lo, hi)`` element by element, with bounds that
+float32, bfloat16 and float16 hold exactly, so that clamping a float64 copy of the input gives the float64
+copy of the output."""
+
+
+def clamp_bounds(module: nn.Module) -> tuple[float, float | None] | None:
+    """``(lo, hi)`` when ``module``'s output is its input clamped to ``[lo, hi]`` (``hi`` None: no upper
+    bound), exactly (see :data:`_CLAMPS`): the sample of such an output is the clamped sample of its input
+    at the same positions, so a Monitor derives it from the input's sample instead of copying it."""
+    return _CLAMPS.get(type(module))
+
+
 _BIAS_SUMS_GRADIENT: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,

@@ -22,7 +22,10 @@ about 1e-3 for a healthy SGD run). It is built to stay on in real training runs:
   ``signalprop._monitor_sums._FINITE_PRESERVING``) whose input is the very tensor an earlier call of the
   step checked, unchanged since (same object, same version counter), takes no full sum of its own: it is
   finite exactly when that input was. If the input was not finite the output is reported as not finite too
-  (everything downstream inherits it), although a ReLU may have mapped a lone -inf to 0.
+  (everything downstream inherits it), although a ReLU may have mapped a lone -inf to 0. A ReLU or ReLU6
+  output read that way takes no sample copy either: its sample is its input's sample clamped, at the same
+  positions (exactly: the bounds 0 and 6 are exact in every float type), filled in the float64 buffer when
+  it is reduced, one clamp for all such pairs of a buffer (:meth:`~signalprop._monitor_batch.PrefixBatch.derive`).
 - **Output gradients checked by their bias**: the gradient reaching the bias of a Linear, ConvNd,
   ConvTransposeNd, BatchNorm, LayerNorm or GroupNorm from one call is the output gradient summed over every
   dimension but the channel (``dL/db_c = sum_{n,h,w} dL/dy_{n,c,h,w}``), and a sum holds inf/nan whenever an
@@ -95,6 +98,7 @@ from ._monitor_sums import (
     BIAS_CHECK_DTYPES,
     COMPACT_MAX,
     checking_bias,
+    clamp_bounds,
     compact_sums,
     expand_row,
     finite_preserving,
@@ -168,9 +172,8 @@ class _Call:
     """One module call of a recorded step: its place, and its rows of sums on the device."""
 
     __slots__ = ("bwd", "bwd_bias", "bwd_check", "bwd_counts", "bwd_hist", "bwd_ticket", "bwd_wait", "channel_dim",
-                 "dtype", "fwd",
-                 "fwd_check", "fwd_counts", "fwd_from", "fwd_hist", "fwd_ticket", "index", "kind", "name", "shape",
-                 "weight_layer")
+                 "dtype", "fwd", "fwd_check", "fwd_counts", "fwd_derive", "fwd_from", "fwd_hist", "fwd_ticket",
+                 "index", "kind", "name", "shape", "weight_layer")
 
     def __init__(self, name: str, kind: str, weight_layer: bool, index: int) -> None:
         self.name = name
@@ -193,6 +196,8 @@ class _Call:
         self.bwd_ticket: tuple[int, int] | None = None
         self.fwd_from: int | None = None
         """Index of the earlier call whose full check vouches for this output (see _FINITE_PRESERVING)."""
+        self.fwd_derive: tuple[tuple[int, int], float, float | None] | None = None
+        """(input's batch ticket, lo, hi): this output is the input clamped, its sample the input's clamped."""
         self.shape: tuple[int, ...] = ()
         self.dtype = ""
         self.channel_dim: int | None = None
@@ -317,8 +322,9 @@ class Monitor:
         self._bwd_order: list[int] = []
         self._counts: dict[int, int] = {}
         self._open: dict[int, list[_Call]] = {}
-        self._checked: dict[int, tuple[weakref.ref[torch.Tensor], int, int]] = {}
-        """id(output) -> (weak reference, version, call index whose full check covers it), this step."""
+        self._checked: dict[int, tuple[weakref.ref[torch.Tensor], int, int, tuple[int, int] | None]] = {}
+        """id(output) -> (weak reference, version, call index whose full check covers it, the batch ticket of
+        its own copied sample or None), this step."""
         self._biases: set[int] = set()
         """id(module) of the modules whose bias gradient checks their output gradient (hooked in start())."""
         self._waiting: dict[int, _Call] = {}
@@ -449,6 +455,7 @@ class Monitor:
         kind = type(module).__name__
         weight = is_weight_layer(module)
         preserving = finite_preserving(module)
+        bounds = clamp_bounds(module) if preserving else None
 
         def hook(mod: nn.Module, args: Any) -> None:
             if not self._recording or not torch.is_grad_enabled():
@@ -460,6 +467,8 @@ class Monitor:
                 seen = self._checked.get(id(args[0]))
                 if seen is not None and seen[0]() is args[0] and seen[1] == args[0]._version:
                     call.fwd_from = seen[2]
+                    if bounds is not None and seen[3] is not None:
+                        call.fwd_derive = (seen[3], bounds[0], bounds[1])
             self._calls.append(call)
             self._open.setdefault(id(mod), []).append(call)
 
@@ -487,7 +496,8 @@ class Monitor:
             # later finite-preserving calls that read this very tensor can reuse its check
             if whole or call.fwd_check is not None or call.fwd_from is not None:
                 root = call.fwd_from if call.fwd_from is not None else call.index
-                self._checked[id(out)] = (weakref.ref(out), out._version, root)
+                own = call.fwd_ticket if call.fwd_derive is None else None  # (never derive from a derived sample)
+                self._checked[id(out)] = (weakref.ref(out), out._version, root, own)
             if out.requires_grad:
                 # the bias gradient checks this output's gradient only if nothing but the module made `out`
                 biased = id(mod) in self._biases and out is output and len(mod._forward_hooks) == 1 and not (
@@ -572,7 +582,13 @@ class Monitor:
         t = t.detach()
         cd = call.channel_dim
         if self._batch is not None:
-            ticket = self._batch.add(t, cd)
+            ticket = None
+            if key == "fwd" and call.fwd_derive is not None:
+                ticket = self._batch.derive(t, cd, *call.fwd_derive)
+                if ticket is None:
+                    call.fwd_derive = None
+            if ticket is None:
+                ticket = self._batch.add(t, cd)
             if ticket is not None:
                 g, i, numel, zero_n, partial = ticket
                 setattr(call, key + "_ticket", (g, i))
