@@ -110,11 +110,7 @@ class PrefixBatch:
         sample is not the whole tensor; or None when ``t`` is empty, 0-d or its sample too large to batch.
         The zero sample is that of :func:`signalprop._stats.tensor_sums` for the same prefix. What depends
         only on the shape is worked out once per shape."""
-        key = (t.shape, t.stride(), channel_dim, t.device)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = self._plan(t, channel_dim)
-        g, view, numel, zero_n = plan
+        g, view, numel, zero_n = self._plan_of(t, channel_dim)
         if g is None:
             return None
         if g.pos < 0:
@@ -138,17 +134,21 @@ class PrefixBatch:
         run of evenly spaced pairs (a CNN's convolution and ReLU outputs alternate: one op for all of them).
         Returns ``add``'s ticket, or None when the source's sample has left the buffer (it filled and was
         reduced), the buffer is full or ``t``'s layout is another group's: the caller then ``add``s ``t``."""
-        key = (t.shape, t.stride(), channel_dim, t.device)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = self._plan(t, channel_dim)
-        g, _, numel, zero_n = plan
+        g, _, numel, zero_n = self._plan_of(t, channel_dim)
         pos, index = source
         if g is None or g.pos != pos or index < g.taken or g.used == len(g.slots):
             return None
         g.derived.append((g.used, index - g.taken, lo, hi))
         g.used += 1
         return g.pos, g.taken + g.used - 1, numel, zero_n, numel < t.numel()
+
+    def _plan_of(self, t: torch.Tensor, channel_dim: int | None) -> tuple[_Group | None, _ViewArgs, int, int]:
+        """The plan of ``t``'s shape, stride, channel dimension and device, worked out on first sight."""
+        key = (t.shape, t.stride(), channel_dim, t.device)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(t, channel_dim)
+        return plan
 
     def _plan(self, t: torch.Tensor, channel_dim: int | None) -> tuple[_Group | None, _ViewArgs, int, int]:
         """(group, view of the sample, sample size, zero-sample size) for tensors of ``t``'s shape, stride,
