@@ -211,14 +211,21 @@ def test_histograms() -> None:
     assert sp.Trace.from_json(trace.to_json()) == trace
 
 
-def test_autocast_bfloat16_records_dtypes() -> None:
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        trace = sp.measure(model, torch.randn(8, 16))
-    assert [layer.dtype for layer in trace] == ["bfloat16"] * 3
-    assert trace.meta["autocast"] == "bfloat16"
-    assert all(math.isfinite(layer.fwd.absmax) and layer.bwd is not None for layer in trace)
-    ref = sp.measure(model, torch.randn(8, 16))
+@pytest.mark.parametrize(("device", "dtype"), [
+    pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
+    pytest.param("cpu", torch.float16, id="cpu-float16"),
+    pytest.param("cuda", torch.float16, id="cuda-float16",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),
+])
+def test_autocast_records_dtypes(device: str, dtype: torch.dtype) -> None:
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(device)
+    name = str(dtype).replace("torch.", "")
+    with torch.autocast(device, dtype=dtype):
+        trace = sp.measure(model, torch.randn(8, 16, device=device))
+    assert [layer.dtype for layer in trace] == [name] * 3
+    assert trace.meta["autocast"] == name
+    assert all(math.isfinite(layer.fwd.absmax) and layer.bwd is not None and layer.bwd.finite for layer in trace)
+    ref = sp.measure(model, torch.randn(8, 16, device=device))
     assert ref[0].dtype == "float32"
 
 

@@ -356,25 +356,53 @@ def test_no_grad_calls_and_reused_modules() -> None:
     assert mon.history[0].trace.names == ["0", "1", "0#1"]
 
 
-def test_autocast_bfloat16_records_dtype_and_warns_of_overflow_risk() -> None:
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+_AUTOCAST = [
+    pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
+    pytest.param("cpu", torch.float16, id="cpu-float16"),
+    pytest.param("cuda", torch.float16, id="cuda-float16",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),
+]
+
+
+@pytest.mark.parametrize(("device", "dtype"), _AUTOCAST)
+def test_autocast_records_dtype_and_warns_of_overflow_risk(device: str, dtype: torch.dtype) -> None:
+    """Under torch.autocast each call's dtype is recorded, the statistics stay finite, and a layer whose
+    absmax reaches a quarter of the dtype's largest value (within diagnose's 8x margin) gets an
+    OverflowRiskWarning naming the dtype: bfloat16 on the CPU, float16 on the CPU and on a GPU."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).to(device)
+    name = str(dtype).replace("torch.", "")
     with Monitor(model) as mon:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(torch.randn(16, 8))
+        with torch.autocast(device, dtype=dtype):
+            out = model(torch.randn(16, 8, device=device))
         out.float().sum().backward()
         mon.step()
         tr = mon.history[0].trace
-        assert tr["0"].dtype == "bfloat16" and tr.meta["autocast"] is None  # closed outside the autocast block
+        assert tr["0"].dtype == name and tr.meta["autocast"] is None  # closed outside the autocast block
         assert all(x.fwd.finite and math.isfinite(x.fwd.std) and x.fwd.std > 0 for x in tr)
+        assert all(x.bwd is not None and x.bwd.finite for x in tr)
+        ones = torch.ones(16, 8, device=device)
         with torch.no_grad():
-            model[0].weight.mul_(1e38)  # outputs within 8x of bfloat16's largest value, 3.39e38
+            scale = torch.finfo(dtype).max / 4 / float(model[0](ones).abs().max())
+            model[0].weight.mul_(scale)  # outputs at a quarter of the dtype's largest value: within 8x of it
+            model[0].bias.mul_(scale)
             model[2].weight.mul_(1e-3)  # and the next layer back in range, so that nothing overflows
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(torch.ones(16, 8))
-        (out.float().sum() * 1e-10).backward()  # keeps the weight gradients (h^T g, h ~ 1e37) in range
-        with pytest.warns(OverflowRiskWarning, match="bfloat16"):
+        model.zero_grad()
+        with torch.autocast(device, dtype=dtype):
+            out = model(ones)
+        # keep the weight gradients h^T g in range: sums of 16 rows of h near a quarter of the largest value
+        # (unscaled, float16's dW of the second layer, 16 * 16376, is inf: the Monitor reports that instead)
+        (out.float().sum() * (1e-10 if dtype is torch.bfloat16 else 1e-3)).backward()
+        with pytest.warns(OverflowRiskWarning, match=name):
             mon.step()
-    assert any(e.kind == "overflow_risk" and e.step == 1 for e in mon.events)
+        model.zero_grad()
+        with torch.autocast(device, dtype=dtype):
+            out = model(ones)
+        out.float().sum().backward()  # unscaled: the second layer's weight gradient overflows the dtype
+        with pytest.warns(NonFiniteWarning, match=r"step 2, in 2\.weight \(gradient"):
+            mon.step()
+    assert any(e.kind == "overflow_risk" and e.step == 1 and e.layer in ("0", "1") for e in mon.events)
+    assert mon.history[1].trace["0"].fwd.absmax == pytest.approx(torch.finfo(dtype).max / 4, rel=0.01)
 
 
 def test_plot_writes_a_png(tmp_path: pytest.TempPathFactory) -> None:
