@@ -335,6 +335,39 @@ def test_a_relus_sample_is_derived_from_its_inputs_without_a_copy(count_ops: typ
     assert batched["3"].fwd.absmax <= 6.0 and batched["1"].fwd.zero_frac > 0.3
 
 
+@pytest.mark.parametrize("where", ["pre", "post", "global"])
+def test_a_relu_with_another_hook_copies_its_own_sample(where: str) -> None:
+    """A hook that may change a ReLU's input or output (a pre-hook run after the Monitor's, a forward hook
+    run before it, a global forward hook) means the output need not be the Monitor's input clamped: the
+    ReLU's sample is then copied, and its statistics equal the per-tensor path's, which reduces the output
+    the Monitor's hook was given (here doubled)."""
+    def run(group_bytes: int) -> sp.Stats:
+        torch.manual_seed(5)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 3))
+        x = torch.randn(16, 3, 8, 8)
+        handles = []
+        if where == "post":  # registered before the Monitor's hook: runs first
+            handles.append(model[1].register_forward_hook(lambda m, a, o: o * 2))
+        elif where == "global":
+            handles.append(nn.modules.module.register_module_forward_hook(
+                lambda m, a, o: o * 2 if m is model[1] else None))
+        try:
+            with Monitor(model, sample=256) as mon:
+                mon._batch = PrefixBatch(256, group_bytes=group_bytes)
+                if where == "pre":  # registered after the Monitor's pre-hook: changes the input it saw
+                    handles.append(model[1].register_forward_pre_hook(lambda m, a: (a[0] * 2,)))
+                model(x).logsumexp(1).mean().backward()
+                mon.step()
+        finally:
+            for h in handles:
+                h.remove()
+        return mon.history[0].trace["1"].fwd
+
+    batched, single = run(8 << 20), run(0)
+    for f in ("mean", "std", "absmax", "zero_frac"):
+        assert getattr(batched, f) == pytest.approx(getattr(single, f), rel=1e-9), f
+
+
 def test_reducing_a_full_buffer_allocates_no_large_temporary() -> None:
     """Reducing 32 samples of 16 K elements (4 MB of float64) allocates only the small rows, no temporary
     of the block's size (a bool sum cast to float64 was 1 MB of them, freed again inside the backward pass,

@@ -87,7 +87,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.utils.hooks import RemovableHandle
 
 from ._distributed import reduce_rows, world_size
@@ -467,7 +467,10 @@ class Monitor:
                 seen = self._checked.get(id(args[0]))
                 if seen is not None and seen[0]() is args[0] and seen[1] == args[0]._version:
                     call.fwd_from = seen[2]
-                    if bounds is not None and seen[3] is not None:
+                    # the output is the input clamped only if no other hook may change the input or the output
+                    if bounds is not None and seen[3] is not None and len(mod._forward_pre_hooks) == 1 and len(
+                        mod._forward_hooks
+                    ) == 1 and not (_global_forward_hooks or _global_forward_pre_hooks):
                         call.fwd_derive = (seen[3], bounds[0], bounds[1])
             self._calls.append(call)
             self._open.setdefault(id(mod), []).append(call)
