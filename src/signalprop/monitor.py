@@ -25,7 +25,8 @@ about 1e-3 for a healthy SGD run). It is built to stay on in real training runs:
   (everything downstream inherits it), although a ReLU may have mapped a lone -inf to 0. A ReLU or ReLU6
   output read that way takes no sample copy either: its sample is its input's sample clamped, at the same
   positions (exactly: the bounds 0 and 6 are exact in every float type), filled in the float64 buffer when
-  it is reduced, one clamp for all such pairs of a buffer (:meth:`~signalprop._monitor_batch.PrefixBatch.derive`).
+  it is reduced, one clamp for all such pairs of a buffer (:meth:`~signalprop._monitor_batch.PrefixBatch.derive`),
+  unless another hook could change the module's input or output.
 - **Output gradients checked by their bias**: the gradient reaching the bias of a Linear, ConvNd,
   ConvTransposeNd, BatchNorm, LayerNorm or GroupNorm from one call is the output gradient summed over every
   dimension but the channel (``dL/db_c = sum_{n,h,w} dL/dy_{n,c,h,w}``), and a sum holds inf/nan whenever an
