@@ -48,3 +48,15 @@ class CountOps(TorchDispatchMode):
 def count_ops() -> type[CountOps]:
     """The :class:`CountOps` dispatch mode: ``with count_ops() as mode: ...; mode.ops``."""
     return CountOps
+
+
+@pytest.fixture(params=[
+    pytest.param(("cpu", torch.bfloat16), id="cpu-bfloat16"),
+    pytest.param(("cpu", torch.float16), id="cpu-float16"),
+    pytest.param(("cuda", torch.float16), id="cuda-float16",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),
+])
+def autocast_case(request: pytest.FixtureRequest) -> tuple[str, torch.dtype]:
+    """(device, dtype) of the autocast cases the tests cover: bfloat16 and float16 on the CPU, float16 on a
+    GPU where one is present."""
+    return request.param  # type: ignore[no-any-return]

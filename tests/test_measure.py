@@ -211,13 +211,8 @@ def test_histograms() -> None:
     assert sp.Trace.from_json(trace.to_json()) == trace
 
 
-@pytest.mark.parametrize(("device", "dtype"), [
-    pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
-    pytest.param("cpu", torch.float16, id="cpu-float16"),
-    pytest.param("cuda", torch.float16, id="cuda-float16",
-                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),
-])
-def test_autocast_records_dtypes(device: str, dtype: torch.dtype) -> None:
+def test_autocast_records_dtypes(autocast_case: tuple[str, torch.dtype]) -> None:
+    device, dtype = autocast_case
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(device)
     name = str(dtype).replace("torch.", "")
     with torch.autocast(device, dtype=dtype):

@@ -356,19 +356,11 @@ def test_no_grad_calls_and_reused_modules() -> None:
     assert mon.history[0].trace.names == ["0", "1", "0#1"]
 
 
-_AUTOCAST = [
-    pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
-    pytest.param("cpu", torch.float16, id="cpu-float16"),
-    pytest.param("cuda", torch.float16, id="cuda-float16",
-                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),
-]
-
-
-@pytest.mark.parametrize(("device", "dtype"), _AUTOCAST)
-def test_autocast_records_dtype_and_warns_of_overflow_risk(device: str, dtype: torch.dtype) -> None:
+def test_autocast_records_dtype_and_warns_of_overflow_risk(autocast_case: tuple[str, torch.dtype]) -> None:
     """Under torch.autocast each call's dtype is recorded, the statistics stay finite, and a layer whose
     absmax reaches a quarter of the dtype's largest value (within diagnose's 8x margin) gets an
     OverflowRiskWarning naming the dtype: bfloat16 on the CPU, float16 on the CPU and on a GPU."""
+    device, dtype = autocast_case
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).to(device)
     name = str(dtype).replace("torch.", "")
