@@ -226,6 +226,38 @@ def test_a_tensor_changed_in_place_after_its_check_gets_its_own() -> None:
     assert last["conv"].fwd.finite and not last["act"].fwd.finite
 
 
+@pytest.mark.parametrize("where", ["pre", "post", "global"])
+def test_an_activation_with_another_hook_takes_its_own_check(where: str) -> None:
+    """A hook that may change an activation's input or output (a pre-hook run after the Monitor's, a forward
+    hook run before it, a global forward hook) can put an inf there that the input's check never saw: the
+    output then takes its own full sum, and the inf, planted outside the sample, is reported in that layer
+    (before, the input's check vouched for it: the inf went unreported)."""
+    def plant(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t[-1, 0, -1, -1] = math.inf  # the last element: outside the 32-element sample
+        return t
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
+    handles = []
+    if where == "post":  # registered before the Monitor's hook: runs first
+        handles.append(model[1].register_forward_hook(lambda m, a, o: plant(o)))
+    elif where == "global":
+        handles.append(nn.modules.module.register_module_forward_hook(
+            lambda m, a, o: plant(o) if m is model[1] else None))
+    try:
+        with Monitor(model, sample=32) as mon:
+            if where == "pre":  # registered after the Monitor's pre-hook: changes the input it saw
+                handles.append(model[1].register_forward_pre_hook(lambda m, a: (plant(a[0]),)))
+            with pytest.warns(NonFiniteWarning, match=r"step 0, in 1 \(forward"):
+                # (the flatten still reuses the ReLU's check, except under a global hook, which it has too)
+                assert _checked_calls(mon, model, torch.randn(8, 3, 6, 6)) == ([] if where == "global" else ["2"])
+    finally:
+        for h in handles:
+            h.remove()
+    trace = mon.history[0].trace
+    assert [layer.fwd.finite for layer in trace] == [True, False, False]
+
+
 def test_a_nonfinite_input_is_inherited_by_the_activations_that_reuse_its_check() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
     x = torch.randn(8, 3, 6, 6)

@@ -21,12 +21,12 @@ about 1e-3 for a healthy SGD run). It is built to stay on in real training runs:
   inf/nan (ReLU, GELU, tanh, sigmoid, max pooling, flatten, ...; the exact classes in
   ``signalprop._monitor_sums._FINITE_PRESERVING``) whose input is the very tensor an earlier call of the
   step checked, unchanged since (same object, same version counter), takes no full sum of its own: it is
-  finite exactly when that input was. If the input was not finite the output is reported as not finite too
+  finite exactly when that input was (unless another hook, the module's own or a global one, could change
+  its input or output: it is then checked on its own). If the input was not finite the output is reported as not finite too
   (everything downstream inherits it), although a ReLU may have mapped a lone -inf to 0. A ReLU or ReLU6
   output read that way takes no sample copy either: its sample is its input's sample clamped, at the same
   positions (exactly: the bounds 0 and 6 are exact in every float type), filled in the float64 buffer when
-  it is reduced, one clamp for all such pairs of a buffer (:meth:`~signalprop._monitor_batch.PrefixBatch.derive`),
-  unless another hook could change the module's input or output.
+  it is reduced, one clamp for all such pairs of a buffer (:meth:`~signalprop._monitor_batch.PrefixBatch.derive`).
 - **Output gradients checked by their bias**: the gradient reaching the bias of a Linear, ConvNd,
   ConvTransposeNd, BatchNorm, LayerNorm or GroupNorm from one call is the output gradient summed over every
   dimension but the channel (``dL/db_c = sum_{n,h,w} dL/dy_{n,c,h,w}``), and a sum holds inf/nan whenever an
@@ -464,14 +464,14 @@ class Monitor:
             k = self._counts.get(id(mod), 0)
             self._counts[id(mod)] = k + 1
             call = _Call(name if k == 0 else f"{name}#{k}", kind, weight, len(self._calls))
-            if preserving and args and isinstance(args[0], torch.Tensor):
+            # the input's check (and sample) stand for the output only if no other hook may change either
+            if preserving and args and isinstance(args[0], torch.Tensor) and len(mod._forward_pre_hooks) == 1 and (
+                len(mod._forward_hooks) == 1 and not (_global_forward_hooks or _global_forward_pre_hooks)
+            ):
                 seen = self._checked.get(id(args[0]))
                 if seen is not None and seen[0]() is args[0] and seen[1] == args[0]._version:
                     call.fwd_from = seen[2]
-                    # the output is the input clamped only if no other hook may change the input or the output
-                    if bounds is not None and seen[3] is not None and len(mod._forward_pre_hooks) == 1 and len(
-                        mod._forward_hooks
-                    ) == 1 and not (_global_forward_hooks or _global_forward_pre_hooks):
+                    if bounds is not None and seen[3] is not None:
                         call.fwd_derive = (seen[3], bounds[0], bounds[1])
             self._calls.append(call)
             self._open.setdefault(id(mod), []).append(call)
