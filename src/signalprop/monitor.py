@@ -465,9 +465,7 @@ class Monitor:
             self._counts[id(mod)] = k + 1
             call = _Call(name if k == 0 else f"{name}#{k}", kind, weight, len(self._calls))
             # the input's check (and sample) stand for the output only if no other hook may change either
-            if preserving and args and isinstance(args[0], torch.Tensor) and len(mod._forward_pre_hooks) == 1 and (
-                len(mod._forward_hooks) == 1 and not (_global_forward_hooks or _global_forward_pre_hooks)
-            ):
+            if preserving and args and isinstance(args[0], torch.Tensor) and not _other_hooks(mod, inputs=True):
                 seen = self._checked.get(id(args[0]))
                 if seen is not None and seen[0]() is args[0] and seen[1] == args[0]._version:
                     call.fwd_from = seen[2]
@@ -504,9 +502,7 @@ class Monitor:
                 self._checked[id(out)] = (weakref.ref(out), out._version, root, own)
             if out.requires_grad:
                 # the bias gradient checks this output's gradient only if nothing but the module made `out`
-                biased = id(mod) in self._biases and out is output and len(mod._forward_hooks) == 1 and not (
-                    _global_forward_hooks
-                )
+                biased = id(mod) in self._biases and out is output and not _other_hooks(mod, inputs=False)
                 node = out.grad_fn
                 if node is not None:  # a hook on the node that made `out` (2 us less than a tensor hook)
                     node.register_prehook(self._grad_hook(call, id(mod) if biased else None, out.output_nr))
@@ -734,7 +730,10 @@ class Monitor:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        payloads = [p.payload for p in pending if p.payload is not None]
+        payloads: list[torch.Tensor] = []
+        for p in pending:
+            assert p.payload is not None  # (a step's payload is dropped only once it has been transferred)
+            payloads.append(p.payload)
         host = torch.cat(payloads).cpu()  # the one host transfer
         pos = 0
         error: str | None = None
@@ -900,6 +899,14 @@ class Monitor:
 def _positive_int(name: str, v: Any, hint: str) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise SignalpropError(f"{name} must be a positive integer, got {v!r} ({hint})")
+
+
+def _other_hooks(mod: nn.Module, *, inputs: bool) -> bool:
+    """True when a hook besides the Monitor's own could change what ``mod`` returns (a forward hook of its
+    own or a global one) or, with ``inputs``, what it reads (a pre-hook of its own or a global one)."""
+    if len(mod._forward_hooks) != 1 or _global_forward_hooks:
+        return True
+    return inputs and (len(mod._forward_pre_hooks) != 1 or bool(_global_forward_pre_hooks))
 
 
 def _unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
