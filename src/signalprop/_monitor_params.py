@@ -92,9 +92,10 @@ class ParamNorms:
         self._swapped = False
         """Value and snapshot rows have swapped places: the value is in row 3, the snapshot in row 0."""
         self._fresh = False
-        """:meth:`vector` filled the value rows and no step began since: they hold the parameters as they are."""
+        """:meth:`vector` ran and no step began since: the value rows hold the parameters as they are, and
+        ``_last`` the large parameters' norms."""
         self._last: torch.Tensor | None = None
-        """Norms of the large parameters from the vector just taken (the next snapshot's, if nothing ran)."""
+        """Norms of the large parameters from the last vector (the next snapshot's, while ``_fresh``)."""
         self._prev: torch.Tensor | None = None
         by_key: dict[tuple[torch.device, int], list[int]] = {}
         used = 0
@@ -131,7 +132,6 @@ class ParamNorms:
     def begin(self, snapshot: bool) -> None:
         """Start a step; ``snapshot`` (a recorded step, with updates) remembers the parameters as they are now.
         The large parameters' previous norms are those :meth:`vector` just took when nothing ran since."""
-        last, self._last = self._last, None
         fresh, self._fresh = self._fresh, False
         self._snapped = snapshot and self.update
         if not self._snapped:
@@ -149,7 +149,7 @@ class ParamNorms:
                     self._snapshot = [p.detach().clone() for p in ps]
                 else:
                     torch._foreach_copy_(self._snapshot, ps)
-                self._prev = last
+                self._prev = self._last if fresh else None
 
     def vector(self, dev: torch.device) -> torch.Tensor:
         """``[norms, grad norms (-1: no .grad), update norms, previous norms]`` of every parameter, float64
@@ -183,7 +183,7 @@ class ParamNorms:
                     torch.sub(g.buf[value], g.buf[snap], out=g.buf[2])
                 norms = torch.linalg.vector_norm(g.buf, dim=2)
                 cols.append((norms[_SWAPPED] if self._swapped else norms).to(dev))
-            self._fresh = self.update and bool(self.groups)
+            self._fresh = self.update
             if self.large:
                 cols.append(self._large_norms(grads, dev))
             out = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
