@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import torch
@@ -226,6 +228,29 @@ def test_a_tensor_changed_in_place_after_its_check_gets_its_own() -> None:
     assert last["conv"].fwd.finite and not last["act"].fwd.finite
 
 
+@contextmanager
+def _monitor_beside_hook(
+    model: nn.Module, module: nn.Module, where: str, change: Callable[[torch.Tensor], torch.Tensor], **kw: Any
+) -> Iterator[Monitor]:
+    """A running Monitor on ``model`` while another hook applies ``change`` to ``module``'s input (``where``
+    "pre": a pre-hook registered after the Monitor's, so it runs after the Monitor's pre-hook) or output
+    ("post": a forward hook registered before the Monitor's, so it runs first; "global": a global one)."""
+    handles = []
+    if where == "post":
+        handles.append(module.register_forward_hook(lambda m, a, o: change(o)))
+    elif where == "global":
+        handles.append(nn.modules.module.register_module_forward_hook(
+            lambda m, a, o: change(o) if m is module else None))
+    try:
+        with Monitor(model, **kw) as mon:
+            if where == "pre":
+                handles.append(module.register_forward_pre_hook(lambda m, a: (change(a[0]),)))
+            yield mon
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @pytest.mark.parametrize("where", ["pre", "post", "global"])
 def test_an_activation_with_another_hook_takes_its_own_check(where: str) -> None:
     """A hook that may change an activation's input or output (a pre-hook run after the Monitor's, a forward
@@ -238,22 +263,10 @@ def test_an_activation_with_another_hook_takes_its_own_check(where: str) -> None
         return t
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
-    handles = []
-    if where == "post":  # registered before the Monitor's hook: runs first
-        handles.append(model[1].register_forward_hook(lambda m, a, o: plant(o)))
-    elif where == "global":
-        handles.append(nn.modules.module.register_module_forward_hook(
-            lambda m, a, o: plant(o) if m is model[1] else None))
-    try:
-        with Monitor(model, sample=32) as mon:
-            if where == "pre":  # registered after the Monitor's pre-hook: changes the input it saw
-                handles.append(model[1].register_forward_pre_hook(lambda m, a: (plant(a[0]),)))
-            with pytest.warns(NonFiniteWarning, match=r"step 0, in 1 \(forward"):
-                # (the flatten still reuses the ReLU's check, except under a global hook, which it has too)
-                assert _checked_calls(mon, model, torch.randn(8, 3, 6, 6)) == ([] if where == "global" else ["2"])
-    finally:
-        for h in handles:
-            h.remove()
+    with _monitor_beside_hook(model, model[1], where, plant, sample=32) as mon:
+        with pytest.warns(NonFiniteWarning, match=r"step 0, in 1 \(forward"):
+            # (the flatten still reuses the ReLU's check, except under a global hook, which it has too)
+            assert _checked_calls(mon, model, torch.randn(8, 3, 6, 6)) == ([] if where == "global" else ["2"])
     trace = mon.history[0].trace
     assert [layer.fwd.finite for layer in trace] == [True, False, False]
 
@@ -377,22 +390,10 @@ def test_a_relu_with_another_hook_copies_its_own_sample(where: str) -> None:
         torch.manual_seed(5)
         model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 3))
         x = torch.randn(16, 3, 8, 8)
-        handles = []
-        if where == "post":  # registered before the Monitor's hook: runs first
-            handles.append(model[1].register_forward_hook(lambda m, a, o: o * 2))
-        elif where == "global":
-            handles.append(nn.modules.module.register_module_forward_hook(
-                lambda m, a, o: o * 2 if m is model[1] else None))
-        try:
-            with Monitor(model, sample=256) as mon:
-                mon._batch = PrefixBatch(256, group_bytes=group_bytes)
-                if where == "pre":  # registered after the Monitor's pre-hook: changes the input it saw
-                    handles.append(model[1].register_forward_pre_hook(lambda m, a: (a[0] * 2,)))
-                model(x).logsumexp(1).mean().backward()
-                mon.step()
-        finally:
-            for h in handles:
-                h.remove()
+        with _monitor_beside_hook(model, model[1], where, lambda t: t * 2, sample=256) as mon:
+            mon._batch = PrefixBatch(256, group_bytes=group_bytes)
+            model(x).logsumexp(1).mean().backward()
+            mon.step()
         return mon.history[0].trace["1"].fwd
 
     batched, single = run(8 << 20), run(0)
