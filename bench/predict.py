@@ -20,7 +20,7 @@ from torch import nn
 
 import signalprop as sp
 from signalprop.graph import capture
-from signalprop.predict import predict
+from signalprop.prediction import predict
 
 
 def _pool_net(padding: int = 1, he: bool = False) -> nn.Module:

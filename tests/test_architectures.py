@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from signalprop.diagnose import diagnose
+from signalprop.diagnosis import diagnose
 
 tf = pytest.importorskip("transformers", reason="transformers is a dev extra (real architectures)")
 

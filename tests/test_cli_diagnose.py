@@ -1,4 +1,4 @@
-"""Tests of `signalprop diagnose | gain | critical` and of TARGET loading (signalprop._cli._target)."""
+"""Tests of `signalprop diagnose | gain | critical` and of TARGET loading (signalprop.cli._target)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import signalprop as sp
-from signalprop import SignalpropError, cli
-from signalprop._cli._target import load_target, parse_shape
-from signalprop.diagnose import Report
+from signalprop import SignalpropError
+from signalprop.cli import _main as cli
+from signalprop.cli._target import load_target, parse_shape
+from signalprop.diagnosis import Report
 
 MINE = ("diagnose", "gain", "critical")
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 import signalprop as sp
-from signalprop import _demo
+from signalprop.cli import _story as _demo
 from signalprop.cli import main
 
 

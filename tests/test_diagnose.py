@@ -15,8 +15,8 @@ from torch import nn
 
 import signalprop as sp
 from signalprop import SignalpropError
-from signalprop._rules import RULES, split_body_head
-from signalprop.diagnose import Finding, Report, diagnose, diagnose_trace
+from signalprop.diagnosis import Finding, Report, diagnose, diagnose_trace
+from signalprop.diagnosis._rules import RULES, split_body_head
 from signalprop.trace import LayerStats, Stats, Trace
 
 
@@ -195,8 +195,8 @@ def test_mean_drift_from_channel_means() -> None:
 
 
 def test_dead_unit_test_and_roles() -> None:
-    from signalprop._rulekit import role, role_groups
-    from signalprop._rules import _more_than_half
+    from signalprop.diagnosis._rulekit import role, role_groups
+    from signalprop.diagnosis._rules import _more_than_half
 
     # 64 coin-flip units: 42 or more dead has chance < 1%, 41 does not
     assert _more_than_half(42, 64) < 0.01 < _more_than_half(41, 64)

@@ -60,7 +60,7 @@ def test_log_trace_takes_a_measured_trace_and_rejects_other_things(tmp_path: Pat
     from torch.utils.tensorboard import SummaryWriter
 
     from signalprop.integrations.tensorboard import log_trace
-    from signalprop.measure import measure
+    from signalprop.measurement import measure
 
     trace = measure(sp.models.mlp(depth=2, width=8), torch.randn(4, 8))
     writer = SummaryWriter(str(tmp_path))

@@ -16,11 +16,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import signalprop as sp
-from signalprop import _monitor_params
-from signalprop._monitor_sums import compact_sums, expand_row, sample_sums, with_full_check
-from signalprop._stats import stats_from_sums
-from signalprop.measure import measure
+from signalprop.measurement import measure
 from signalprop.monitor import Monitor, NonFiniteWarning, OverflowRiskWarning, Record
+from signalprop.monitor import _params as _monitor_params
+from signalprop.monitor._sums import compact_sums, expand_row, sample_sums, with_full_check
+from signalprop.stats import stats_from_sums
 
 
 def _cnn() -> nn.Module:

@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import signalprop as sp
-from signalprop import monitor as monitor_mod
-from signalprop._monitor_batch import PrefixBatch
-from signalprop._monitor_sums import compact_sums, finite_preserving, sample_of
 from signalprop.monitor import Monitor, NonFiniteWarning
+from signalprop.monitor import _monitor as monitor_mod
+from signalprop.monitor._batch import PrefixBatch
+from signalprop.monitor._sums import compact_sums, finite_preserving, sample_of
 
 
 def _reference_row(t: torch.Tensor, cd: int | None, sample: int) -> list[float]:
@@ -284,7 +284,7 @@ def test_a_nonfinite_input_is_inherited_by_the_activations_that_reuse_its_check(
 
 def test_buffers_of_shapes_that_come_and_go_are_freed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Variable shapes (sequence lengths) must not keep a buffer each forever."""
-    import signalprop._monitor_batch as mb
+    import signalprop.monitor._batch as mb
 
     monkeypatch.setattr(mb, "TOTAL_BYTES", 1 << 20)
     batch = PrefixBatch(1000)

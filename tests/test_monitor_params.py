@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from signalprop._monitor_params import ParamNorms, padded_length
 from signalprop.monitor import Monitor
+from signalprop.monitor._params import ParamNorms, padded_length
 
 CPU = torch.device("cpu")
 

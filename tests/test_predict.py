@@ -13,7 +13,7 @@ from torch import nn
 
 import signalprop as sp
 from signalprop.graph import capture
-from signalprop.predict import PredictWarning, predict
+from signalprop.prediction import PredictWarning, predict
 
 Z90 = 1.6448536269514722
 

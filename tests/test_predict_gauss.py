@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from signalprop import theory
-from signalprop._predict_gauss import act_moments, max_moments
+from signalprop.prediction._gauss import act_moments, max_moments
 
 D = torch.float64
 

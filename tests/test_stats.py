@@ -1,4 +1,4 @@
-"""Tests of the on-device reductions (signalprop._stats): exact against torch, additive across splits."""
+"""Tests of the on-device reductions (signalprop.stats): exact against torch, additive across splits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from signalprop import SignalpropError
-from signalprop._stats import (
+from signalprop.stats import (
     HEADER,
     MAX_POSITIONS,
     ZERO_PER_SAMPLE,
@@ -172,7 +172,7 @@ def test_histogram_counts_every_finite_element() -> None:
 
 
 def test_row_batch_rows_equal_standalone_rows() -> None:
-    from signalprop._stats import RowBatch
+    from signalprop.stats import RowBatch
 
     tensors = [torch.randn(4, 6, 5, 5).relu(), torch.randn(3, 7, 2) * 1e3, torch.randn(5, 9).double(),
                torch.randn(2, 300, 300).bfloat16(), torch.tensor(2.0), torch.zeros(0, 4)]

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 from ._errors import SignalpropError
 from ._version import __version__
 
-# Functions that share their name with their module are bound eagerly: importing the submodule would
-# otherwise rebind ``signalprop.measure`` to the module. These modules import only torch and numpy.
-from .diagnose import Finding, Report, diagnose, diagnose_trace  # noqa: E402
-from .init.fans import fans  # noqa: E402
-from .measure import measure  # noqa: E402
-from .predict import predict  # noqa: E402
-from .theory import gain  # noqa: E402
+# The stages' functions live in packages named for the stage (measurement, prediction, diagnosis), so
+# ``signalprop.measure`` is always the function, never a module. These import only torch and numpy.
+from .diagnosis import Finding, Report, diagnose, diagnose_trace
+from .init.fans import fans
+from .measurement import measure
+from .prediction import predict
+from .theory import gain
 from .trace import LayerStats, Stats, Trace
 
 if TYPE_CHECKING:

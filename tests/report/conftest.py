@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from signalprop._findings import Finding
+from signalprop.diagnosis._findings import Finding
 from signalprop.trace import Histogram, LayerStats, Stats, Trace
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from signalprop import SignalpropError
-from signalprop._findings import Finding
-from signalprop.diagnose import Report
+from signalprop.diagnosis import Report
+from signalprop.diagnosis._findings import Finding
 from signalprop.report import html
 from signalprop.report._common import as_view
 

@@ -8,8 +8,8 @@ import torch
 from rich.console import Console
 
 from signalprop import models
-from signalprop.diagnose import diagnose
-from signalprop.measure import measure
+from signalprop.diagnosis import diagnose
+from signalprop.measurement import measure
 from signalprop.report import html, plots, table
 
 

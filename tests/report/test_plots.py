@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from signalprop import SignalpropError
-from signalprop.diagnose import Report
+from signalprop.diagnosis import Report
 from signalprop.report import plots
 from signalprop.trace import Histogram, LayerStats, Stats, Trace
 

@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from signalprop import SignalpropError
-from signalprop._findings import Finding
-from signalprop.diagnose import Report
+from signalprop.diagnosis import Report
+from signalprop.diagnosis._findings import Finding
 from signalprop.report import table
 from signalprop.report._common import as_view, fmt, fmt_pct, layer_table, pick_rows, union_names
 from signalprop.trace import LayerStats, Stats, Trace

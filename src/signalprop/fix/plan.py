@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -48,6 +48,7 @@ from .. import theory
 from .._errors import SignalpropError
 from ..theory import ActLike
 from ._common import Inputs, call_model, eval_mode, preserved_rng
+from ._steps import LayerPlan, Plan
 
 __all__ = [
     "FAMILIES",
@@ -88,99 +89,6 @@ RESIDUAL_MODES = ("fixup", "zero", None)
 # critical line (Schoenholz et al. 2017; Pennington et al. 2017); the others are tried when depth demands.
 _BIAS_VARS = (0.05, 0.1, 0.02, 0.2, 0.01)
 _DRIFT_LIMIT = math.log(2.0)  # predicted forward or gradient drift over the depth: at most 2x (diagnose: 10x)
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """One action on one module.
-
-    For a weight layer: draw the weight from N(0, ``std``^2) (``scheme`` says why that std) and the bias
-    from N(0, ``bias_std``^2) (zero when 0). ``factor`` is the residual multiplier already included in
-    ``std``. For a normalization layer (``scheme == "norm_gain"``) the gain is set to the constant ``gain``.
-    ``keep`` steps leave the layer as it is. ``lsuv``: an LSUV pass rescales this layer afterwards.
-    """
-
-    layer: str
-    kind: str
-    activation: str
-    scheme: str
-    std: float
-    bias_std: float
-    reason: str
-    fan_in: float = math.nan
-    factor: float = 1.0
-    gain: float | None = None
-    lsuv: bool = False
-
-
-@dataclass(frozen=True)
-class Plan(Sequence[LayerPlan]):
-    """The ordered steps of an :func:`auto_init_`, plus how the structure was found.
-
-    ``method``: the graph capture used (``export``, ``fx``, ``hooks`` or ``module-order``); ``residuals``:
-    how many residual branches were found; ``notes``: anything the user should know (a fallback, an
-    assumption about the inputs).
-    """
-
-    steps: tuple[LayerPlan, ...]
-    method: str
-    residual: str | None
-    residuals: int = 0
-    notes: tuple[str, ...] = ()
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, str):
-            for s in self.steps:
-                if s.layer == i:
-                    return s
-            raise KeyError(f"no step for layer {i!r}; layers in this plan: {', '.join(s.layer for s in self.steps[:20])}")
-        return self.steps[i]
-
-    def __iter__(self) -> Iterator[LayerPlan]:
-        return iter(self.steps)
-
-    @property
-    def needs_lsuv(self) -> bool:
-        return any(s.lsuv for s in self.steps)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "residual": self.residual,
-            "residuals": self.residuals,
-            "notes": list(self.notes),
-            "steps": [asdict(s) for s in self.steps],
-        }
-
-    def table(self) -> str:
-        """A plain-text table: one row per step (layer, activation, scheme, std, bias std, factor), then notes."""
-        head = ("layer", "kind", "activation", "scheme", "std", "bias std", "factor", "lsuv")
-        rows = [head] + [
-            (
-                s.layer,
-                s.kind,
-                s.activation,
-                s.scheme,
-                f"gain={s.gain:g}" if s.gain is not None else ("-" if s.scheme == "keep" else f"{s.std:.4g}"),
-                f"{s.bias_std:.4g}" if s.scheme not in ("keep", "norm_gain") else "-",
-                f"{s.factor:.4g}",
-                "yes" if s.lsuv else "",
-            )
-            for s in self.steps
-        ]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append(f"structure: {self.method}; residual: {self.residual} ({self.residuals} branches)")
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
 
 
 # ---- mean field ----------------------------------------------------------------------------------------
@@ -301,7 +209,7 @@ class _Structure:
 def _structure(model: nn.Module, example_inputs: Inputs | None, input_shape: Sequence[int] | None) -> _Structure:
     if example_inputs is None and input_shape is None:
         return _module_order(model)
-    from .. import graph as _graph
+    from ..graph import _graph as _graph
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", _graph.CaptureWarning)
@@ -322,7 +230,7 @@ def _structure(model: nn.Module, example_inputs: Inputs | None, input_shape: Seq
 
 def _module_order(model: nn.Module) -> _Structure:
     """Without inputs: weight layers and activations in ``named_modules`` order (exact for nn.Sequential)."""
-    from .._graph_analysis import TRANSPARENT_MODULES, activation_module, is_norm
+    from ..graph._analysis import TRANSPARENT_MODULES, activation_module, is_norm
     from ..init import is_weight_layer
 
     leaves = [(n, m) for n, m in model.named_modules() if is_weight_layer(m) or not list(m.children())]

@@ -32,7 +32,7 @@ from typing import Any
 from torch import nn
 
 from .._errors import SignalpropError
-from .plan import LayerPlan
+from ._steps import LayerPlan
 
 __all__ = ["fixup_factor", "residual_steps"]
 

@@ -279,7 +279,7 @@ def _write(
     zero_bias: bool,
     only: set[tuple[int, str]] | None = None,
 ) -> None:
-    from .sharded import is_dtensor, shared_generator
+    from ._dtensor import is_dtensor, shared_generator
 
     if generator is None and any(is_dtensor(getattr(layer, st.param)) for st, layer in steps):
         generator = shared_generator()
@@ -370,7 +370,7 @@ def _init_layers(
     kwargs = dict(settings)
     scheme = _SCHEME_OF.get(init_fn)
     if scheme is None:
-        from .sharded import _accepts
+        from ._dtensor import accepts as _accepts
 
         if generator is not None and _accepts(init_fn, "generator"):
             kwargs["generator"] = generator

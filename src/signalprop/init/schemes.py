@@ -29,7 +29,7 @@ attention layers, a bare tensor does not.
 Every function samples into float32 (or the tensor's own float64) and casts, so a bfloat16 weight gets the
 float32 draw rounded; with a ``generator`` on another device the draw happens there and is copied, so a
 seeded generator gives the same weights on every device; a DTensor (a sharded parameter) gets the shard of
-the draw the unsharded tensor would get (see :mod:`signalprop.init.sharded`).
+the draw the unsharded tensor would get (see :mod:`signalprop.init._dtensor`).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def writable(t: torch.Tensor, generator: torch.Generator | None) -> Iterator[tor
     scratch (sampling is a no-op) when ``t`` is on the meta device; else a float32/float64 scratch tensor on the generator's device, copied into
     ``t`` afterwards; for a DTensor the scratch has the *global* shape and ``t`` receives its own shard.
     """
-    from .sharded import copy_shard_, is_dtensor, shared_generator
+    from ._dtensor import copy_shard_, is_dtensor, shared_generator
 
     if t.is_meta:  # nothing to fill (a meta DTensor included); sampling into a meta scratch is a no-op
         yield torch.empty(tuple(t.shape), dtype=torch.float32, device="meta")

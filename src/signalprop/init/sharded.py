@@ -18,8 +18,6 @@ tensor is allocated.
 
 from __future__ import annotations
 
-import inspect
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,52 +25,9 @@ import torch
 from torch import nn
 
 from .._errors import SignalpropError
-
-
-def is_dtensor(t: object) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2 / tensor-parallel sharded tensor).
-
-    Never imports ``torch.distributed.tensor`` (slow to import): no DTensor can exist before it is loaded.
-    """
-    mod = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(mod, "DTensor", None) if mod is not None else None
-    return dtensor is not None and isinstance(t, dtensor)
-
-
-def copy_shard_(t: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy this rank's shard of the global tensor ``full`` into the DTensor ``t`` (no communication)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    assert isinstance(t, DTensor)
-    local = t._local_tensor
-    if local.is_meta:
-        return
-    if tuple(full.shape) != tuple(t.shape):
-        raise SignalpropError(f"internal: a draw of shape {tuple(full.shape)} for a DTensor of {tuple(t.shape)}")
-    mine = distribute_tensor(full.to(local.device), t.device_mesh, t.placements, src_data_rank=None)
-    local.copy_(mine._local_tensor)
-
-
-def shared_seed() -> int:
-    """A seed drawn from rank 0's default generator and broadcast to every rank (one collective).
-
-    Without an initialized process group, or with one rank, the local draw.
-    """
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box: list[Any] = [seed]
-        dist.broadcast_object_list(box, src=0)
-        seed = int(box[0])
-    return seed
-
-
-def shared_generator(t: torch.Tensor | None = None) -> torch.Generator:
-    """A CPU generator in the same state on every rank (seeded by :func:`shared_seed`)."""
-    del t
-    return torch.Generator().manual_seed(shared_seed())
-
+from ._dtensor import is_dtensor, shared_seed
+from .apply import SCHEMES, _block_params, _init_layers
+from .fans import is_weight_layer
 
 # ---- meta-device materialization ------------------------------------------------------------------
 _BIAS_NAMES = ("bias", "in_proj_bias", "bias_k", "bias_v")
@@ -102,8 +57,6 @@ def _target_device(model: nn.Module, device: torch.device | str | None) -> torch
 
 def _plan_materialize(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
     """(weight layers with meta tensors, other modules to reset); raises for what nothing can initialize."""
-    from .apply import _block_params
-    from .fans import is_weight_layer
 
     weight_layers: list[tuple[str, nn.Module]] = []
     resets: list[tuple[str, nn.Module]] = []
@@ -183,7 +136,6 @@ def materialize_(
     >>> net[0].weight.device.type, float(net[2].weight.detach().mean())
     ('cpu', 1.0)
     """
-    from .apply import SCHEMES, _init_layers
 
     if not isinstance(model, nn.Module):
         raise SignalpropError(f"materialize_ needs an nn.Module, got {type(model).__name__}")
@@ -225,11 +177,3 @@ def materialize_(
                     getattr(m, k).copy_(v)
         _init_layers(weight_layers, init_fn, generator, scheme_kwargs, only=metas)
     return model
-
-
-def _accepts(fn: Callable[..., Any], kw: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return kw in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

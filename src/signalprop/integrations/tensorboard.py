@@ -31,7 +31,7 @@ from .._errors import SignalpropError
 from ..trace import Stats, Trace
 
 if TYPE_CHECKING:
-    from ..monitor import ParamStats, Record
+    from ..monitor._record import ParamStats, Record
 
 __all__ = ["log_params", "log_record", "log_trace"]
 

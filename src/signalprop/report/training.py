@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..monitor import Record
+    from ..monitor._record import Record
 
 __all__ = ["heatmap_data", "plot_history"]
 
@@ -90,7 +90,7 @@ def heatmap_data(
 
 
 def _check_history(history: Any) -> None:
-    from ..monitor import Record
+    from ..monitor._record import Record
 
     if not isinstance(history, Sequence) or not all(isinstance(r, Record) for r in history):
         raise SignalpropError(

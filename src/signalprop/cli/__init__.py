@@ -1,0 +1,5 @@
+"""The `signalprop` command line (``python -m signalprop`` or ``signalprop``)."""
+
+from ._main import main as main
+
+__all__ = ["main"]

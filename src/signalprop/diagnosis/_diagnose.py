@@ -1,0 +1,309 @@
+"""Diagnose: rules over a Trace -> Findings -> a Report you can print, plot, save and read back.
+
+``sp.diagnose(model, inputs)`` measures the model (``sp.measure``), predicts it from its weights where it
+can (``sp.predict``, whose Stats carry the finite-width band of Hanin & Nica 2019), takes a few facts a
+trace cannot hold in one extra no-grad forward pass (units dead for the whole batch, saturated fractions,
+subnormal fractions) and runs the rules of :data:`RULES` over the result. ``diagnose_trace`` runs the same
+rules on a saved or predicted trace. The model is left exactly as found.
+
+Default rule for exploding/vanishing (DESIGN.md): judged on the network's body, the weight layers before the
+global pooling or flatten that ends the feature extractor; some body weight layer's output std more than
+``factor`` x above (or below) the first one's, and for gradients the same against the last body weight
+layer. He et al. (2015, Eq. 10) show why it compounds: for ReLU nets
+``Var[y_L] = Var[y_1] prod_{l=2..L} (1/2 n_l Var[w_l])``, so a per-layer factor c becomes c^L.
+
+Example::
+
+    import torch, signalprop as sp
+    model = sp.models.plain_cnn(depth=20, width=16)
+    torch.nn.init.normal_(model.body[0].weight, std=1.0)
+    report = sp.diagnose(model, torch.randn(8, 3, 16, 16))
+    report.ok            # False
+    print(report.summary())
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from .._errors import SignalpropError
+from ..trace import Trace, _jsonable, dump_json
+from ._findings import KINDS, SEVERITIES, Finding
+from ._rules import RULES, THRESHOLDS, Rule, RuleContext, run_rules
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+__all__ = ["KINDS", "RULES", "SEVERITIES", "THRESHOLDS", "Finding", "Report", "diagnose", "diagnose_trace"]
+
+_FORMAT = "signalprop.report/1"
+
+
+@dataclass
+class Report:
+    """The findings of one diagnosis, the trace they were read from, and the prediction if any.
+
+    ``ok`` is False when any finding is a warning or an error. Rendering delegates to
+    :mod:`signalprop.report` (rich table, matplotlib plots, one self-contained HTML file); ``to_json`` and
+    :meth:`from_json` round-trip findings, trace, prediction and meta.
+    """
+
+    findings: list[Finding]
+    trace: Trace
+    predicted: Trace | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when no finding is a warning or an error (info findings are fine)."""
+        return not any(f.severity in ("warning", "error") for f in self.findings)
+
+    def by_kind(self, kind: str) -> list[Finding]:
+        """The findings of one kind (``"exploding"``, ``"dead_units"``, ...)."""
+        if kind not in KINDS:
+            raise SignalpropError(f"unknown finding kind {kind!r}; the kinds are: {', '.join(KINDS)}")
+        return [f for f in self.findings if f.kind == kind]
+
+    @property
+    def kinds(self) -> set[str]:
+        return {f.kind for f in self.findings}
+
+    def summary(self) -> str:
+        """Plain text: one line for the verdict, then each finding with its fix (no rich needed)."""
+        n = len(self.trace)
+        head = (
+            f"signalprop: {n} module calls, no problems found"
+            if not self.findings
+            else f"signalprop: {n} module calls, {len(self.findings)} finding(s)"
+            + ("" if not self.ok else " (info only)")
+        )
+        return "\n".join([head, *(str(f) for f in self.findings)])
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def table(self, console: Console | None = None, **kwargs: Any) -> Table:
+        """Print the findings and the per-layer table (rich) to ``console`` (a new one when None); return
+        the ``rich.table.Table``. Keyword arguments go to :func:`signalprop.report.table.render`."""
+        from rich.console import Console
+
+        from ..report.table import render
+
+        return render(self, console=console if console is not None else Console(), **kwargs)
+
+    def plot(self, path: str | Path) -> Path:
+        """Draw forward and gradient std per layer (measured and predicted, the band shaded) to ``path``."""
+        from ..report.plots import plot_report
+
+        plot_report(self, path)
+        return Path(path)
+
+    def to_html(self, path: str | Path) -> Path:
+        """Write one self-contained HTML file: findings first, the table, the plots (images embedded)."""
+        from ..report.html import write_html
+
+        write_html(self, path)
+        return Path(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "ok": self.ok,
+            "findings": [f.to_dict() for f in self.findings],
+            "trace": self.trace.to_dict(),
+            "predicted": self.predicted.to_dict() if self.predicted is not None else None,
+            "meta": _jsonable(self.meta),
+        }
+
+    def to_json(self, path: str | Path | None = None, *, indent: int | None = 1) -> str:
+        """Serialize to JSON (nan as null, inf as a string); write it to ``path`` when given."""
+        return dump_json(self.to_dict(), path, indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Report:
+        if str(d.get("format", "")).split("/")[0] != "signalprop.report":
+            raise SignalpropError(
+                "not a signalprop report: expected a dict with format 'signalprop.report/1' (as written by "
+                "Report.to_json); for a bare trace use sp.Trace.from_json"
+            )
+        pred = d.get("predicted")
+        return cls(
+            findings=[Finding.from_dict(f) for f in d.get("findings", [])],
+            trace=Trace.from_dict(d["trace"]),
+            predicted=Trace.from_dict(pred) if pred is not None else None,
+            meta=dict(d.get("meta") or {}),
+        )
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> Report:
+        """Read a Report from a JSON string or a file path written by :meth:`to_json`."""
+        s = str(text_or_path)
+        if not s.lstrip().startswith("{"):
+            p = Path(s)
+            if not p.is_file():
+                raise SignalpropError(f"no such report file: {s}; pass a path written by Report.to_json")
+            s = p.read_text()
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as exc:
+            raise SignalpropError(f"the report is not valid JSON ({exc}); was it written by Report.to_json?") from None
+        return cls.from_dict(d)
+
+
+def _check_factor(factor: float) -> float:
+    if not isinstance(factor, int | float) or not math.isfinite(factor) or factor <= 1:
+        raise SignalpropError(
+            f"factor must be a finite number above 1 (how many times above or below the reference layer's std "
+            f"a layer may drift), got {factor!r}; the default is 10"
+        )
+    return float(factor)
+
+
+def _thresholds(overrides: Mapping[str, float] | None) -> dict[str, float]:
+    th = dict(THRESHOLDS)
+    for k, v in (overrides or {}).items():
+        if k not in th:
+            raise SignalpropError(f"unknown threshold {k!r}; the thresholds are: {', '.join(sorted(th))}")
+        th[k] = float(v)
+    return th
+
+
+def diagnose_trace(
+    trace: Trace,
+    *,
+    model: nn.Module | None = None,
+    predicted: Trace | None = None,
+    factor: float = 10.0,
+    input_stats: Mapping[str, float] | None = None,
+    thresholds: Mapping[str, float] | None = None,
+    rules: Mapping[str, Rule] | None = None,
+) -> Report:
+    """Run the rules over a trace (measured, saved or predicted) and return the Report.
+
+    ``model`` (optional) supplies what the trace lacks for exact fix texts: each weight layer's fans and
+    the activation modules; ``predicted`` the finite-width band; ``rules`` replaces :data:`RULES`.
+    Never raises on non-finite or huge statistics.
+    """
+    if not isinstance(trace, Trace):
+        raise SignalpropError(
+            f"diagnose_trace needs a signalprop Trace (from sp.measure, sp.predict or Trace.from_json), got "
+            f"{type(trace).__name__}"
+        )
+    if predicted is not None and not isinstance(predicted, Trace):
+        raise SignalpropError(
+            f"predicted must be a Trace from sp.predict, got {type(predicted).__name__}; or leave it out"
+        )
+    from ._probe import annotate
+
+    if model is not None:
+        trace = annotate(trace, model, {})
+    ctx = RuleContext(
+        factor=_check_factor(factor),
+        predicted=predicted,
+        input=dict(input_stats or {}),
+        thresholds=_thresholds(thresholds),
+    )
+    findings = run_rules(trace, ctx, dict(rules) if rules is not None else None)
+    meta: dict[str, Any] = {"factor": ctx.factor, "source": trace.source}
+    if ctx.input:
+        meta["input"] = ctx.input
+    if ctx.notes:
+        meta["notes"] = ctx.notes
+    return Report(findings, trace, predicted, meta)
+
+
+def diagnose(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    factor: float = 10.0,
+    predicted: bool | Trace = True,
+    thresholds: Mapping[str, float] | None = None,
+    rules: Mapping[str, Rule] | None = None,
+    graph: Any = None,
+    **measure_kwargs: Any,
+) -> Report:
+    """Measure ``model`` on ``inputs``, compare with the prediction, and report what is out of range.
+
+    ``inputs`` is a tensor, a tuple (positional) or a dict (keyword arguments), as for ``sp.measure``;
+    ``measure_kwargs`` go to ``sp.measure`` (``backward``, ``loss_fn``, ``modules``, ...). ``predicted``:
+    True predicts from the weights with ``sp.predict`` when the input is one floating tensor (a failure is
+    noted in ``report.meta["notes"]``, never raised), False skips it, a Trace is used as given.
+    ``graph``: a ``signalprop.graph.capture`` result to reuse (it reads weights live), saving the capture.
+    ``factor``: how far (times) a layer's std may drift from the reference layer's before it is a finding;
+    beyond ``factor**2`` it is an error.
+
+    The model is left as found (parameters, buffers, grads, modes, hooks, RNG), and the very models this
+    exists to explain (inf, NaN, 1e30 activations) give a Report, not an exception.
+    """
+    if not isinstance(model, nn.Module):
+        raise SignalpropError(f"diagnose needs an nn.Module, got {type(model).__name__}")
+    factor = _check_factor(factor)
+    from ..measurement._measure import measure
+    from ._probe import annotate, first_tensor, input_stats, probe, untrained_norms_in_eval
+
+    trace = measure(model, inputs, **measure_kwargs)
+    notes: list[str] = []
+    facts: dict[str, dict[str, Any]] = {}
+    try:
+        facts = probe(model, inputs, trace)
+    except Exception as exc:  # the extra facts are optional; the note says why they are missing
+        notes.append(f"probe pass failed ({type(exc).__name__}: {exc}); dead units judged from zero fractions")
+    trace = annotate(trace, model, facts)
+    stale = untrained_norms_in_eval(model)
+    if stale:
+        notes.append(
+            f"{len(stale)} BatchNorm layers ({stale[0]}, ...) are in eval mode with running statistics never "
+            "updated (mean 0, var 1): they do not normalize, so this is not the network training sees; "
+            "call model.train() before diagnosing an untrained model"
+        )
+    in_stats = input_stats(inputs)
+    pred: Trace | None = predicted if isinstance(predicted, Trace) else None
+    if predicted is True:
+        x = first_tensor(inputs)
+        if x is not None and x.is_floating_point() and x.dim() >= 2:
+            pred = _predict(model, tuple(x.shape), in_stats, notes, graph)
+        else:
+            notes.append("no prediction: sp.predict needs one floating input tensor")
+    report = diagnose_trace(
+        trace, predicted=pred, factor=factor, input_stats=in_stats, thresholds=thresholds, rules=rules
+    )
+    report.meta["notes"] = notes + list(report.meta.get("notes", []))
+    if not report.meta["notes"]:
+        del report.meta["notes"]
+    return report
+
+
+def _predict(
+    model: nn.Module, shape: tuple[int, ...], in_stats: dict[str, float], notes: list[str], graph: Any = None
+) -> Trace | None:
+    """sp.predict with the input's measured variance; warnings and failures become notes."""
+    try:
+        from ..prediction._predict import predict
+    except ImportError as exc:
+        notes.append(f"no prediction: {exc}")
+        return None
+    std = in_stats.get("std", 1.0)
+    mean = in_stats.get("mean", 0.0)
+    input_var = mean * mean + std * std  # the second moment is what the q-map carries
+    if not (math.isfinite(input_var) and input_var > 0):
+        notes.append("no prediction: the input's variance is not a positive finite number")
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pred = predict(model, shape[1:], input_var=input_var, graph=graph)
+        except Exception as exc:  # a model predict cannot capture: diagnose goes on without the band
+            notes.append(f"no prediction: {type(exc).__name__}: {exc}")
+            pred = None
+    notes.extend(f"predict: {w.message}" for w in caught)
+    return pred

@@ -1,0 +1,205 @@
+"""What diagnose needs beyond a Trace: per-unit and per-element facts from one extra forward pass, and
+per-layer facts read off the model (fans, the activation after each weight layer).
+
+The pass runs under ``torch.no_grad`` with forward hooks on the few modules that need it (ReLU-family
+outputs: units that are zero for the whole batch; tanh/sigmoid outputs: the fraction near the bounds;
+layers whose measured rms is tiny: the fraction of subnormal values), and leaves the model as it found
+it: buffers (BatchNorm running statistics) are copied back, the RNG streams restored, modes untouched,
+the hooks are removed, no ``.grad`` is created (measure's snapshot, :mod:`signalprop._state`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import theory
+from .._errors import SignalpropError
+from ..trace import LayerStats, Trace
+
+_RELU = {"relu", "relu6"}
+_SAT = {"tanh", "sigmoid", "hardtanh", "softsign"}
+_TINY_RMS = 1e-25  # below this a float32 layer may hold subnormal values (float32 tiny: 1.2e-38)
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(x)`` for a tensor, ``model(*x)`` for a tuple/list, ``model(**x)`` for a mapping."""
+    if isinstance(inputs, torch.Tensor):
+        return model(inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    if hasattr(inputs, "keys") and hasattr(inputs, "__getitem__"):
+        return model(**{k: inputs[k] for k in inputs.keys()})
+    return model(inputs)
+
+
+def first_tensor(inputs: Any) -> torch.Tensor | None:
+    """The first tensor of the inputs (a tensor, a tuple's first tensor, a mapping's first tensor)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    if isinstance(inputs, tuple | list):
+        items: list[Any] = list(inputs)
+    elif hasattr(inputs, "values"):
+        items = list(inputs.values())
+    else:
+        return None
+    return next((t for t in items if isinstance(t, torch.Tensor)), None)
+
+
+def input_stats(inputs: Any) -> dict[str, float]:
+    """mean, std, absmax and nonfinite_frac of the first floating input tensor, in float64."""
+    t = first_tensor(inputs)
+    if t is None or not t.is_floating_point() or t.numel() == 0:
+        return {}
+    x = t.detach().to(torch.float64).reshape(-1)
+    finite = torch.isfinite(x)
+    frac = 1.0 - float(finite.double().mean())
+    xf = x[finite]
+    if xf.numel() == 0:
+        return {"nonfinite_frac": frac}
+    return {
+        "mean": float(xf.mean()),
+        "std": float(xf.std(unbiased=False)),
+        "absmax": float(xf.abs().max()),
+        "nonfinite_frac": frac,
+    }
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Give back everything a forward can change (buffers, parameters, grads, modes, RNG) after the block:
+    measure's own snapshot (:mod:`signalprop._state`), so both passes obey one definition."""
+    from .._state import restore_state, save_state
+
+    state = save_state(model)
+    try:
+        yield
+    finally:
+        restore_state(state)
+
+
+def _unit_dims(trace: Trace) -> dict[str, int]:
+    """Layer name -> the dimension that indexes units: measure's ``channel_dim`` when recorded, else 1
+    after a convolution and the last dimension otherwise."""
+    out: dict[str, int] = {}
+    conv = False
+    for layer in trace:
+        if layer.weight_layer:
+            conv = layer.kind.startswith(("Conv", "LazyConv")) and layer.kind != "Conv1D"
+        dim = layer.meta.get("channel_dim")
+        out[layer.name] = int(dim) if isinstance(dim, int) else (1 if conv else -1)
+    return out
+
+
+def probe(model: nn.Module, inputs: Any, trace: Trace) -> dict[str, dict[str, Any]]:
+    """One hooked forward pass: per-layer ``dead_frac``, ``sat_frac``, ``subnormal_frac`` (trace names).
+
+    A unit is dead when it outputs 0 for every element of the batch (and every spatial position): for a
+    conv the unit is a channel (dim 1), otherwise the last dimension.
+    """
+    keys = {layer.name.split("#")[0]: theory._MODULE_NAMES.get(layer.kind) for layer in trace}
+    tiny = {layer.name for layer in trace if math.isfinite(layer.fwd.rms) and layer.fwd.rms < _TINY_RMS}
+    unit_dims = _unit_dims(trace)
+    wanted = {n for n, k in keys.items() if k in _RELU or k in _SAT} | {n.split("#")[0] for n in tiny}
+    found: dict[str, dict[str, Any]] = {}
+    calls: dict[str, int] = {}
+    handles = []
+
+    def hook_for(name: str, key: str | None) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            k = calls.get(name, 0)
+            calls[name] = k + 1
+            full = name if k == 0 else f"{name}#{k}"
+            t = output if isinstance(output, torch.Tensor) else first_tensor(output)
+            if t is None or not t.is_floating_point() or t.numel() == 0:
+                return
+            found[full] = _facts(t.detach(), key, unit_dims.get(full, -1), full in tiny)
+
+        return hook
+
+    named = dict(model.named_modules())
+    with preserved(model), torch.no_grad():
+        try:
+            for name in wanted:
+                if name in named:
+                    handles.append(named[name].register_forward_hook(hook_for(name, keys.get(name))))
+            call_model(model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    return found
+
+
+def _facts(t: torch.Tensor, key: str | None, unit_dim: int, tiny: bool) -> dict[str, Any]:
+    x = t.float()
+    out: dict[str, Any] = {}
+    if key in _RELU and x.dim() >= 2 and -x.dim() <= unit_dim < x.dim():
+        units = x.movedim(unit_dim, -1)
+        flat = units.reshape(-1, units.shape[-1])
+        out["dead_frac"] = float((flat.amax(0) <= 0).float().mean())
+        out["units"] = int(flat.shape[1])
+        out["unit_elements"] = int(flat.shape[0])
+    if key in ("tanh", "hardtanh", "softsign"):
+        out["sat_frac"] = float((x.abs() > 0.99).float().mean())
+    elif key == "sigmoid":
+        out["sat_frac"] = float(((x < 0.01) | (x > 0.99)).float().mean())
+    if tiny and t.dtype in (torch.float32, torch.float64):
+        a = t.abs()
+        out["subnormal_frac"] = float(((a > 0) & (a < torch.finfo(t.dtype).tiny)).float().mean())
+    return out
+
+
+def annotate(trace: Trace, model: nn.Module | None, facts: dict[str, dict[str, Any]]) -> Trace:
+    """The trace with ``meta`` filled in from the model: ``mixing`` (a weight layer in ``sp.init``'s sense),
+    ``fan_in``/``fan_out`` for those, ``act_key`` for activation modules, and the probe's facts."""
+    named = dict(model.named_modules()) if model is not None else {}
+    layers: list[LayerStats] = []
+    for layer in trace:
+        meta = dict(layer.meta)
+        m = named.get(layer.name.split("#")[0])
+        if m is not None:
+            key = theory.activation_key(m)
+            if key is not None:
+                meta.setdefault("act_key", key)
+            meta["mixing"] = _mixing(m)
+            if meta["mixing"] and "fan_in" not in meta:
+                meta.update(_fans(m))
+        meta.update(facts.get(layer.name, {}))
+        layers.append(replace(layer, meta=meta))
+    return trace.with_layers(layers)
+
+
+def _mixing(m: nn.Module) -> bool:
+    """True for layers that mix their inputs through a weight, as ``sp.init`` defines them (not lookup
+    tables such as nn.Embedding, whose output scale is a modelling choice)."""
+    from ..init.fans import is_weight_layer
+
+    return is_weight_layer(m) and not isinstance(m, nn.Embedding | nn.EmbeddingBag)
+
+
+def untrained_norms_in_eval(model: nn.Module) -> list[str]:
+    """Names of BatchNorm layers in eval mode whose running statistics were never updated: they do not
+    normalize (running mean 0, var 1), so an eval-mode measurement is not what training sees."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats:
+            n = m.num_batches_tracked
+            if n is not None and int(n) == 0:
+                out.append(name)
+    return out
+
+
+def _fans(m: nn.Module) -> dict[str, float]:
+    from ..init.fans import fans
+
+    try:
+        fi, fo = fans(m)
+    except SignalpropError:  # a layer type without a fan rule: the fix text then names the formula only
+        return {}
+    return {"fan_in": fi, "fan_out": fo}

@@ -1,0 +1,216 @@
+"""What diagnose rules share: the context they read, the thresholds, and helpers over a Trace (which
+layers are the body and the head, which layers play the same role, the activation after a weight layer, the
+exact init std a fix names)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import theory
+from ..trace import LayerStats, Trace
+from ._findings import Finding
+
+THRESHOLDS: dict[str, float] = {
+    # Fraction of a ReLU layer's units that output 0 for every input in the batch. With zero bias and
+    # symmetric weights a unit's sign is a coin flip, so inputs that have become alike (deep ReLU nets drive
+    # the correlation between inputs towards 1, Poole et al. 2016) silence up to half the units at init;
+    # more than half needs a negative shift (bias, input mean): that is the warning.
+    # So a layer is a warning only when more than half its units are dead and a binomial test against
+    # "each unit dead with chance 1/2" rejects at dead_p (4 units: never; 64 units: 42 or more dead).
+    "dead_info": 0.10,
+    "dead_warning": 0.50,
+    "dead_error": 0.90,
+    "dead_p": 0.01,
+    "dead_min_elements": 16,  # a healthy unit is zero on all of m inputs with chance 2^-m: judge from 16 on
+    "dead_zero_frac": 0.99,  # trace-only fallback: fraction of zero outputs that counts as dead
+    "sat_info": 0.05,  # fraction of tanh/sigmoid outputs within 1% of the bounds
+    "sat_warning": 0.25,
+    "overflow_margin": 8.0,  # absmax within this factor of the dtype's largest finite value
+    "mean_ratio_info": 1.0,  # |mean| / std per channel (Brock et al. 2021) of a body weight layer's output
+    "mean_ratio_warning": 3.0,
+    "subnormal_warning": 0.10,  # fraction of a layer's values in the subnormal range
+}
+"""Default thresholds; pass ``thresholds={...}`` to :func:`signalprop.diagnose.diagnose` to change one."""
+
+FIX_TOOLS = (
+    "sp.fix.auto_init_(model) sets the matching scheme on every weight layer; "
+    "sp.fix.lsuv_(model, inputs) scales each layer to std 1 on your data"
+)
+
+RELU_KEYS = {"relu", "relu6"}
+SAT_BOUNDS: dict[str, str] = {"tanh": "+-1", "sigmoid": "0 and 1", "hardtanh": "+-1", "softsign": "+-1"}
+_GLOBAL_POOLS = re.compile(r"^(Flatten|Adaptive(Avg|Max)Pool[123]d)$")
+_CONV = re.compile(r"^(Lazy)?Conv(Transpose)?[123]d$")
+_PASS_THROUGH = re.compile(r"^(Dropout\d?d?|AlphaDropout|Identity)$")
+
+
+@dataclass
+class RuleContext:
+    """What rules may read besides the trace.
+
+    ``input`` holds the input's statistics (mean, std, absmax, nonfinite_frac) when known;
+    ``predicted`` a predicted Trace whose Stats carry ``var_band``; ``notes`` collects remarks for
+    ``Report.meta`` (why a number was missing).
+    """
+
+    factor: float = 10.0
+    predicted: Trace | None = None
+    input: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=lambda: dict(THRESHOLDS))
+    notes: list[str] = field(default_factory=list)
+
+
+Rule = Callable[[Trace, RuleContext], list[Finding]]
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+def g(x: float) -> str:
+    """A number as people write it in a finding: 3 significant digits, exponent when far from 1."""
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e4:
+        return f"{x:.3g}"
+    return f"{x:.2e}"
+
+
+def positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def is_conv(kind: str) -> bool:
+    return bool(_CONV.match(kind))
+
+
+def act_key(layer: LayerStats) -> str | None:
+    """The activation registry name of a layer (``"relu"``, ``"tanh"``) or None."""
+    key = layer.meta.get("act_key")
+    if isinstance(key, str):
+        return key
+    return theory._MODULE_NAMES.get(layer.kind)
+
+
+def label(layer: LayerStats) -> str:
+    return f"{layer.name} ({layer.kind})"
+
+
+def weight_indices(trace: Trace) -> list[int]:
+    """Indices of the layers that mix their inputs through a weight (Linear, Conv, HF Conv1D, ...).
+
+    ``meta["mixing"]`` decides where diagnose recorded it from the model (``sp.init``'s definition, lookup
+    tables such as ``nn.Embedding`` left out: their scale is a modelling choice); else ``weight_layer``.
+    """
+    if any("mixing" in layer.meta for layer in trace):
+        return [i for i, layer in enumerate(trace) if layer.meta.get("mixing")]
+    return [i for i, layer in enumerate(trace) if layer.weight_layer]
+
+
+def split_body_head(trace: Trace) -> tuple[list[int], list[int]]:
+    """Indices (into ``trace``) of the body's and the head's weight layers.
+
+    The body ends at the first global pooling or flatten (``Flatten``, ``AdaptiveAvg/MaxPool``, or a
+    pooling whose output is 1 x 1) that no convolution follows: the feature extractor. What comes after is
+    the head, judged on its own, because pooling rescales per-element gradients by design (a 16x16 average
+    pool divides them by 256). Networks without such a boundary are all body. Weight layers that feed a
+    normalization layer (:func:`normalized`) are in neither.
+    """
+    weights = [i for i in weight_indices(trace) if not normalized(trace, i)]
+    for i, layer in enumerate(trace):
+        if not _is_global_pool(layer):
+            continue
+        if any(is_conv(trace[j].kind) for j in weights if j > i):
+            continue
+        body = [j for j in weights if j < i]
+        if body:
+            return body, [j for j in weights if j > i]
+        break
+    return weights, []
+
+
+def normalized(trace: Trace, i: int) -> bool:
+    """True when weight layer ``i`` feeds a normalization layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm,
+    ...; dropout and identities in between are skipped): the norm divides its scale out, forward and
+    backward, so drift in its raw output is by design and not judged."""
+    for layer in list(trace)[i + 1 :]:
+        if _PASS_THROUGH.match(layer.kind):
+            continue
+        return "Norm" in layer.kind
+    return False
+
+
+def role(name: str) -> str:
+    """A layer's role: its name with every all-digit component (block, stage, position) replaced by '#'.
+
+    ``h.3.mlp.c_proj`` -> ``h.#.mlp.c_proj``, ``features.10`` -> ``features.#``; ``mlp.fc1`` and ``mlp.fc2``
+    stay apart (different roles in one block); a reuse suffix ``#k`` is dropped.
+    """
+    return ".".join("#" if part.isdigit() else part for part in name.split("#")[0].split("."))
+
+
+def role_groups(trace: Trace, idx: list[int]) -> list[list[int]]:
+    """The weight layers ``idx`` grouped by :func:`role`, each group in execution order.
+
+    In a plain stack (``features.0``, ``features.3``, ...) that is one group, and drift is judged over the
+    whole body as DESIGN.md says. In networks of repeated blocks (transformers, ResNets) a layer is compared
+    with the same layer of the first block (``h.#.attn.c_attn``), not with a layer of another role whose
+    scale differs by design (GPT-2's residual branches are small on purpose). When no role repeats, the
+    whole list is one group.
+    """
+    groups: dict[str, list[int]] = {}
+    for i in idx:
+        groups.setdefault(role(trace[i].name), []).append(i)
+    repeated = [g for g in groups.values() if len(g) >= 2]
+    return repeated if repeated else ([idx] if idx else [])
+
+
+def _is_global_pool(layer: LayerStats) -> bool:
+    if _GLOBAL_POOLS.match(layer.kind):
+        return True
+    return "Pool" in layer.kind and len(layer.shape) >= 3 and all(s == 1 for s in layer.shape[2:])
+
+
+def following_activation(trace: Trace, i: int) -> str:
+    """The activation after weight layer ``i``: recorded in meta, else the first activation module that
+    runs before the next weight layer, else ``"linear"``."""
+    key = trace[i].meta.get("act")
+    if isinstance(key, str):
+        return key
+    for layer in list(trace)[i + 1 :]:
+        if layer.weight_layer:
+            break
+        k = act_key(layer)
+        if k is not None and k not in ("linear", "identity"):
+            return k
+    return "linear"
+
+
+def preceding_weight(trace: Trace, i: int) -> int | None:
+    for j in range(i - 1, -1, -1):
+        if trace[j].weight_layer:
+            return j
+    return None
+
+
+def init_fix(layer: LayerStats, act: str, mode: str = "fan_in") -> str:
+    """'He (fan_in, relu): std = sqrt(2/2304) = 0.0295' for this layer, from its recorded fans."""
+    try:
+        g2 = 1.0 / float(theory.second_moment(act, 1.0))
+    except Exception:  # an activation theory cannot integrate: fall back to the linear gain
+        act, g2 = "linear", 1.0
+    if act in ("relu", "leaky_relu", "relu6"):
+        scheme = "He"
+    elif act in ("linear", "identity"):
+        scheme = "LeCun"
+    else:
+        scheme = "He-style gain"
+    num = f"{g2:.4g}" if abs(g2 - round(g2)) > 1e-9 else str(round(g2))
+    fan = layer.meta.get(mode)
+    if isinstance(fan, int | float) and fan > 0:
+        n = int(fan) if float(fan).is_integer() else fan
+        std = math.sqrt(g2 / float(fan))
+        return f"{scheme} ({mode}, {act}) for {layer.name}: std = sqrt({num}/{n}) = {std:.3g}"
+    return f"{scheme} ({mode}, {act}) for {layer.name}: std = sqrt({num}/{mode})"

@@ -1,0 +1,340 @@
+"""Per-op rules of :func:`signalprop.predict`: how one module call or function moves the moments.
+
+A value is described element by element by compact float64 tensors, broadcastable to its shape (batch of
+2): ``mean`` E[x] and ``var`` Var[x] over weight draws and inputs (so E[x^2] = mean^2 + var, the ``q`` of
+mean-field theory), optionally the fourth moment ``m4``, ``src`` when x is an activation of a Gaussian
+(for max pooling), and ``s``: the covariance of x with another element *of the same channel* (another
+position or another sample), i.e. the part of ``var`` that one network shares over the whole channel as a
+random offset. ``chan`` is the dimension that indexes those channels (1 after a convolution, the last one
+after a linear layer; None when unknown). ``lv`` is the variance of the log-variance that one finite-width
+network adds (Hanin & Nica 2019). Each rule returns the output :class:`Moments` and a backward function
+mapping E[g^2] at the output to E[g^2] at each input.
+
+**Where the shared part comes from.** A layer ``y_c = sum_j w_cj x_j + b_c`` with zero-mean i.i.d. weights
+of mean square ``sigma_w^2`` gives, for two distinct elements a, b of output channel c,
+``E[y_a y_b] = sum_j sigma_w^2 E[x_ja x_jb] + b_c^2``: only products sharing a weight survive, and they
+pair one input channel and tap at two distinct positions (or samples). Hence
+
+    s_out = fan_in * sigma_w^2 * E[x_a x_b] = fan_in * sigma_w^2 * (s_in + m_in^2),
+    v_out = fan_in * sigma_w^2 * E[x^2]     = fan_in * sigma_w^2 * (v_in + m_in^2)     (He et al. 2015, Eq. 7).
+
+With i.i.d. zero-mean inputs s = 0 at the first layer; after a ReLU ``m_in^2 = q / (2 pi)``, so the next
+layer shares ``s / v = 1 / pi`` of its variance: the weights times the nonzero mean of a ReLU output. In one
+network that is a per-channel offset, the same at every position and for every sample. Random
+convolutions pass on the covariance at each displacement separately (Xiao et al. 2018, Sec. 2), so with
+i.i.d. inputs every pair of distinct elements of a channel carries the same ``s``. Per-element moments
+(and so He's product formula) are untouched; what changes is every op that combines elements of a
+channel:
+
+* activations: two elements are jointly Gaussian with covariance s; ``E[phi(u_a) phi(u_b)]`` by Mehler's
+  formula (``_predict_gauss``);
+* average pooling of k positions: ``(v - s) / k + s``, s kept; global pooling keeps s and ``1 / HW`` of the
+  rest, which is why the head after it was under-predicted 7-14x when s was ignored;
+* max pooling: the maximum of k equicorrelated Gaussians (``_predict_gauss.max_moments``);
+* BatchNorm in training normalizes with one network's batch statistics: its mean removes the channel
+  offset and its variance is the within-channel ``v - s``. Output variance ``(v - s) a^2`` with
+  ``a = gamma / sqrt(v - s + eps)``, s = 0, and the gradient scaled by ``a^2`` (using v instead of v - s
+  under-predicted gradients about 3x near the input of a BatchNorm ResNet);
+* LayerNorm and GroupNorm: the per-sample mean over a set holding Cg channels removes ``s / Cg`` (Cg = 1
+  for InstanceNorm, the feature count for LayerNorm over features);
+* dropout (independent masks) keeps s; sums of independent values add s; products multiply the cross
+  moments ``s + m^2``; views and permutations move s with the elements.
+
+Gradients carry no shared part across samples (the cotangent is drawn independently per sample), and
+per-element E[g^2] is what every backward rule needs; overlapping pooling windows, where two windows'
+gradients meet in one input, are taken as uncorrelated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _gauss as G
+
+Back = Callable[[torch.Tensor], list[torch.Tensor | None]]
+
+
+@dataclass
+class Moments:
+    """Per-element moments, stored compactly: tensors broadcastable to ``shape`` (constant along batch and,
+    for convolutions, along positions), materialized only where an op needs the full layout."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    m4: torch.Tensor | None = None
+    src: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # (act, pre m, v, s)
+    lv: float = 0.0
+    rnd: bool = False  # depends on some weight layer's random weights
+    shape: tuple[int, ...] | None = None
+    s: torch.Tensor | None = None  # covariance with another element of the channel; None is 0
+    chan: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.shape is None:
+            self.shape = tuple(torch.broadcast_shapes(self.mean.shape, self.var.shape))
+
+    def full(self, t: torch.Tensor) -> torch.Tensor:
+        shape = self.shape or ()
+        return t.expand(shape).contiguous() if tuple(t.shape) != tuple(shape) else t
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self.mean * self.mean + self.var
+
+    @property
+    def shared(self) -> torch.Tensor:
+        return self.s if self.s is not None else torch.zeros_like(self.var)
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """E[x_a x_b] for two distinct elements of one channel: s + mean^2."""
+        return self.shared + self.mean * self.mean
+
+    def fourth(self) -> torch.Tensor:
+        if self.m4 is not None:
+            return self.m4
+        m, v = self.mean, self.var
+        return m**4 + 6 * m * m * v + 3 * v * v  # Gaussian
+
+
+def const(value: torch.Tensor | float, shape: tuple[int, ...] | None = None) -> Moments:
+    t = torch.as_tensor(value).detach().to(torch.float64)
+    return Moments(t, torch.zeros_like(t), shape=tuple(t.shape) if shape is None else shape)
+
+
+def clamp_shared(s: torch.Tensor | None, var: torch.Tensor) -> torch.Tensor | None:
+    """0 <= s <= var: a covariance never exceeds the variance (guards rounding)."""
+    if s is None:
+        return None
+    return torch.minimum(s.clamp_min(0), var.clamp_min(0))
+
+
+def gauss_moments(act: Any, m: torch.Tensor, v: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """E[phi(g)], E[phi(g)^2], E[phi(g)^4], E[phi'(g)^2] per element, g ~ N(m, v) (see ``_predict_gauss``)."""
+    e1, e2, e4, d2, _ = G.act_moments(act, m, v)
+    return e1, e2, e4, d2
+
+
+def _mean_over(t: torch.Tensor, nd: int, dims: list[int]) -> torch.Tensor:
+    """Mean over ``dims`` of a compact tensor of a value with ``nd`` dims (broadcast dims cost nothing)."""
+    t = t.reshape((1,) * (nd - t.dim()) + tuple(t.shape)) if t.dim() < nd else t
+    eff = [d for d in dims if t.shape[d] > 1]
+    return t.mean(eff, keepdim=True) if eff else t
+
+
+# ---- rules ------------------------------------------------------------------------------------------------
+def activation(act: Any, x: Moments) -> tuple[Moments, Back]:
+    mean, second, fourth, d2, shared = G.act_moments(act, x.mean, x.var, x.s)
+    var = (second - mean * mean).clamp_min(0)
+    out = Moments(mean, var, fourth, (act, x.mean, x.var, x.s), x.lv, x.rnd, x.shape,
+                  clamp_shared(shared, var), x.chan)
+    return out, lambda g2: [g2 * d2]
+
+
+def mean_square(w: torch.Tensor) -> float:
+    """mean(w^2), accumulated in float64 from float32 dot products of 4096-element rows.
+
+    ``w.pow(2).sum(dtype=float64)`` converts every element (about 1 s for AlexNet's 38 M-parameter layer on
+    2 cores); row dots plus a float64 sum of the rows take a tenth of that, with relative error ~1e-9.
+    """
+    flat = w.detach().reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    n = flat.numel()
+    if n == 0:
+        return 0.0
+    cut = n // 4096 * 4096
+    total = 0.0
+    if cut:
+        rows = flat[:cut].reshape(-1, 4096)
+        total += float(torch.linalg.vecdot(rows, rows).sum(dtype=torch.float64))
+    if cut < n:
+        tail = flat[cut:].double()
+        total += float(torch.dot(tail, tail))
+    return total / n
+
+
+def weight_layer(m: Any, x: Moments, shape: tuple[int, ...]) -> tuple[Moments, Back]:
+    """y = W x + b with W's entries of mean square mean(w^2): Var[y] = fan_in * mean(w^2) * E[x^2].
+
+    He et al. (2015), Eq. 7 (forward) and Eq. 13 (backward, fan_out); the mean is the bias. The shared
+    part is ``fan_in * mean(w^2) * (s_in + m_in^2)`` (module docstring). Positions of a convolution are
+    treated as interior ones (full receptive field): zero padding at the borders lowers the border
+    outputs' variance by the share of taps that fall outside, which this ignores.
+    """
+    from ..init.fans import fans
+
+    w2 = mean_square(m.weight)
+    fan_in, fan_out = (float(f) for f in fans(m))
+    q_in = float(x.q.mean())
+    gain = fan_in * w2
+    compact = (1,) * len(shape)
+    var = torch.full(compact, gain * q_in, dtype=torch.float64)
+    shared = torch.full(compact, gain * float(x.cross.mean()), dtype=torch.float64)
+    bias = getattr(m, "bias", None)
+    mean = torch.zeros(compact, dtype=torch.float64)
+    conv = isinstance(m, nn.modules.conv._ConvNd)
+    chan = 1 if conv else len(shape) - 1
+    if isinstance(bias, torch.Tensor):
+        b = bias.detach().to(torch.float64)
+        mean = mean + b.reshape([-1] + [1] * (len(shape) - 1 - chan))
+    n_in = _independent_inputs(m, fan_in)
+    lv = x.lv
+    if x.rnd:
+        q = x.q.reshape(-1)
+        beta = float((x.fourth().reshape(-1).mean() - (q * q).mean()) / q.mean() ** 2) if q.mean() > 0 else 0.0
+        lv += max(beta, 0.0) / n_in
+    in_compact = (1,) * len(x.shape or ())
+
+    def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
+        return [torch.full(in_compact, fan_out * w2 * float(g2.mean()), dtype=torch.float64)]
+
+    return Moments(mean, var, None, None, lv, True, tuple(shape), clamp_shared(shared, var), chan), back
+
+
+def _independent_inputs(m: Any, fan_in: float) -> float:
+    """Units whose squared outputs are summed i.i.d. in one layer: features (Linear) or channels (conv)."""
+    if isinstance(m, nn.Linear):
+        return float(m.in_features)
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return float(m.in_channels)
+    if type(m).__name__ == "Conv1D":
+        return float(m.weight.shape[0])
+    return fan_in
+
+
+def embedding(m: Any, shape: tuple[int, ...]) -> tuple[Moments, Back]:
+    """Rows of the table for uniformly random tokens: per-feature mean and variance over the vocabulary;
+    two tokens are drawn independently, so nothing is shared beyond the known mean."""
+    w = m.weight.detach().to(torch.float64)
+    mean = w.mean(0)
+    var = w.var(0, unbiased=False)
+    return (Moments(mean, var, None, None, 0.0, True, tuple(shape), torch.zeros_like(var), len(shape) - 1),
+            lambda g2: [None])
+
+
+def dropout(x: Moments, p: float, train: bool) -> tuple[Moments, Back]:
+    """Inverted dropout in training multiplies E[x^2] by 1/(1-p); mean and s (independent masks
+    E[d_a d_b] = (1-p)^2, rescaled by 1/(1-p)^2) unchanged; identity in eval."""
+    if not train or p <= 0:
+        return x, lambda g2: [g2]
+    if p >= 1:
+        z = torch.zeros_like(x.mean)
+        return (Moments(z, z.clone(), z.clone(), None, x.lv, x.rnd, x.shape, None, x.chan),
+                lambda g2: [torch.zeros_like(g2)])
+    s = 1.0 / (1.0 - p)
+    var = x.q * s - x.mean * x.mean
+    return (Moments(x.mean, var, x.fourth() * s**3, None, x.lv, x.rnd, x.shape, clamp_shared(x.s, var), x.chan),
+            lambda g2: [g2 * s])
+
+
+def _groups_in(x: Moments, dims: list[int]) -> float:
+    """How many channels (each with its own random offset) a normalization set over ``dims`` holds."""
+    shape = x.shape or ()
+    if x.chan is None:
+        return float(math.prod(shape[d] for d in dims)) or 1.0
+    return float(shape[x.chan]) if x.chan in dims else 1.0
+
+
+def batch_norm(m: Any, x: Moments) -> tuple[Moments, Back]:
+    """Eval with running statistics: (x - mu_run) / sqrt(var_run + eps) * gamma + beta, per channel.
+
+    Training (or no running statistics): one network's batch statistics of a channel, whose mean holds the
+    channel's random offset and whose variance is the within-channel ``mean(v + m^2) - mu^2 - s``; the
+    output has variance gamma^2, mean beta and no shared part (Ioffe & Szegedy 2015), and the gradient is
+    scaled by gamma^2 / (within-channel variance + eps). A normalized value's finite-width fluctuation
+    starts again from zero.
+    """
+    assert x.shape is not None
+    nd = len(x.shape)
+    c = x.shape[1]
+    view = [1, c] + [1] * (nd - 2)
+    train = m.training or getattr(m, "running_mean", None) is None
+    dims = [d for d in range(nd) if d != 1]
+    if train:
+        mu = _mean_over(x.mean, nd, dims)
+        cg = _groups_in(x, dims)
+        s_bar = _mean_over(x.shared, nd, dims)
+        var = (_mean_over(x.q, nd, dims) - mu * mu - s_bar / cg).clamp_min(0)
+        out_var = (x.var - x.shared / cg).clamp_min(0)
+        out_s = x.shared * (1 - 1 / cg)
+    else:
+        mu = m.running_mean.detach().to(torch.float64).reshape(view)  # type: ignore[union-attr]
+        var = m.running_var.detach().to(torch.float64).reshape(view)  # type: ignore[union-attr]
+        out_var, out_s = x.var, x.shared
+    gamma, beta = _affine(m, c, view)
+    a = gamma / torch.sqrt(var + float(m.eps))  # type: ignore[arg-type]
+    ov = out_var * a * a
+    out = Moments((x.mean - mu) * a + beta, ov, None, None, 0.0 if train else x.lv, x.rnd, x.shape,
+                  clamp_shared(out_s * a * a, ov), x.chan)
+    return out, lambda g2: [g2 * a * a]
+
+
+def _affine(m: nn.Module, c: int, view: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    ones = torch.ones(view, dtype=torch.float64)
+    gamma = w.detach().to(torch.float64).reshape(view) if isinstance(w, torch.Tensor) else ones
+    beta = b.detach().to(torch.float64).reshape(view) if isinstance(b, torch.Tensor) else ones * 0
+    return gamma, beta
+
+
+def layer_norm(m: nn.Module, x: Moments, rms: bool = False) -> tuple[Moments, Back]:
+    """Per-sample normalization over the last dims (Ba et al. 2016; RMSNorm: Zhang & Sennrich 2019).
+
+    The per-sample mean and variance over the normalized set are taken as their expectations (wide
+    layers). The set holds Cg channels (:func:`_groups_in`); its mean removes ``s / Cg`` of their shared
+    offsets, so ``V = mean(q) - M^2 - mean(s) / Cg``, output mean ``gamma (m - M) / sqrt(V + eps) + beta``,
+    variance ``(v - s / Cg) a^2`` and shared part ``s (1 - 1 / Cg) a^2``. RMSNorm divides by
+    ``sqrt(mean(q) + eps)`` and removes nothing.
+    """
+    shape = getattr(m, "normalized_shape", None)
+    k = len(shape) if isinstance(shape, tuple | list) else 1
+    assert x.shape is not None
+    nd = len(x.shape)
+    dims = list(range(nd - k, nd))
+    eps = float(getattr(m, "eps", None) or getattr(m, "variance_epsilon", 1e-6) or 1e-6)
+    q = _mean_over(x.q, nd, dims)
+    if rms:
+        mu, cg_inv = torch.zeros_like(q), 0.0
+        var = q
+    else:
+        mu = _mean_over(x.mean, nd, dims)
+        cg_inv = 1.0 / _groups_in(x, dims)
+        var = (q - mu * mu - _mean_over(x.shared, nd, dims) * cg_inv).clamp_min(0)
+    tail = tuple(x.shape[-k:])
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    gamma = w.detach().to(torch.float64).reshape(tail) if isinstance(w, torch.Tensor) else 1.0
+    beta = b.detach().to(torch.float64).reshape(tail) if isinstance(b, torch.Tensor) else 0.0
+    a = gamma / torch.sqrt(var + eps)
+    ov = (x.var - x.shared * cg_inv).clamp_min(0) * a * a
+    out = Moments((x.mean - mu) * a + beta, ov, None, None, 0.0, x.rnd, x.shape,
+                  clamp_shared(x.shared * (1 - cg_inv) * a * a, ov), x.chan)
+    return out, lambda g2: [g2 * a * a]
+
+
+def group_norm(m: nn.GroupNorm, x: Moments) -> tuple[Moments, Back]:
+    """GroupNorm (Wu & He 2018): LayerNorm's rule over each group of C / G channels and the positions."""
+    assert x.shape is not None
+    mean, var, sh = x.full(x.mean), x.full(x.var), x.full(x.shared)
+    n, c = mean.shape[:2]
+    g = m.num_groups
+    cg_inv = 0.0 if x.chan is None else (g / c if x.chan == 1 else 1.0 / (x.shape[x.chan] or 1))
+    mean_g = mean.reshape(n, g, -1)
+    q = (mean * mean + var).reshape(n, g, -1).mean(-1, keepdim=True)
+    mu = mean_g.mean(-1, keepdim=True)
+    s_bar = sh.reshape(n, g, -1).mean(-1, keepdim=True)
+    a_g = (1.0 / torch.sqrt((q - mu * mu - s_bar * cg_inv).clamp_min(0) + m.eps)).expand_as(mean_g)
+    view = [1, c] + [1] * (mean.dim() - 2)
+    gamma, beta = _affine(m, c, view)
+    a = a_g.reshape(mean.shape) * gamma
+    ov = (var - sh * cg_inv).clamp_min(0) * a * a
+    out = Moments((mean_g - mu).reshape(mean.shape) * a + beta, ov, None, None, 0.0, x.rnd, x.shape,
+                  clamp_shared(sh * (1 - cg_inv) * a * a, ov), x.chan)
+    return out, lambda g2: [g2 * a * a]
