@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import theory
 from .._errors import SignalpropError
+from ..layers import is_weight_layer
 from ..trace import LayerStats, Trace
 
 _RELU = {"relu", "relu6"}
@@ -178,8 +179,6 @@ def annotate(trace: Trace, model: nn.Module | None, facts: dict[str, dict[str, A
 def _mixing(m: nn.Module) -> bool:
     """True for layers that mix their inputs through a weight, as ``sp.init`` defines them (not lookup
     tables such as nn.Embedding, whose output scale is a modelling choice)."""
-    from ..init.fans import is_weight_layer
-
     return is_weight_layer(m) and not isinstance(m, nn.Embedding | nn.EmbeddingBag)
 
 

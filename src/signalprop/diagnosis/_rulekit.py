@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import theory
+from ..layers import is_norm_kind
 from ..trace import LayerStats, Trace
 from ._findings import Finding
 
@@ -138,7 +139,7 @@ def normalized(trace: Trace, i: int) -> bool:
     for layer in list(trace)[i + 1 :]:
         if _PASS_THROUGH.match(layer.kind):
             continue
-        return "Norm" in layer.kind
+        return is_norm_kind(layer.kind)
     return False
 
 

@@ -230,8 +230,8 @@ def _structure(model: nn.Module, example_inputs: Inputs | None, input_shape: Seq
 
 def _module_order(model: nn.Module) -> _Structure:
     """Without inputs: weight layers and activations in ``named_modules`` order (exact for nn.Sequential)."""
-    from ..graph._analysis import TRANSPARENT_MODULES, activation_module, is_norm
-    from ..init import is_weight_layer
+    from ..graph._analysis import TRANSPARENT_MODULES, activation_module
+    from ..layers import is_norm, is_weight_layer
 
     leaves = [(n, m) for n, m in model.named_modules() if is_weight_layer(m) or not list(m.children())]
     layers: list[tuple[str, nn.Module, ActLike]] = []
@@ -318,6 +318,7 @@ def plan(
 
 def _layer_steps(model: nn.Module, st: _Structure, example_inputs: Inputs | None, notes: list[str]) -> list[LayerPlan]:
     from ..init import fans as _fans
+    from ..init.fans import has_fan_rule, unplanned
 
     families = [_family(act) for _, _, act in st.layers]
     mf_count: dict[str, int] = {}
@@ -334,10 +335,12 @@ def _layer_steps(model: nn.Module, st: _Structure, example_inputs: Inputs | None
                              "an embedding is a lookup with no fan-in; its scale is a modelling choice")
             steps.append(step)
             continue
-        try:
-            fan_in = float(_fans(m)[0])
-        except SignalpropError as exc:
-            raise SignalpropError(f"plan: layer {name!r}: {exc}") from None
+        if not has_fan_rule(m):
+            why = unplanned(name, m)
+            steps.append(LayerPlan(name, kind, label, "keep", math.nan, math.nan, why))
+            notes.append(why)
+            continue
+        fan_in = float(_fans(m)[0])
         if fam == "he":
             g = theory.gain(act)
             step = LayerPlan(name, kind, label, "he", g / math.sqrt(fan_in), 0.0,

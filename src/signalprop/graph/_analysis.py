@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from .. import theory
+from ..layers import is_norm, is_weight_layer
 from ..theory import ActLike
 from ._ir import Node, Ref
 from ._types import Call, Graph, Residual
@@ -43,22 +44,6 @@ TRANSPARENT_MODULES = frozenset({
 
 ACTIVATION_OPS = frozenset(n for n in theory.known_activations() if n not in ("linear", "identity")) | {
     "prelu", "gelu_tanh"}
-
-
-def is_norm(m: nn.Module) -> bool:
-    """Normalization layers: BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm and look-alikes by name."""
-    if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.LayerNorm | nn.GroupNorm
-                  | nn.modules.instancenorm._InstanceNorm):
-        return True
-    name = type(m).__name__
-    return name.endswith(("Norm", "LayerNorm", "RMSNorm", "Norm1d", "Norm2d", "Norm3d")) and "Activation" not in name
-
-
-def is_weight_layer(m: nn.Module) -> bool:
-    """Linear, ConvNd, ConvTransposeNd, Embedding, transformers' Conv1D, ... (signalprop.init's rule)."""
-    from ..init.fans import is_weight_layer as rule
-
-    return bool(rule(m))
 
 
 def activation_module(m: nn.Module) -> bool:

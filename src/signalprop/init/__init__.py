@@ -9,6 +9,7 @@ built on the meta device. The plan as data: :func:`plan`, :func:`target_std`. Fa
 
 from __future__ import annotations
 
+from ..layers import is_weight_layer as is_weight_layer
 from . import schemes as schemes
 from .apply import SCHEMES as SCHEMES
 from .apply import InitStep as InitStep
@@ -22,7 +23,7 @@ from .apply import target_std as target_std
 from .apply import variance_scaling_ as variance_scaling_
 from .fans import WeightBlock as WeightBlock
 from .fans import fans as fans
-from .fans import is_weight_layer as is_weight_layer
+from .fans import has_fan_rule as has_fan_rule
 from .fans import register_fans as register_fans
 from .fans import weight_blocks as weight_blocks
 from .fans import weight_layers as weight_layers
@@ -46,6 +47,7 @@ __all__ = [
     "he_",
     "he_normal_",
     "he_uniform_",
+    "has_fan_rule",
     "is_weight_layer",
     "lecun_",
     "lecun_normal_",

@@ -25,7 +25,7 @@ from torch import nn
 from .._errors import SignalpropError
 from ..theory import ActLike
 from . import schemes as S
-from .fans import WeightBlock, _check_layer, _rule_for, is_weight_layer, weight_blocks, weight_layers
+from .fans import WeightBlock, _check_layer, _rule_for, has_fan_rule, weight_blocks, weight_layers
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -258,7 +258,7 @@ def target_std(layer: nn.Module, scheme: str, *, fans: tuple[float, float] | Non
     0.04419
     """
     _check_layer(layer, "target_std")
-    if fans is None and not is_weight_layer(layer):
+    if fans is None and not has_fan_rule(layer):
         weight_blocks(layer)  # raises the precise reason
     steps = [s for s in plan(layer, scheme, fans=fans, **settings) if s.layer == ""]
     stds = {round(s.std, 12) for s in steps}

@@ -37,6 +37,7 @@ Anything else raises :class:`~signalprop.SignalpropError` that says how to pass 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 
 from .._errors import SignalpropError
+from ..layers import is_weight_layer, weight_names
 
 FanRule = Callable[[nn.Module], "tuple[float, float]"]
 
@@ -189,8 +191,10 @@ def _rule_for(m: nn.Module) -> Callable[[nn.Module], list[WeightBlock]] | None:
     return None
 
 
-def is_weight_layer(m: nn.Module) -> bool:
-    """True when ``m`` is a layer type with a fan rule (built in or registered) and it has its weight."""
+def has_fan_rule(m: nn.Module) -> bool:
+    """True when ``m`` is a weight layer whose type has a fan rule (built in or registered) and its weight:
+    the layers init can draw. A weight layer (:func:`signalprop.layers.is_weight_layer`) without one
+    needs ``register_fans``."""
     rule = _rule_for(m)
     if rule is None:
         return False
@@ -200,8 +204,10 @@ def is_weight_layer(m: nn.Module) -> bool:
 
 
 def _unknown(m: nn.Module) -> SignalpropError:
-    w = getattr(m, "weight", None)
-    shape = f"weight shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else "no weight"
+    names = weight_names(m)
+    w = getattr(m, names[0], None) if names else getattr(m, "weight", None)
+    what = "weight" if not names or names[0] == "weight" else f"weight {names[0]!r}"
+    shape = f"{what} shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else "no weight"
     return SignalpropError(
         f"cannot find fans for {type(m).__name__} ({shape}); known layer types are Linear, Conv1d/2d/3d, "
         "ConvTranspose1d/2d/3d, MultiheadAttention, Embedding, EmbeddingBag and transformers' Conv1D. "
@@ -233,7 +239,7 @@ def weight_blocks(layer: nn.Module) -> list[WeightBlock]:
     rule = _rule_for(layer)
     if rule is None:
         raise _unknown(layer)
-    if not is_weight_layer(layer):
+    if not has_fan_rule(layer):
         raise SignalpropError(
             f"{type(layer).__name__} has no weight to initialize (its weight is None); nothing to compute"
         )
@@ -273,18 +279,35 @@ def fans(layer: nn.Module) -> tuple[float, float]:
 def weight_layers(model: nn.Module, *, strict: bool = False) -> Iterator[tuple[str, nn.Module]]:
     """Yield ``(qualified_name, module)`` for every weight layer of ``model``, in ``named_modules`` order.
 
-    A weight layer is a module with a fan rule and its weight (Linear, ConvNd, ConvTransposeNd,
-    MultiheadAttention, Embedding, transformers' Conv1D, registered types); ``model`` itself is included
-    when it is one. Normalization layers (1-D weights) are not weight layers. With ``strict=True`` a module
-    that owns a parameter ``weight`` of two or more dimensions but has no fan rule raises
-    :class:`~signalprop.SignalpropError` (the initializers use this, so they never skip a layer silently).
+    Yields the weight layers (:func:`signalprop.layers.is_weight_layer`) that have a fan rule (Linear,
+    ConvNd, ConvTransposeNd, MultiheadAttention, Embedding, transformers' Conv1D, registered types);
+    ``model`` itself is included when it is one. With ``strict=True`` (the initializers) a weight layer
+    without a fan rule is never skipped silently: one whose ``weight`` has two or more dimensions (a custom
+    layer used through ``F.linear``) raises :class:`~signalprop.SignalpropError` naming ``register_fans``;
+    one holding other tensors of two or more dimensions (a class token, a position table) gets an
+    :class:`UnplannedLayerWarning` naming them.
     """
     model = _check_layer(model, "weight_layers")
+    left: list[str] = []
     for name, m in model.named_modules():
-        if is_weight_layer(m):
+        if has_fan_rule(m):
             yield name, m
-        elif strict and _rule_for(m) is None:
-            w = m._parameters.get("weight")
-            if isinstance(w, torch.Tensor) and w.ndim >= 2:
+        elif strict and is_weight_layer(m):
+            if "weight" in weight_names(m):
                 err = _unknown(m)
                 raise SignalpropError(f"layer {name or '<model>'!r}: {err}") from None
+            left.append(unplanned(name, m))
+    if left:
+        warnings.warn("; ".join(left), UnplannedLayerWarning, stacklevel=3)
+
+
+class UnplannedLayerWarning(UserWarning):
+    """A weight layer was left as it is because no fan rule knows its type (the message names the fix)."""
+
+
+def unplanned(name: str, m: nn.Module) -> str:
+    """One sentence: which tensors of ``m`` no initializer draws, and the ``register_fans`` call that would."""
+    kind = type(m).__name__
+    tensors = ", ".join(f"{k} {tuple(getattr(m, k).shape)}" for k in weight_names(m))
+    return (f"{name or '<model>'} ({kind}: {tensors}) left as it is: no fan rule for {kind}; "
+            f"sp.init.register_fans({kind}, lambda m: (fan_in, fan_out)) to draw it")

@@ -27,7 +27,7 @@ from torch import nn
 from .._errors import SignalpropError
 from ._dtensor import is_dtensor, shared_seed
 from .apply import SCHEMES, _block_params, _init_layers
-from .fans import is_weight_layer
+from .fans import has_fan_rule
 
 # ---- meta-device materialization ------------------------------------------------------------------
 _BIAS_NAMES = ("bias", "in_proj_bias", "bias_k", "bias_v")
@@ -66,7 +66,7 @@ def _plan_materialize(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], li
         if not meta:
             continue
         covered: set[str] = set()
-        if is_weight_layer(m):
+        if has_fan_rule(m):
             weight_layers.append((name, m))
             covered = set(_block_params(m)) | set(_BIAS_NAMES)
         rest = [k for k in meta if k not in covered]

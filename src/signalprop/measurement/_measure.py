@@ -20,9 +20,10 @@ from torch import nn
 from .._distributed import reduce_rows, world_size
 from .._errors import SignalpropError
 from .._state import restore_state, save_state
+from ..layers import is_weight_layer
 from ..stats import CHECK, MAXV, NEGMIN, NONFINITE, SUM, SUMSQ, histogram_from_counts, stats_from_sums
 from ..trace import LayerStats, Stats, Trace
-from ._recorder import PassOptions, Recorder, first_float_tensor, is_weight_layer
+from ._recorder import PassOptions, Recorder, first_float_tensor
 
 ModuleFilter = Collection[str | type] | str | type | Callable[[str, nn.Module], bool] | None
 Inputs = torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]

@@ -31,28 +31,6 @@ _CHANNEL_FIRST_3D = (
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveMaxPool1d,
 )
-_NORMS: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-)
-if hasattr(nn, "RMSNorm"):
-    _NORMS = (*_NORMS, nn.RMSNorm)
-
-
-def is_weight_layer(m: nn.Module) -> bool:
-    """True for a module that owns (directly) a parameter of 2 or more dimensions and is not a norm layer.
-
-    That is Linear, Bilinear, ConvNd, ConvTransposeNd, Embedding(Bag), MultiheadAttention (its
-    ``in_proj_weight``), transformers' Conv1D and any custom layer with a weight matrix: the layers that
-    initialization schemes act on. Norm layers (1-D affine weights) and activations are not.
-    """
-    if isinstance(m, _NORMS):
-        return False
-    return any(p is not None and p.dim() >= 2 for p in m._parameters.values())
-
-
 def first_float_tensor(obj: Any) -> torch.Tensor | None:
     """The first floating-point tensor in ``obj``: itself, or depth-first in a tuple, list or dict
     (which covers transformers' ``ModelOutput``, an ordered dict)."""

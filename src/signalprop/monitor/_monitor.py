@@ -93,8 +93,9 @@ from torch.utils.hooks import RemovableHandle
 
 from .._distributed import reduce_rows, world_size
 from .._errors import SignalpropError
+from ..layers import is_weight_layer
 from ..measurement._measure import ModuleFilter, select_modules
-from ..measurement._recorder import PassOptions, Recorder, first_float_tensor, is_weight_layer
+from ..measurement._recorder import PassOptions, Recorder, first_float_tensor
 from ..stats import CHECK, MAX_POSITIONS, NONFINITE, NUMEL, SUM, SUMSQ, stats_from_sums
 from ..trace import Histogram, LayerStats, Stats, Trace
 from ._batch import PrefixBatch

@@ -52,10 +52,12 @@ import torch
 from torch import nn
 
 from .._errors import SignalpropError
-from ..graph._analysis import ACTIVATION_OPS, activation_module, fn_activation, is_norm, is_weight_layer
+from ..graph._analysis import ACTIVATION_OPS, activation_module, fn_activation
 from ..graph._graph import capture
 from ..graph._ir import Node, Ref
 from ..graph._types import Graph
+from ..init.fans import has_fan_rule
+from ..layers import is_norm
 from ..trace import LayerStats, Stats, Trace
 from . import _pool as P
 from . import _rules as R
@@ -188,7 +190,7 @@ class _Predictor:
             out, back = MODULE_RULES[kind](m, x, n)
         elif isinstance(m, nn.Embedding):
             out, back = R.embedding(m, shape)
-        elif is_weight_layer(m) and not isinstance(m, nn.MultiheadAttention):
+        elif has_fan_rule(m) and not isinstance(m, nn.MultiheadAttention):
             out, back = R.weight_layer(m, x, shape)
         elif activation_module(m):
             out, back = R.activation(m, x)
