@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import theory
 from .._errors import SignalpropError
+from .._hooks import internal_run
 from ..layers import is_weight_layer
 from ..trace import LayerStats, Trace
 
@@ -125,7 +126,7 @@ def probe(model: nn.Module, inputs: Any, trace: Trace) -> dict[str, dict[str, An
         return hook
 
     named = dict(model.named_modules())
-    with preserved(model), torch.no_grad():
+    with preserved(model), torch.no_grad(), internal_run():
         try:
             for name in wanted:
                 if name in named:

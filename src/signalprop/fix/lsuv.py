@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .._errors import SignalpropError
+from .._hooks import internal_run
 from ._common import (
     Inputs,
     call_model,
@@ -192,7 +193,7 @@ def output_stds(model: nn.Module, inputs: Inputs) -> dict[str, float]:
         return hook
 
     try:
-        with preserved_rng(model), eval_mode(model), mha_fastpath_disabled(), torch.no_grad():
+        with preserved_rng(model), eval_mode(model), mha_fastpath_disabled(), torch.no_grad(), internal_run():
             for name, m in layers:
                 handles.append(m.register_forward_hook(make(name)))
             call_model(model, inputs)
@@ -386,7 +387,8 @@ def _passes(
         p = _Pass(target, tol, rescale_all=i == 0, may_rescale=i < max_iters)
         handles = [m.register_forward_hook(p.hook(name), prepend=True) for name, m in layers]
         try:
-            call_model(model, inputs)
+            with internal_run():
+                call_model(model, inputs)
         finally:
             for h in handles:
                 h.remove()

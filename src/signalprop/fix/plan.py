@@ -46,6 +46,7 @@ from torch import nn
 
 from .. import theory
 from .._errors import SignalpropError
+from .._hooks import internal_run
 from ..theory import ActLike
 from ._common import Inputs, call_model, eval_mode, preserved_rng
 from ._steps import LayerPlan, Plan
@@ -407,7 +408,7 @@ def _input_second_moment(model: nn.Module, layer: nn.Module, example_inputs: Inp
 
     h = layer.register_forward_pre_hook(pre)
     try:
-        with preserved_rng(model), eval_mode(model), torch.no_grad():
+        with preserved_rng(model), eval_mode(model), torch.no_grad(), internal_run():
             call_model(model, example_inputs)
     finally:
         h.remove()

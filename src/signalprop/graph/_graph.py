@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .._errors import SignalpropError
+from .._hooks import internal_run
 from ._types import CaptureWarning, Graph
 
 Inputs = torch.Tensor | tuple[Any, ...] | list[Any] | dict[str, Any]
@@ -179,7 +180,7 @@ def capture(
     t0 = time.perf_counter()
     for method in methods:
         try:
-            with preserved(model, clone_params=method != "export"), warnings.catch_warnings():
+            with preserved(model, clone_params=method != "export"), warnings.catch_warnings(), internal_run():
                 warnings.simplefilter("ignore")
                 nodes, call_idx, outputs = backends[method](model, args, kwargs)
         except Exception as e:  # noqa: BLE001 - every failure is reported, the next method tried

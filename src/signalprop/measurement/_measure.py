@@ -19,6 +19,7 @@ from torch import nn
 
 from .._distributed import reduce_rows, world_size
 from .._errors import SignalpropError
+from .._hooks import internal_run
 from .._state import restore_state, save_state
 from ..layers import is_weight_layer
 from ..stats import CHECK, MAXV, NEGMIN, NONFINITE, SUM, SUMSQ, histogram_from_counts, stats_from_sums
@@ -245,7 +246,7 @@ def _run_pass(
     seed: int,
     group_size: int,
 ) -> Recorder:
-    with Recorder(selected, opts, backward) as rec:
+    with Recorder(selected, opts, backward) as rec, internal_run():
         args, kwargs, leaves = _prepare(inputs, backward)
         with torch.enable_grad() if backward else torch.no_grad():
             output = model(*args, **kwargs)

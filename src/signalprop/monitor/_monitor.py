@@ -93,6 +93,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .._distributed import reduce_rows, world_size
 from .._errors import SignalpropError
+from .._hooks import is_internal, is_real
 from ..layers import is_weight_layer
 from ..measurement._measure import ModuleFilter, select_modules
 from ..measurement._recorder import PassOptions, Recorder, first_float_tensor
@@ -417,7 +418,7 @@ class Monitor:
         bounds = clamp_bounds(module) if preserving else None
 
         def hook(mod: nn.Module, args: Any) -> None:
-            if not self._recording or not torch.is_grad_enabled():
+            if not self._recording or not torch.is_grad_enabled() or is_internal() or not _real(args):
                 return
             k = self._counts.get(id(mod), 0)
             self._counts[id(mod)] = k + 1
@@ -441,7 +442,7 @@ class Monitor:
                 return
             call = stack.pop()
             out = first_float_tensor(output)
-            if out is None:
+            if out is None or not is_real(out):
                 call.fwd_from = None
                 return
             call.shape = tuple(out.shape)
@@ -515,6 +516,8 @@ class Monitor:
         when that gradient is, and its few numbers replace one read of the whole output gradient."""
 
         def hook(grad: torch.Tensor) -> None:
+            if is_internal():
+                return
             call = self._waiting.pop(module, None)
             if call is not None:
                 call.bwd_bias = grad.detach()
@@ -865,6 +868,11 @@ def _other_hooks(mod: nn.Module, *, inputs: bool) -> bool:
     if len(mod._forward_hooks) != 1 or _global_forward_hooks:
         return True
     return inputs and (len(mod._forward_pre_hooks) != 1 or bool(_global_forward_pre_hooks))
+
+
+def _real(args: tuple[Any, ...]) -> bool:
+    """True unless a tensor argument is fake or meta (torch.export's tracing, a shape pass)."""
+    return all(is_real(a) for a in args if isinstance(a, torch.Tensor))
 
 
 def _unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from .._errors import SignalpropError
+from .._hooks import internal_run
 from ..graph._analysis import ACTIVATION_OPS, activation_module, fn_activation
 from ..graph._graph import capture
 from ..graph._ir import Node, Ref
@@ -113,7 +114,7 @@ def predict(
     if not (isinstance(input_var, int | float) and math.isfinite(input_var) and input_var > 0):
         raise SignalpropError(f"input_var must be a positive finite number, got {input_var!r}")
     g = graph if graph is not None else capture(model, input_shape=input_shape)
-    with torch.no_grad():
+    with torch.no_grad(), internal_run():
         return _Predictor(model, g, float(input_var)).run(input_shape)
 
 
