@@ -4,12 +4,14 @@
   critical, LeCun, second-moment gain + LSUV), Fixup or zero-init on residual branches; :func:`plan` gives
   that per-layer plan as data first, :func:`apply_plan` writes it.
 * :func:`lsuv_`: data-driven layer-sequential unit variance (Mishkin & Matas 2016) in about one forward pass
-  plus a verifying one; :func:`lsuv_run` returns what it did, :func:`output_stds` checks it.
+  plus a verifying one, each layer's target chosen so its chain's gradient stays in range
+  (:func:`lsuv_target`); :func:`lsuv_run` returns what it did, :func:`output_stds` checks it.
 * :mod:`signalprop.fix.residual`: Fixup factors (Zhang et al. 2019) and zero-init (Goyal et al. 2017).
 """
 
 from __future__ import annotations
 
+from ._critical import lsuv_target as lsuv_target
 from .auto import auto_init_ as auto_init_
 from .lsuv import LSUVResult as LSUVResult
 from .lsuv import lsuv_ as lsuv_
@@ -33,6 +35,7 @@ __all__ = [
     "fixup_factor",
     "lsuv_",
     "lsuv_run",
+    "lsuv_target",
     "mean_field_choice",
     "output_stds",
     "plan",

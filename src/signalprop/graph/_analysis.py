@@ -97,7 +97,11 @@ def build(model: nn.Module, nodes: list[Node], call_idx: list[int], outputs: lis
     graph = Graph(nodes=nodes, calls=calls, outputs=outputs, method=method, failures=dict(failures))
     for c in calls:
         if c.weight_layer:
-            graph.activations[c.name] = _activation_after(c.node, nodes, consumers, modules)
+            # A module with children (a parametrized layer: its weight comes from parametrizations.weight)
+            # is an alias of the op that made its output: the activation follows that op.
+            n = nodes[c.node]
+            start = n.inputs[0] if n.op == "alias" and n.inputs and n.inputs[0] is not None else c.node
+            graph.activations[c.name] = _activation_after(start, nodes, consumers, modules)
     graph.residuals = _residuals(nodes, calls, modules)
     return graph
 

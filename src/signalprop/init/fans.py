@@ -29,6 +29,12 @@ right for Linear and stride-1 convolutions and wrong for strided ones:
   head*; initialize such a head through the head layer, not the embedding.)
 * transformers' ``Conv1D`` (GPT-2; weight ``[in, out]``): fans swapped against Linear. It is recognised by
   class name, so transformers is never imported.
+* ``nn.RNN``, ``nn.LSTM``, ``nn.GRU``: each layer and direction stacks its gates' matrices in rows (LSTM:
+  input, forget, cell, output; GRU: reset, update, new), so every gate is a block of its own of ``H``
+  rows: ``weight_ih_l{k}`` blocks have ``fan_in`` = that layer's input size (``input_size`` for layer 0,
+  ``H`` or ``2H`` above it), ``weight_hh_l{k}`` blocks ``fan_in`` = ``H`` (``proj_size`` with a
+  projection), both ``fan_out = H``; an LSTM's projection ``weight_hr_l{k}`` is one ``proj_size x H``
+  block. PyTorch's shape rule would read a ``[4H, in]`` matrix as one layer of fan_out ``4H``.
 
 Anything else raises :class:`~signalprop.SignalpropError` that says how to pass fans; add a layer type with
 :func:`register_fans`.
@@ -126,12 +132,30 @@ def _hf_conv1d(m: nn.Module) -> list[WeightBlock]:
     return [WeightBlock("weight", int(w.shape[0]), int(w.shape[1]), out_dim=1)]
 
 
+def _rnn(m: nn.Module) -> list[WeightBlock]:
+    assert isinstance(m, nn.RNNBase)
+    gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
+    h = int(m.hidden_size)
+    blocks: list[WeightBlock] = []
+    for name in m._flat_weights_names:
+        w = getattr(m, name, None)
+        if not name.startswith("weight_") or not isinstance(w, torch.Tensor) or w.ndim != 2:
+            continue
+        cols = int(w.shape[1])
+        if name.startswith("weight_hr_"):
+            blocks.append(WeightBlock(name, cols, int(w.shape[0])))
+        else:
+            blocks += [WeightBlock(name, cols, h, rows=(g * h, (g + 1) * h)) for g in range(gates)]
+    return blocks
+
+
 _TYPE_RULES: dict[type, Callable[[nn.Module], list[WeightBlock]]] = {
     nn.Linear: _linear,
     nn.modules.conv._ConvNd: _conv,
     nn.MultiheadAttention: _mha,
     nn.Embedding: _embedding,
     nn.EmbeddingBag: _embedding,
+    nn.RNNBase: _rnn,
 }
 """Layer type -> rule. Looked up along the class's MRO, so subclasses (``NonDynamicallyQuantizableLinear``,
 a user's ``MyConv(nn.Conv2d)``) inherit their parent's rule."""
@@ -200,6 +224,8 @@ def has_fan_rule(m: nn.Module) -> bool:
         return False
     if isinstance(m, nn.MultiheadAttention):
         return m.in_proj_weight is not None or m.q_proj_weight is not None
+    if isinstance(m, nn.RNNBase):
+        return True  # its weight_ih_l* / weight_hh_l* always exist
     return isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
@@ -210,7 +236,8 @@ def _unknown(m: nn.Module) -> SignalpropError:
     shape = f"{what} shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else "no weight"
     return SignalpropError(
         f"cannot find fans for {type(m).__name__} ({shape}); known layer types are Linear, Conv1d/2d/3d, "
-        "ConvTranspose1d/2d/3d, MultiheadAttention, Embedding, EmbeddingBag and transformers' Conv1D. "
+        "ConvTranspose1d/2d/3d, MultiheadAttention, Embedding, EmbeddingBag, RNN/LSTM/GRU and transformers' "
+        "Conv1D. "
         "Pass fans=(fan_in, fan_out) or register the type with "
         "signalprop.init.register_fans(MyLayer, lambda m: (fan_in, fan_out))."
     )
@@ -232,8 +259,8 @@ def _check_layer(m: object, what: str) -> nn.Module:
 def weight_blocks(layer: nn.Module) -> list[WeightBlock]:
     """The independently initialized blocks of ``layer``'s weight, each with its effective fans.
 
-    One block for most layers; three (q, k, v) for ``nn.MultiheadAttention``. Raises for a layer type
-    without a rule and for a layer without its weight.
+    One block for most layers; three (q, k, v) for ``nn.MultiheadAttention``; one per gate and weight
+    matrix for RNN/LSTM/GRU. Raises for a layer type without a rule and for a layer without its weight.
     """
     layer = _check_layer(layer, "weight_blocks")
     rule = _rule_for(layer)

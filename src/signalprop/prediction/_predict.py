@@ -190,7 +190,7 @@ class _Predictor:
             out, back = MODULE_RULES[kind](m, x, n)
         elif isinstance(m, nn.Embedding):
             out, back = R.embedding(m, shape)
-        elif has_fan_rule(m) and not isinstance(m, nn.MultiheadAttention):
+        elif has_fan_rule(m) and not isinstance(m, nn.MultiheadAttention | nn.RNNBase):
             out, back = R.weight_layer(m, x, shape)
         elif activation_module(m):
             out, back = R.activation(m, x)
