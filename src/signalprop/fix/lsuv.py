@@ -229,7 +229,7 @@ def run(
         with preserved_rng(model), eval_mode(model), mha_fastpath_disabled(), torch.no_grad():
             if orthogonal:
                 _pre_init(chosen, skipped)
-            result = _passes(model, inputs, scaled, targets, tol / target_std, max_iters)
+            result = _passes(model, inputs, scaled, targets, tol / target_std, max_iters, orthogonal)
     except BaseException:
         restore(saved)
         raise
@@ -338,8 +338,6 @@ def _pre_init(layers: list[tuple[str, nn.Module]], skipped: dict[str, str]) -> N
     from ..init import orthogonal_
     from ..init.fans import has_fan_rule
     from ..init.recurrent import recurrent_
-    from ..init.schemes import orthogonal_ as tensor_orthogonal_
-    from ..layers import weight_names
 
     for name, m in layers:
         if name in skipped and not isinstance(m, nn.RNNBase):
@@ -348,12 +346,9 @@ def _pre_init(layers: list[tuple[str, nn.Module]], skipped: dict[str, str]) -> N
             if isinstance(m, nn.RNNBase):
                 recurrent_(m)
                 continue
-            if has_fan_rule(m):
-                orthogonal_(m)
-            else:  # a custom layer: its one weight matrix, rows as PyTorch reads them
-                names = weight_names(m)
-                if len(names) == 1 and isinstance(m._parameters.get(names[0]), torch.Tensor):
-                    tensor_orthogonal_(m._parameters[names[0]])  # type: ignore[arg-type]
+            if not has_fan_rule(m):
+                continue  # a custom layer: pre-initialized in the pass, once its output is known to be W x + b
+            orthogonal_(m)
         except SignalpropError as exc:
             raise SignalpropError(f"lsuv_: orthogonal pre-init of layer {name!r} failed: {exc}") from exc
         bias = getattr(m, "bias", None)
@@ -365,9 +360,10 @@ class _Pass:
     """One forward in which each weight layer's hook measures (and, when asked, corrects) its output."""
 
     def __init__(self, targets: dict[str, float], rel_tol: float, rescale_all: bool, may_rescale: bool,
-                 affine: dict[str, str | None]) -> None:
+                 affine: dict[str, str | None], orthogonal: bool) -> None:
         self.targets = targets
         self.affine = affine  # layer -> why its output is not W x + b (None: it is), checked once per run
+        self.orthogonal = orthogonal  # pre-initialize custom layers when their check passes
         self.rel_tol = rel_tol
         self.rescale_all = rescale_all
         self.may_rescale = may_rescale
@@ -396,21 +392,31 @@ class _Pass:
         return fn
 
     def _visit(self, name: str, m: nn.Module, y: torch.Tensor, args: Any, kwargs: Any) -> torch.Tensor | None:
-        from ..init._parametrized import assign_, is_parametrized, storage
+        from ..init.fans import has_fan_rule
 
         wname = _weight_name(m)
         if wname is None:
             self.skipped[name] = "it has no single weight tensor to scale"
             return None
-        layer_bias = getattr(m, "bias", None)
-        layer_bias = layer_bias if isinstance(layer_bias, torch.Tensor) else None
         dim = channel_dim(m, y)
         if name not in self.affine:
             self.affine[name] = _not_affine(m, wname, y, dim, args, kwargs)
+            if self.affine[name] is None and self.orthogonal and not has_fan_rule(m):
+                y = _orthogonal_custom(m, wname, args, kwargs)  # a new output: passed on even unscaled
+                new = self._rescale(name, m, y, wname, dim)
+                return y if new is None else new
         why = self.affine[name]
         if why is not None:
             self.skipped[name] = why
             return None
+        return self._rescale(name, m, y, wname, dim)
+
+    def _rescale(self, name: str, m: nn.Module, y: torch.Tensor, wname: str, dim: int | None) -> torch.Tensor | None:
+        """Measure ``y`` and, when asked, scale the weight so the output is on target; the new output or None."""
+        from ..init._parametrized import assign_, is_parametrized, storage
+
+        layer_bias = getattr(m, "bias", None)
+        layer_bias = layer_bias if isinstance(layer_bias, torch.Tensor) else None
         # The bias enters the quadratic only where it broadcasts along a known dimension and is not zero;
         # otherwise weight and bias are scaled together (exact: the output is then s * y).
         bias = layer_bias if dim is not None else None
@@ -444,6 +450,22 @@ class _Pass:
         shape = [1] * y.dim()
         shape[dim] = -1
         return torch.add(y * sw, bias.detach().reshape(shape), alpha=1.0 - sw)
+
+
+def _orthogonal_custom(m: nn.Module, wname: str, args: Any, kwargs: Any) -> torch.Tensor:
+    """The paper's pre-init for a custom layer (its weight orthogonal as PyTorch reads its shape, its bias
+    zero), and its output on the same inputs."""
+    from ..init.schemes import orthogonal_
+
+    w = m._parameters[wname]
+    assert w is not None
+    orthogonal_(w)
+    bias = getattr(m, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.zero_()
+    out = m.forward(*args, **kwargs)
+    assert isinstance(out, torch.Tensor)
+    return out
 
 
 def _weight_name(m: nn.Module) -> str | None:
@@ -496,12 +518,14 @@ def _passes(
     targets: dict[str, float],
     rel_tol: float,
     max_iters: int,
+    orthogonal: bool,
 ) -> LSUVResult:
     p: _Pass | None = None
     passes = 0
     affine: dict[str, str | None] = {}
     for i in range(max_iters + 1):
-        p = _Pass(targets, rel_tol, rescale_all=i == 0, may_rescale=i < max_iters, affine=affine)
+        p = _Pass(targets, rel_tol, rescale_all=i == 0, may_rescale=i < max_iters, affine=affine,
+                  orthogonal=orthogonal)
         handles = [m.register_forward_hook(p.hook(name), prepend=True, with_kwargs=True) for name, m in layers]
         try:
             call_model(model, inputs)
