@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import signalprop as sp
@@ -47,6 +48,7 @@ def test_verdicts_name_the_problem() -> None:
     assert "signal stays in range" in _demo.verdict(run.reports["he"])
 
 
+@pytest.mark.slow
 def test_demo_command_writes_pictures_and_report(tmp_path, capsys) -> None:
     rc = main(["demo", "--out", str(tmp_path), "--batch", "2", "--depth", "8"])
     out = capsys.readouterr().out
