@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from . import stats as stats
     from . import trace as trace
     from .diagnosis import Finding, Report, diagnose, diagnose_trace
+    from .fix import coord_check
     from .init.fans import fans
     from .measurement import measure
     from .monitor import Monitor
@@ -39,6 +40,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "diagnose": ("signalprop.diagnosis", "diagnose"),
     "diagnose_trace": ("signalprop.diagnosis", "diagnose_trace"),
     "fans": ("signalprop.init.fans", "fans"),
+    "coord_check": ("signalprop.fix", "coord_check"),
     "measure": ("signalprop.measurement", "measure"),
     "predict": ("signalprop.prediction", "predict"),
     "gain": ("signalprop.theory", "gain"),
@@ -67,6 +69,7 @@ __all__ = [
     "Stats",
     "Trace",
     "__version__",
+    "coord_check",
     "diagnose",
     "diagnose_trace",
     "experiments",

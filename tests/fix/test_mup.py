@@ -92,3 +92,17 @@ def test_coordinates_stay_flat_under_mup_and_drift_under_sp(tmp_path: Path) -> N
     assert max(std.spread().values()) >= 8.0
     png = sp.fix.plot_coord_check([std, mup], tmp_path / "coord.png")
     assert png.stat().st_size > 10_000
+
+
+def test_coord_check_command_writes_png_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from signalprop.cli import main
+
+    rc = main(["coord-check", "--widths", "64", "256", "--steps", "2", "--seeds", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc in (0, 1) and "mup: after 2 steps" in out and "sp: after 2 steps" in out
+    data = json.loads((tmp_path / "coord_check.json").read_text())
+    assert [d["parametrization"] for d in data] == ["sp", "mup"] and data[1]["widths"] == [64, 256]
+    assert (tmp_path / "coord_check.png").stat().st_size > 10_000
+    assert main(["coord-check", "--steps", "0", "--out", str(tmp_path)]) == 2

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "reproduce": "signalprop.cli.reproduce",
     "gain": "signalprop.cli.gain",
     "critical": "signalprop.cli.critical",
+    "coord-check": "signalprop.cli.coord_check",
 }
 
 CLEAN, FINDINGS, USAGE, INTERNAL = 0, 1, 2, 3

@@ -13,9 +13,9 @@
 from __future__ import annotations
 
 from .auto import auto_init_ as auto_init_
-from .coord_check import CoordCheck as CoordCheck
-from .coord_check import coord_check as coord_check
-from .coord_check import plot_coord_check as plot_coord_check
+from .coords import CoordCheck as CoordCheck
+from .coords import coord_check as coord_check
+from .coords import plot_coord_check as plot_coord_check
 from .lsuv import LSUVResult as LSUVResult
 from .lsuv import lsuv_ as lsuv_
 from .lsuv import lsuv_run as lsuv_run
