@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "gain": "signalprop.cli.gain",
     "critical": "signalprop.cli.critical",
     "coord-check": "signalprop.cli.coord_check",
+    "sweep": "signalprop.cli.sweep",
 }
 
 CLEAN, FINDINGS, USAGE, INTERNAL = 0, 1, 2, 3
