@@ -148,13 +148,15 @@ def mean_field_choice(act: ActLike, depth: int, *, bias: bool = True, width: int
     E[phi(sqrt(q*) z)^2]; one vectorized quadrature over a grid of q* and a bisection find the point of
     each sigma_b^2 candidate (0.05 first, then 0.02 down to 0.001, then 0.1, 0.2); only stable fixed points
     (q-map slope < 1) count. ``bias=False`` (layers without a bias): the points of the line sigma_b^2 = 0,
-    sigma_w^2 = q* / E[phi^2](q*), from the largest q* down. The first layer is set so q starts at q*; an
+    sigma_w^2 = q* / E[phi(sqrt(q*) z)^2], from the largest q* down. The first layer is set so q starts at q*; an
     input whose second moment is off by 2x starts it off q*, and the q-map brings it back at the rate
     xi_q = -1/log(q-map slope at q*) (Schoenholz et al. 2017). The prediction iterates q_{l+1} = qmap(q_l)
     and multiplies chi1(q_l) over ``depth`` layers from q_1 = q*/2 and 2 q*, adds 2 sd of the gradient's
     finite-width spread (:func:`chain_spread`) when ``width`` is given, and takes the first candidate whose
     forward and gradient drift both stay within 2x (diagnose flags 10x), else the one that drifts least.
 
+    Examples
+    --------
     >>> c = mean_field_choice("tanh", 40)
     >>> round(c.bias_var, 3), round(c.weight_var, 3), round(c.chi1, 6)
     (0.05, 1.761, 1.0)
@@ -291,6 +293,8 @@ def lsuv_target(act: ActLike, depth: int, width: int | None, target_std: float) 
     ``target_std`` is kept when that stays within 2x (or when no std does better), else the nearest std
     (in log) that does is taken; when none does, the one that drifts least.
 
+    Examples
+    --------
     >>> lsuv_target("relu", 50, 64, 1.0).std
     1.0
     >>> t = lsuv_target("tanh", 50, 64, 1.0)

@@ -134,8 +134,11 @@ def lsuv_(
     When a layer's output feeds an in-place activation (``ReLU(inplace=True)``), the hook has measured it
     before the activation runs. On an exception the weights are restored.
     Warns (and returns the model) when some layer is still outside ``tol`` after ``max_iters`` passes, and
-    when a recurrent layer is left as it is (``orthogonal=False``).
+    when a recurrent layer is left as it is (``orthogonal=False``), and when no target keeps a chain's
+    gradient in range (LSUV does not suit that chain).
 
+    Examples
+    --------
     >>> import torch, signalprop as sp
     >>> net = sp.models.mlp(20, 64, "tanh")
     >>> r = sp.fix.lsuv_run(net, torch.randn(256, 64))

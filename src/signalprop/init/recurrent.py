@@ -58,6 +58,8 @@ def recurrent_(
     """Initialize every RNN/LSTM/GRU in ``m`` (a layer or a model): LeCun input weights, orthogonal recurrent
     weights, per gate; zero biases, LSTM forget gate ``forget_bias`` (see the module docstring).
 
+    Examples
+    --------
     >>> lstm = recurrent_(nn.LSTM(8, 16), generator=torch.Generator().manual_seed(0))
     >>> w = lstm.weight_hh_l0.detach()[16:32]  # the forget gate's recurrent matrix
     >>> bool(torch.allclose(w @ w.T, torch.eye(16), atol=1e-5))
