@@ -378,7 +378,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
                     _zero_(m)
                 else:
                     dist = s.distribution if s.distribution in ("normal", "orthogonal") else "normal"
-                    draw_std_(m, s.std, distribution=dist, generator=generator, zero_bias=True)
+                    draw_std_(m, s.std, distribution=dist, generator=generator, zero_bias=True, fan_in=s.fan_in)
                     bias = getattr(m, "bias", None)
                     if isinstance(bias, torch.Tensor) and s.bias_std > 0:
                         bias.normal_(0.0, s.bias_std, generator=generator)

@@ -406,6 +406,10 @@ def _init_layers(
     _write(steps, [layer for _, layer in layers], generator, zero_bias, only=only)
 
 
+def _constant(std: float) -> Callable[[float, float], float]:
+    return lambda fan_in, fan_out: std
+
+
 def draw_std_(
     layer: nn.Module,
     std: float,
@@ -413,13 +417,16 @@ def draw_std_(
     distribution: str = "normal",
     generator: torch.Generator | None = None,
     zero_bias: bool = True,
+    fan_in: float | None = None,
 ) -> nn.Module:
     """Give every weight block of ``layer`` entries of standard deviation ``std`` (the fix planner's writer).
 
     ``distribution``: normal, uniform, truncated_normal, or orthogonal: a Haar-orthogonal matrix (Saxe et al.
     2014) scaled so its mean square entry is ``std^2`` (gain ``std * sqrt(max(rows, cols))``), which gives the
     same pre-activation variance ``fan_in * std^2 * E[x^2]`` as a normal draw, without the normal draw's
-    spread of singular values. Goes through a parametrization like every initializer here.
+    spread of singular values. With ``fan_in``, ``std`` is meant for a block of that fan-in and a block of
+    another fan-in gets ``std * sqrt(fan_in / its fan_in)`` (attention's k and v with their own kdim, vdim).
+    Goes through a parametrization like every initializer here.
     """
     if not (math.isfinite(std) and std > 0):
         raise SignalpropError(f"draw_std_ needs a positive finite std, got {std!r}")
@@ -428,11 +435,12 @@ def draw_std_(
         fixed = _P.scale_fixed(layer, b.param)
         if fixed is not None:
             raise SignalpropError(f"{type(layer).__name__}: {fixed}; no init sets its scale")
+        sb = std * math.sqrt(fan_in / b.fan_in) if fan_in is not None and math.isfinite(fan_in) else std
         if distribution == "orthogonal":
             rows, cols, _ = _block_dims(layer, b)
-            spec = _Spec("orthogonal", "orthogonal", gain=std * math.sqrt(max(rows, cols)))
+            spec = _Spec("orthogonal", "orthogonal", gain=sb * math.sqrt(max(rows, cols)))
         else:
-            spec = _Spec("std", _dist(distribution), lambda fi, fo: std)
+            spec = _Spec("std", _dist(distribution), _constant(sb))
         steps.append((_step("", layer, b, spec), layer))
     _write(steps, [layer], generator, zero_bias)
     return layer
