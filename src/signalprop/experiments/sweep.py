@@ -165,6 +165,15 @@ def sweep(family: str = "mlp", *, depths: Sequence[int] = (10, 100, 1000), width
     return result
 
 
+def _clipped_log10(v: float) -> float:
+    """log10 of a std for the colour scale, within +-6: 0 (underflowed) is -6, inf or nan +6."""
+    if v == 0:
+        return -6.0
+    if not math.isfinite(v):
+        return 6.0
+    return max(-6.0, min(6.0, math.log10(v)))
+
+
 def plot_sweep(result: Sweep, path: str | Path) -> Path:
     """One column per scheme, heat maps of log10 std over depth x width: forward above, gradient below."""
     from matplotlib.colors import TwoSlopeNorm
@@ -181,8 +190,7 @@ def plot_sweep(result: Sweep, path: str | Path) -> Path:
         for row, (label, grid) in enumerate((("last-layer std", result.forward[s]),
                                              ("first-layer gradient std", result.gradient[s]))):
             ax = axes[row][col]
-            vals = [[max(-6.0, min(6.0, math.log10(v))) if v > 0 and math.isfinite(v) else 6.0 for v in r]
-                    for r in grid]
+            vals = [[_clipped_log10(v) for v in r] for r in grid]
             image = ax.imshow(vals, cmap="RdBu_r", norm=norm, aspect="auto")
             for i, r in enumerate(grid):
                 for j, v in enumerate(r):
