@@ -17,8 +17,10 @@ means (masks, biases) enter through the effective count ``n = 1 / sum_j p_j^2``.
 **Attention output.** ``out_i = sum_j P_ij v_j`` with P independent of the values: ``E[out^2] = W E[v^2] +
 (1 - W) E[v_a v_b]``, i.e. ``Var = W (v - s) + s`` (s: the values' covariance across positions; the
 simplex matmul of ``_ops``). The gradient reaching the values is ``sum_i E[P_ij^2] E[g_i^2]``; the scores
-receive ``E[P_j^2] E[dP^2] (1 - 2 p_j + W)`` (the softmax Jacobian ``P_j (dP_j - sum_l P_l dP_l)`` with
-``dP`` centred across keys), and the queries and keys the products of that with the other side's spread.
+receive ``E[dP^2] E[P_j^2 (1 - 2 P_j + sum_l P_l^2)]`` (the softmax Jacobian ``P_j (dP_j - sum_l P_l dP_l)``
+with ``dP`` centred across keys), whose row sum ``E[sum P^2] - 2 E[sum P^3] + E[(sum P^2)^2]`` comes from
+the same integrals (:func:`softmax_sums`; it vanishes as attention becomes one-hot), and the queries and
+keys the products of that with the other side's spread.
 
 **Assumptions, stated in the band.** Scores Gaussian and independent across keys, and independent of
 the values; at the small init of transformers both hold well (attention is nearly uniform). As attention
@@ -46,8 +48,8 @@ _MASKED = -1e30  # an additive score at or below this is a mask (-inf, finfo.min
 
 
 @lru_cache(maxsize=64)
-def _laplace_tables(sigma2: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(u = log t grid, E[e^{-t e^z}], t^2 E[e^{2z} e^{-t e^z}]) for z ~ N(0, sigma2) (module docstring)."""
+def _laplace_tables(sigma2: float) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(u = log t grid, t, [E[e^{k z} e^{-t e^z}] for k = 0..4]) for z ~ N(0, sigma2) (module docstring)."""
     import numpy as np
 
     z, w = np.polynomial.hermite_e.hermegauss(96)
@@ -57,32 +59,57 @@ def _laplace_tables(sigma2: float) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     u = torch.linspace(-12.0 * sd - 60.0, 12.0 * sd + 10.0, 3000, dtype=torch.float64)
     t = u.exp()
     ez = zt.exp()
-    ex = torch.exp(-t[:, None] * ez[None, :])
-    p0 = (wt * ex).sum(1)
-    p2 = (wt * ez * ez * ex).sum(1) * t * t
-    return u, p0, p2
+    ex = wt * torch.exp(-t[:, None] * ez[None, :])
+    return u, t, [(ex * ez**k).sum(1) for k in range(5)]
 
 
-def attention_w(n_eff: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
-    """``W = E[sum_j P_j^2]`` for softmax rows of effective size ``n_eff`` and within-row score variance
-    ``sigma2`` (broadcast together), exact for i.i.d. Gaussian scores (module docstring)."""
+def softmax_sums(n_eff: torch.Tensor, sigma2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(E[sum_j P_j^2], E[sum_j P_j^3], E[(sum_j P_j^2)^2])`` for softmax rows of ``n_eff`` i.i.d.
+    N(0, sigma2) scores, broadcast together: with ``phi_k(t) = E[e^{kz} e^{-t e^z}]`` and
+    ``1 / S^m = int_0^inf t^(m-1) / (m-1)! e^{-t S} dt``,
+
+        E[sum P^2]      = n     int t   phi_2 phi_0^(n-1) dt,
+        E[sum P^3]      = n     int t^2 / 2 phi_3 phi_0^(n-1) dt,
+        E[(sum P^2)^2]  = n     int t^3 / 6 phi_4 phi_0^(n-1) dt + n (n-1) int t^3 / 6 phi_2^2 phi_0^(n-2) dt.
+
+    Uniform rows (sigma2 = 0): 1/n, 1/n^2, 1/n^2."""
     n_eff, sigma2 = torch.broadcast_tensors(n_eff.to(torch.float64), sigma2.to(torch.float64))
-    out = torch.empty_like(n_eff)
-    flat_n, flat_s, flat_o = n_eff.reshape(-1), sigma2.reshape(-1), out.reshape(-1)
+    outs = [torch.empty_like(n_eff) for _ in range(3)]
+    flat_n, flat_s = n_eff.reshape(-1), sigma2.reshape(-1)
+    flats = [o.reshape(-1) for o in outs]
     s_round = (flat_s.clamp(0, 50) * 1e4).round() / 1e4
     for s_val in torch.unique(s_round).tolist():
         pick = s_round == s_val
         ns = flat_n[pick].clamp_min(1.0)
         if s_val <= 1e-8:
-            flat_o[pick] = 1.0 / ns
+            flats[0][pick], flats[1][pick], flats[2][pick] = 1.0 / ns, 1.0 / ns**2, 1.0 / ns**2
             continue
-        u, p0, p2 = _laplace_tables(float(s_val))
+        u, t, ph = _laplace_tables(float(s_val))
         uniq, inv = torch.unique(ns, return_inverse=True)
-        logp0 = p0.clamp_min(1e-300).log()
-        f = p2[None, :] * torch.exp((uniq[:, None] - 1) * logp0[None, :])
-        w = uniq * torch.trapezoid(f, u, dim=1)
-        flat_o[pick] = torch.minimum(torch.maximum(w, 1.0 / uniq), torch.ones_like(w))[inv]
-    return out
+        log0 = ph[0].clamp_min(1e-300).log()
+        pw = torch.exp((uniq[:, None] - 1) * log0[None, :])  # phi_0^(n-1)
+        pw2 = torch.exp((uniq[:, None] - 2).clamp_min(0) * log0[None, :])
+
+        w2 = uniq * _integral(t * ph[2] * pw, t, u)
+        w3 = uniq * _integral(t**2 / 2 * ph[3] * pw, t, u)
+        w22 = (uniq * _integral(t**3 / 6 * ph[4] * pw, t, u)
+               + uniq * (uniq - 1) * _integral(t**3 / 6 * ph[2] ** 2 * pw2, t, u))
+        w2 = torch.maximum(w2, 1.0 / uniq).clamp_max(1.0)
+        flats[0][pick] = w2[inv]
+        flats[1][pick] = torch.maximum(w3, 1.0 / uniq**2).clamp_max(1.0)[inv]
+        flats[2][pick] = torch.maximum(w22, w2 * w2).clamp_max(1.0)[inv]
+    return outs[0], outs[1], outs[2]
+
+
+def _integral(f: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """int f dt over the grid u = log t (dt = t du), along the last dim."""
+    return torch.trapezoid(f * t, u, dim=-1)
+
+
+def attention_w(n_eff: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
+    """``W = E[sum_j P_j^2]`` for softmax rows of effective size ``n_eff`` and within-row score variance
+    ``sigma2`` (broadcast together), exact for i.i.d. Gaussian scores (:func:`softmax_sums`)."""
+    return softmax_sums(n_eff, sigma2)[0]
 
 
 def softmax_moments(x: Moments, dim: int = -1) -> tuple[Moments, Back]:
@@ -102,13 +129,14 @@ def softmax_moments(x: Moments, dim: int = -1) -> tuple[Moments, Back]:
     allowed = mean > _MASKED
     spread = torch.where(allowed, spread, torch.zeros_like(spread)) if spread.shape == allowed.shape else spread
     sigma2 = (p * spread).sum(d, keepdim=True) if spread.shape[d] == size else spread
-    w = torch.maximum(attention_w(1.0 / w0, sigma2), w0)
+    w, w3, w22 = softmax_sums(1.0 / w0, sigma2)
+    w = torch.maximum(w, w0)
     q = p * p * (w / w0)
     var = (q - p * p).clamp_min(0)
     widen = float(torch.log(w / w0).clamp_min(0).mean()) / R.Z90
     simplex = w if d == nd - 1 else None
-    out = Moments(p, var, None, None, x.lv + widen * widen, x.rnd, shape, None, None, fan=x.fan, simplex=simplex)
-    factor = q * (1 - 2 * p + w).clamp_min(0)
+    out = Moments(p, var, None, None, x.lv + widen * widen, x.rnd, shape, None, None, corr=x.corr, simplex=simplex)
+    factor = q * ((w - 2 * w3 + w22) / w).clamp_min(0)  # E[P_j^2 (1 - 2 P_j + sum_l P_l^2)], row total split as q
 
     def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
         return [g2 * factor]
@@ -150,7 +178,7 @@ def sdpa(n: Node, ins: dict[int, Moments]) -> Step | None:
     if bias is not None:
         scores = R.Moments(scores.mean + bias, scores.var, None, None, scores.lv, scores.rnd,
                            tuple(torch.broadcast_shapes(scores.shape or (), tuple(bias.shape))),
-                           scores.s, scores.chan, fan=scores.fan)
+                           scores.s, scores.chan, corr=scores.corr)
     probs, back_sm = softmax_moments(scores, -1)
     out, back_pv = O.matmul_moments(probs, v)
     out.shape = tuple(n.shape or out.shape or ())
@@ -198,7 +226,7 @@ def _repeat_heads(x: Moments, group: int) -> Moments:
     mean, var = rep(x.mean), rep(x.var)
     assert mean is not None and var is not None
     new_shape = shape[:-3] + (shape[-3] * group,) + shape[-2:]
-    return Moments(mean, var, None, None, x.lv, x.rnd, new_shape, rep(x.s), x.chan, fan=x.fan)
+    return Moments(mean, var, None, None, x.lv, x.rnd, new_shape, rep(x.s), x.chan, corr=x.corr)
 
 
 def _heads_back(g: torch.Tensor | None, x: Moments, group: int) -> torch.Tensor | None:
@@ -213,7 +241,7 @@ def _heads_back(g: torch.Tensor | None, x: Moments, group: int) -> torch.Tensor 
 
 def _scaled(x: Moments, c: float) -> Moments:
     return R.Moments(x.mean * c, x.var * c * c, None, None, x.lv, x.rnd, x.shape,
-                     None if x.s is None else x.s * c * c, x.chan, fan=x.fan)
+                     None if x.s is None else x.s * c * c, x.chan, corr=x.corr)
 
 
 def _mask(ins: dict[int, Moments], mask_arg: Any, causal: bool, lq: int, lk: int) -> torch.Tensor | None:

@@ -11,12 +11,14 @@ independent parts, added as variances of the log-variance:
   spread is missing from the measured variance (``E[measured] = var - s / G``, the band's centre) and adds
   a chi-square with G degrees of freedom, ``2 (s / var)^2 / G``;
 * **the batch** (when its size B is given): the measured variance averages ``B E`` squared deviations
-  (E elements per sample), each of relative variance ``kappa = E[x^4] / E[x^2]^2 - 1`` (2 for a
-  Gaussian, 5 after a ReLU). Elements of one sample in different channels are correlated through the
-  inputs they share: two outputs of a weight layer with fan-in n have correlation ``w_i . w_j / |w_i||w_j|``,
-  of mean square ``1 / n``, so each of the ``C - 1`` other channels at a position adds ``1 / n``:
+  (E elements per sample), each of relative variance ``kappa = Var[(x - E x)^2] / Var[x]^2`` (2 for a
+  Gaussian, about 4.4 after a ReLU). Elements of one sample are correlated through the inputs they share:
+  two outputs of a weight layer with fan-in n have correlation ``w_i . w_j / |w_i||w_j|``, of mean square
+  ``1 / n``, so each of the ``C - 1`` other channels at a position adds ``1 / n``, and a convolution's
+  outputs at overlapping positions add their overlaps (``_rules.overlap_corr``); after an activation each
+  such pair keeps the share ``c_2(f)^2 / Var[f]`` of the squared deviations' variance:
 
-      relvar = kappa / (B E) * (1 + (C - 1) / n).
+      relvar = kappa / (B E) * (1 + corr),   corr = (C - 1) / n + overlaps.
 
   For a Linear layer on Gaussian inputs this is exact: ``Var[mean_b |W x_b|^2] / E^2 =
   2 ||W W^T||_F^2 / (B tr(W W^T)^2) = 2 / B (1 / N + 1 / n)`` for random W. It is the whole band at the
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .. import theory
 from ..trace import Stats
 from . import _rules as R
 from ._rules import Moments
@@ -43,18 +46,37 @@ def batch_relvar(x: Moments, batch: int | None, cond: float) -> float:
     ``cond`` is the input-second-moment part already in the prediction (0 when the input variance is a
     population value)."""
     shape = tuple(x.shape or ())
-    if not batch or len(shape) < 2 or x.known:
+    if not batch or len(shape) < 2 or x.known or float(x.var.mean()) <= 0:
         return 0.0
     per = math.prod(shape[1:]) or 1
-    chan = None if x.chan is None else x.chan % len(shape)
-    c = shape[chan] if chan not in (None, 0) else per
-    q = float(x.q.mean())
-    if q <= 0:
-        return 0.0
-    kappa = max(float(x.fourth().mean()) / (q * q) - 1.0, 0.0)
-    cross = (c - 1) / x.fan if x.fan > 0 else 0.0
+    if x.src is not None:
+        kappa, mult = _activation_factors(x.src)
+    else:
+        q = float(x.q.mean())
+        kappa = 2.0 if x.m4 is None else max(float(x.fourth().mean()) / (q * q) - 1.0, 0.0)
+        mult = 1.0
     own = kappa / (batch * per)
-    return max(own * (1.0 + cross) - cond, own)
+    return max(own * (1.0 + x.corr * mult) - cond, own)
+
+
+def _activation_factors(src: tuple[Any, torch.Tensor, torch.Tensor, Any]) -> tuple[float, float]:
+    """For ``y = phi(u)``, u ~ N(m, v) (the mean pre-activation): ``kappa = Var[f] / Var[y]^2`` of the squared
+    deviation ``f = (y - E y)^2``, and ``c_2(f)^2 / Var[f]``, the share of f's variance that two units with
+    correlated pre-activations (correlation rho) share: ``Cov(f_1, f_2) = sum_k c_k(f)^2 rho^k`` (Mehler),
+    whose rho^1 term averages out over random weights and whose rho^2 term remains (1 for a linear unit)."""
+    act, m, v = src[0], float(src[1].mean()), float(src[2].mean())
+    fn = theory.resolve(act)
+    z, w = theory.gauss_nodes(fine=False)
+    with torch.no_grad():
+        y = fn(m + math.sqrt(max(v, 0.0)) * z)
+    mu = float((w * y).sum())
+    f = (y - mu) ** 2
+    var_y = float((w * f).sum())
+    var_f = float((w * f * f).sum()) - var_y * var_y
+    if var_y <= 0 or var_f <= 0:
+        return 2.0, 1.0
+    c2 = float((w * f * (z * z - 1)).sum()) / math.sqrt(2.0)
+    return var_f / (var_y * var_y), min(c2 * c2 / var_f, 1.0)
 
 
 def stats(x: Moments, batch: int | None = None, cond: float = 0.0) -> tuple[Stats, dict[str, Any]]:

@@ -135,9 +135,9 @@ def matmul_moments(a: Moments, b: Moments, center: bool = False) -> tuple[Moment
             cov = cov + q_a @ s_b
         if s_ac is not None:
             cov = cov + s_ac * (s1b * s1b - s2b)
-    fan = float(k) if b.known else max(a.fan, b.fan)
+    corr = (m_cols - 1) / k if b.known else max(a.corr, b.corr)
     out = Moments(mean, var, None, None, max(a.lv, b.lv), a.rnd or b.rnd or b.known, out_shape,
-                  R.clamp_shared(cov, var), chan, fan=fan)
+                  R.clamp_shared(cov, var), chan, corr=corr)
     if simplex:  # the softmax runs over the contracted dim: drop b's part common along it
         g_b = v_b - s_bc if s_bc is not None else v_b
     elif center:  # the softmax runs over b's columns: drop b's part common to a row
@@ -227,7 +227,7 @@ def _transposed(x: Moments) -> Moments:
     nd = len(shape)
     chan = None if x.chan is None else {nd - 1: nd - 2, nd - 2: nd - 1}.get(x.chan % nd, x.chan % nd)
     return Moments(mean, var, None, None, x.lv, x.rnd, shape[:-2] + (shape[-1], shape[-2]), t(x.s), chan,
-                   known=x.known, value=None if not x.known else x.value.transpose(-1, -2), fan=x.fan)
+                   known=x.known, value=None if not x.known else x.value.transpose(-1, -2), corr=x.corr)
 
 
 def conv_fn(n: Node, ins: dict[int, Moments]) -> Step:
@@ -255,8 +255,11 @@ def conv_fn(n: Node, ins: dict[int, Moments]) -> Step:
     else:
         fan_in, fan_out = float(w.shape[1] * k), w.shape[0] / groups * k / st
         n_in = float(w.shape[1] * groups)
+    c_in = w.shape[0] if transposed else w.shape[1] * groups
+    c_out = w.shape[1] * groups if transposed else w.shape[0]
     out, back = R.weight_op(R.mean_square(w), float(fan_in), float(fan_out), n_in,
-                            bias if isinstance(bias, torch.Tensor) else None, x, tuple(n.shape or ()), True)
+                            bias if isinstance(bias, torch.Tensor) else None, x, tuple(n.shape or ()), True,
+                            R.overlap_corr(c_out, c_in, k, 1 if transposed else st))
     return out, back, [ix]
 
 
@@ -293,7 +296,7 @@ def where(n: Node, ins: dict[int, Moments]) -> Step:
     mean, var = sel(a.mean, b.mean), sel(a.var, b.var)
     shared = sel(a.shared, b.shared) if (a.s is not None or b.s is not None) else None
     out = Moments(mean, var, sel(a.fourth(), b.fourth()), None, max(a.lv, b.lv), a.rnd or b.rnd, shape,
-                  R.clamp_shared(shared, var), a.chan if a.chan is not None else b.chan, fan=max(a.fan, b.fan))
+                  R.clamp_shared(shared, var), a.chan if a.chan is not None else b.chan, corr=max(a.corr, b.corr))
     zero = torch.zeros((), dtype=torch.float64)
 
     def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
@@ -309,7 +312,7 @@ def sum_reduce(n: Node, ins: dict[int, Moments]) -> Step:
     out, back = P.mean_reduce(n, x)
     k = math.prod(x.shape or ()) / max(math.prod(out.shape or ()), 1)
     s = None if out.s is None else out.s * k * k
-    res = Moments(out.mean * k, out.var * k * k, None, None, out.lv, out.rnd, out.shape, s, out.chan, fan=x.fan)
+    res = Moments(out.mean * k, out.var * k * k, None, None, out.lv, out.rnd, out.shape, s, out.chan, corr=x.corr)
     return res, (lambda g2: back(g2 * k * k)), [ix] if ix is not None else []
 
 
@@ -373,7 +376,7 @@ def interpolate(n: Node, ins: dict[int, Moments]) -> Step:
     shared = _sep(s, mats) * row
     var = (_sep((v - s).clamp_min(0), sq) + shared).clamp_min(0)
     out = Moments(mean, var, None, None, x.lv, x.rnd, tuple(n.shape or ()),
-                  R.clamp_shared(shared, var) if x.s is not None else None, x.chan, fan=x.fan)
+                  R.clamp_shared(shared, var) if x.s is not None else None, x.chan, corr=x.corr)
 
     def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
         return [_sep_t(_nd(g2, nd), sq, shape)]

@@ -59,11 +59,11 @@ def max_pool(x: Moments, k: int, pool: Pool, avg: Pool, same_channel: bool = Tru
     shared = torch.minimum(cov.clamp_min(0), var)
     out_shape = tuple(pool(torch.zeros(x.shape)).shape)  # type: ignore[arg-type]
     if _spatially_constant(mean, second, fourth, shared):
-        out = Moments(mean, var, fourth, None, x.lv, x.rnd, out_shape, shared, x.chan, fan=x.fan)
+        out = Moments(mean, var, fourth, None, x.lv, x.rnd, out_shape, shared, x.chan, corr=x.corr)
         c = math.prod(out_shape) * k / math.prod(x.shape or ())  # windows holding one input
         return out, lambda g2: [g2 * (c / k)]
     out = Moments(pool(x.full(mean)), pool(x.full(var)), pool(x.full(fourth)), None, x.lv, x.rnd,
-                  None, pool(x.full(shared)), x.chan, fan=x.fan)
+                  None, pool(x.full(shared)), x.chan, corr=x.corr)
     return out, lambda g2: [_adjoint(avg, x.full(x.mean), g2.expand(out_shape))]
 
 
@@ -78,12 +78,12 @@ def avg_pool(x: Moments, k: float, pool: Pool, same_channel: bool = True) -> tup
     else:
         var, s_out = x.var / k, sh / k
     if _spatially_constant(x.mean, var, s_out):
-        out = Moments(x.mean, var, None, None, x.lv, x.rnd, out_shape, clamp_shared(s_out, var), x.chan, fan=x.fan)
+        out = Moments(x.mean, var, None, None, x.lv, x.rnd, out_shape, clamp_shared(s_out, var), x.chan, corr=x.corr)
         c = math.prod(out_shape) * k / math.prod(x.shape or ())  # windows holding one input
         return out, lambda g2: [g2 * (c / (k * k))]
     pv = pool(x.full(var))
     out = Moments(pool(x.full(x.mean)), pv, None, None, x.lv, x.rnd, None, clamp_shared(pool(x.full(s_out)), pv),
-                  x.chan, fan=x.fan)
+                  x.chan, corr=x.corr)
     return out, lambda g2: [_adjoint(pool, x.full(x.mean), g2.expand(out_shape)) / k]
 
 
@@ -122,7 +122,7 @@ def mean_reduce(node: Node, x: Moments) -> tuple[Moments, Back]:
     s_out = red(sh / cr)
     v_out = red(var)
     out = Moments(red(x.mean), v_out, None, None, x.lv, x.rnd, out_shape, clamp_shared(s_out, v_out), new_chan,
-                  fan=x.fan)
+                  corr=x.corr)
 
     def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
         g = g2.reshape(g2.shape if keep or g2.dim() == nd else
@@ -226,7 +226,7 @@ def view_moments(f: Callable[[dict[int, torch.Tensor]], torch.Tensor], ins: dict
         return list(grads)
 
     out = Moments(mean, var, m4, src, lv, any(x.rnd for x in ins.values()), out_shape, clamp_shared(shared, var),
-                  chan, fan=max(x.fan for x in ins.values()))
+                  chan, corr=max(x.corr for x in ins.values()))
     return out, back
 
 

@@ -391,8 +391,8 @@ class _Predictor:
             if n.shape is None or tuple(x.shape or ()) != tuple(n.shape):
                 raise
             why = str(exc) if isinstance(exc, SignalpropError) else f"{type(exc).__name__}: {exc}"
-            out, back = self._unknown(f"{n.kind} ({why.split('; add one')[0]})", n, x)
-            return out, back, data[:1]
+            passed, ident = self._unknown(f"{n.kind} ({why.split('; add one')[0]})", n, x)
+            return passed, ident, data[:1]
         self.context.pop()
         out = self.val(n.body_out if n.body_out is not None else n.body[-1].index)
         used = sorted({j for b in n.body for j in b.inputs if j >= 0 and not self.val(j).known})
@@ -552,7 +552,7 @@ def _add(n: Node, ins: dict[int, R.Moments]) -> Step:
     lv = (va * va * a.lv + (s * s * vb) ** 2 * b.lv) / ((va + s * s * vb) ** 2) if va + vb > 0 else 0.0
     chan = a.chan if a.chan is not None else b.chan
     out = R.Moments(mean, var, None, None, lv, a.rnd or b.rnd, O.bshape(a, b), R.clamp_shared(shared, var), chan,
-                    fan=max(a.fan, b.fan))
+                    corr=max(a.corr, b.corr))
     used = [i for i, v in ((ia, a), (ib, b)) if i is not None and not v.known]
 
     def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
@@ -579,7 +579,7 @@ def _mul(n: Node, ins: dict[int, R.Moments]) -> Step:
         shared = a.cross * b.cross - mean * mean
     chan = a.chan if a.chan is not None else b.chan
     out = R.Moments(mean, var, None, None, max(a.lv, b.lv), a.rnd or b.rnd, O.bshape(a, b),
-                    R.clamp_shared(shared, var), chan, fan=max(a.fan, b.fan))
+                    R.clamp_shared(shared, var), chan, corr=max(a.corr, b.corr))
     used = [i for i, v in ((ia, a), (ib, b)) if i is not None and not v.known]
 
     def back(g2: torch.Tensor) -> list[torch.Tensor | None]:

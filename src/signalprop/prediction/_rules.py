@@ -86,7 +86,7 @@ class Moments:
     tokens: bool = False  # the known value came from a model input
     lazy: Any = None  # (node, input moments) of an op with several outputs on data, read by getitem
     simplex: torch.Tensor | None = None  # softmax output over the last dim: E[sum_j P_j^2] per row
-    fan: float = 0.0  # fan-in of the weight layer that made this value (0: none), for the band
+    corr: float = 0.0  # sum over the other elements of one sample of their squared correlation with one (band)
 
     def __post_init__(self) -> None:
         if self.shape is None:
@@ -155,7 +155,7 @@ def activation(act: Any, x: Moments) -> tuple[Moments, Back]:
     mean, second, fourth, d2, shared = G.act_moments(act, x.mean, x.var, x.s)
     var = (second - mean * mean).clamp_min(0)
     out = Moments(mean, var, fourth, (act, x.mean, x.var, x.s), x.lv, x.rnd, x.shape,
-                  clamp_shared(shared, var), x.chan, fan=x.fan)
+                  clamp_shared(shared, var), x.chan, corr=x.corr)
     return out, lambda g2: [g2 * d2]
 
 
@@ -195,15 +195,31 @@ def weight_layer(m: Any, x: Moments, shape: tuple[int, ...]) -> tuple[Moments, B
     fan_in, fan_out = (float(f) for f in fans(m))
     bias = getattr(m, "bias", None)
     conv = isinstance(m, nn.modules.conv._ConvNd)
+    extra = 0.0
+    if conv:
+        transposed = bool(getattr(m, "transposed", False))
+        extra = overlap_corr(m.out_channels, m.in_channels, math.prod(m.kernel_size),
+                             1 if transposed else math.prod(m.stride))
     return weight_op(mean_square(m.weight), fan_in, fan_out, _independent_inputs(m, fan_in),
-                     bias if isinstance(bias, torch.Tensor) else None, x, shape, conv)
+                     bias if isinstance(bias, torch.Tensor) else None, x, shape, conv, extra)
+
+
+def overlap_corr(c_out: int, c_in: int, taps: int, stride: int) -> float:
+    """Squared correlations a convolution's output element has with the outputs at *other* positions whose
+    receptive fields overlap its own, summed: two outputs sharing o input taps (of n = c_in * taps) have
+    correlation of mean square o / n^2 over random weights, and the overlaps of one position with all others
+    sum to ``c_in taps (taps / stride - 1)``, over c_out channels each: ``c_out / c_in (1 / stride - 1 /
+    taps)`` (0 for a 1x1 or non-overlapping convolution)."""
+    return max(c_out / max(c_in, 1) * (1.0 / max(stride, 1) - 1.0 / max(taps, 1)), 0.0)
 
 
 def weight_op(w2: float, fan_in: float, fan_out: float, n_in: float, bias: torch.Tensor | None, x: Moments,
-              shape: tuple[int, ...], conv: bool) -> tuple[Moments, Back]:
+              shape: tuple[int, ...], conv: bool, overlap: float = 0.0) -> tuple[Moments, Back]:
     """The rule of :func:`weight_layer` from the numbers it needs: mean(w^2), the fans, the count of i.i.d.
-    input units ``n_in`` (Hanin-Nica), the bias, and whether channels are dim 1 (convolutions) or the last
-    dim; functional ops (``F.linear``, ``F.conv1d`` on a parametrized weight) call it directly."""
+    input units ``n_in`` (Hanin-Nica), the bias, whether channels are dim 1 (convolutions) or the last
+    dim, and a convolution's :func:`overlap_corr`; functional ops (``F.linear``, ``F.conv1d`` on a
+    parametrized weight) call it directly. Two outputs at one position correlate through the weights'
+    rows, ``w_i . w_j / |w_i||w_j|`` of mean square 1 / fan_in: ``corr = (C - 1) / fan_in + overlap``."""
     q_in = float(x.q.mean())
     gain = fan_in * w2
     compact = (1,) * len(shape)
@@ -224,7 +240,9 @@ def weight_op(w2: float, fan_in: float, fan_out: float, n_in: float, bias: torch
     def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
         return [torch.full(in_compact, fan_out * w2 * float(g2.mean()), dtype=torch.float64)]
 
-    return Moments(mean, var, None, None, lv, True, tuple(shape), clamp_shared(shared, var), chan, fan=fan_in), back
+    c_out = shape[chan] if shape else 1
+    corr = (c_out - 1) / max(fan_in, 1.0) + overlap
+    return Moments(mean, var, None, None, lv, True, tuple(shape), clamp_shared(shared, var), chan, corr=corr), back
 
 
 def between(x: Moments) -> float:
@@ -296,12 +314,12 @@ def dropout(x: Moments, p: float, train: bool) -> tuple[Moments, Back]:
         return x, lambda g2: [g2]
     if p >= 1:
         z = torch.zeros_like(x.mean)
-        return (Moments(z, z.clone(), z.clone(), None, x.lv, x.rnd, x.shape, None, x.chan, fan=x.fan),
+        return (Moments(z, z.clone(), z.clone(), None, x.lv, x.rnd, x.shape, None, x.chan, corr=x.corr),
                 lambda g2: [torch.zeros_like(g2)])
     s = 1.0 / (1.0 - p)
     var = x.q * s - x.mean * x.mean
     return (Moments(x.mean, var, x.fourth() * s**3, None, x.lv, x.rnd, x.shape, clamp_shared(x.s, var), x.chan,
-                    fan=x.fan),
+                    corr=x.corr),
             lambda g2: [g2 * s])
 
 
@@ -343,7 +361,7 @@ def batch_norm(m: Any, x: Moments) -> tuple[Moments, Back]:
     a = gamma / torch.sqrt(var + float(m.eps))  # type: ignore[arg-type]
     ov = out_var * a * a
     out = Moments((x.mean - mu) * a + beta, ov, None, None, 0.0 if train else x.lv, x.rnd, x.shape,
-                  clamp_shared(out_s * a * a, ov), x.chan, fan=x.fan)
+                  clamp_shared(out_s * a * a, ov), x.chan, corr=x.corr)
     return out, lambda g2: [g2 * a * a]
 
 
@@ -385,7 +403,7 @@ def layer_norm(m: nn.Module, x: Moments, rms: bool = False) -> tuple[Moments, Ba
     a = gamma / torch.sqrt(var + eps)
     ov = (x.var - x.shared * cg_inv).clamp_min(0) * a * a
     out = Moments((x.mean - mu) * a + beta, ov, None, None, 0.0, x.rnd, x.shape,
-                  clamp_shared(x.shared * (1 - cg_inv) * a * a, ov), x.chan, fan=x.fan)
+                  clamp_shared(x.shared * (1 - cg_inv) * a * a, ov), x.chan, corr=x.corr)
     return out, lambda g2: [g2 * a * a]
 
 
@@ -406,5 +424,5 @@ def group_norm(m: nn.GroupNorm, x: Moments) -> tuple[Moments, Back]:
     a = a_g.reshape(mean.shape) * gamma
     ov = (var - sh * cg_inv).clamp_min(0) * a * a
     out = Moments((mean_g - mu).reshape(mean.shape) * a + beta, ov, None, None, 0.0, x.rnd, x.shape,
-                  clamp_shared(sh * (1 - cg_inv) * a * a, ov), x.chan, fan=x.fan)
+                  clamp_shared(sh * (1 - cg_inv) * a * a, ov), x.chan, corr=x.corr)
     return out, lambda g2: [g2 * a * a]
