@@ -236,8 +236,9 @@ def diagnose(
 
     ``inputs`` is a tensor, a tuple (positional) or a dict (keyword arguments), as for ``sp.measure``;
     ``measure_kwargs`` go to ``sp.measure`` (``backward``, ``loss_fn``, ``modules``, ...). ``predicted``:
-    True predicts from the weights with ``sp.predict`` when the input is one floating tensor (a failure is
-    noted in ``report.meta["notes"]``, never raised), False skips it, a Trace is used as given.
+    True predicts from the weights with ``sp.predict`` on the same inputs (token ids and masks as given,
+    several inputs; a failure is noted in ``report.meta["notes"]``, never raised), False skips it, a Trace
+    is used as given.
     ``graph``: a ``signalprop.graph.capture`` result to reuse (it reads weights live), saving the capture.
     ``factor``: how far (times) a layer's std may drift from the reference layer's before it is a finding;
     beyond ``factor**2`` it is an error.
@@ -249,7 +250,7 @@ def diagnose(
         raise SignalpropError(f"diagnose needs an nn.Module, got {type(model).__name__}")
     factor = _check_factor(factor)
     from ..measurement._measure import measure
-    from ._probe import annotate, first_tensor, input_stats, probe, untrained_norms_in_eval
+    from ._probe import annotate, input_stats, probe, untrained_norms_in_eval
 
     trace = measure(model, inputs, **measure_kwargs)
     notes: list[str] = []
@@ -269,11 +270,7 @@ def diagnose(
     in_stats = input_stats(inputs)
     pred: Trace | None = predicted if isinstance(predicted, Trace) else None
     if predicted is True:
-        x = first_tensor(inputs)
-        if x is not None and x.is_floating_point() and x.dim() >= 2:
-            pred = _predict(model, tuple(x.shape), in_stats, notes, graph)
-        else:
-            notes.append("no prediction: sp.predict needs one floating input tensor")
+        pred = _predict(model, inputs, notes, graph)
     report = diagnose_trace(
         trace, predicted=pred, factor=factor, input_stats=in_stats, thresholds=thresholds, rules=rules
     )
@@ -283,25 +280,18 @@ def diagnose(
     return report
 
 
-def _predict(
-    model: nn.Module, shape: tuple[int, ...], in_stats: dict[str, float], notes: list[str], graph: Any = None
-) -> Trace | None:
-    """sp.predict with the input's measured variance; warnings and failures become notes."""
+def _predict(model: nn.Module, inputs: Any, notes: list[str], graph: Any = None) -> Trace | None:
+    """sp.predict on the same inputs (integer ones as given, floating ones with their own mean square, the
+    band for this batch); warnings and failures become notes."""
     try:
         from ..prediction._predict import predict
     except ImportError as exc:
         notes.append(f"no prediction: {exc}")
         return None
-    std = in_stats.get("std", 1.0)
-    mean = in_stats.get("mean", 0.0)
-    input_var = mean * mean + std * std  # the second moment is what the q-map carries
-    if not (math.isfinite(input_var) and input_var > 0):
-        notes.append("no prediction: the input's variance is not a positive finite number")
-        return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            pred = predict(model, shape[1:], input_var=input_var, graph=graph)
+            pred = predict(model, inputs=inputs, graph=graph)
         except Exception as exc:  # a model predict cannot capture: diagnose goes on without the band
             notes.append(f"no prediction: {type(exc).__name__}: {exc}")
             pred = None
