@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import signalprop as sp
 from signalprop.diagnosis import diagnose
 
 tf = pytest.importorskip("transformers", reason="transformers is a dev extra (real architectures)")
@@ -106,7 +107,11 @@ def test_vit_covered_clean_and_large_init_saturates_the_pooler() -> None:
     report = diagnose(model, inputs, predicted=False)
     sat = report.by_kind("saturation")[0]
     assert sat.layer == "pooler.activation" and sat.data["sat_frac"] > 0.5
-    assert "He-style gain (fan_in, tanh) for pooler.dense: std = sqrt(2.536/64) = 0.199" in sat.fix
+    # the fix quotes the plan auto_init_ applies: the pooler's dense layer starts a tanh chain (mean field)
+    step = sp.fix.plan(model, example_inputs=inputs)["pooler.dense"]
+    assert sat.data["fix_scheme"] == step.scheme == "mean_field_input"
+    assert sat.data["fix_std"] == pytest.approx(step.std, rel=1e-6)
+    assert "sets pooler.dense to mean-field critical (first layer of the chain) for tanh: std = sqrt(" in sat.fix
 
 
 def _llama() -> tuple[nn.Module, dict[str, Any]]:

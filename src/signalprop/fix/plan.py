@@ -206,14 +206,15 @@ class _Structure:
     notes: list[str] = field(default_factory=list)
 
 
-def _structure(model: nn.Module, example_inputs: Inputs | None, input_shape: Sequence[int] | None) -> _Structure:
-    if example_inputs is None and input_shape is None:
+def _structure(model: nn.Module, example_inputs: Inputs | None, input_shape: Sequence[int] | None,
+               graph: Any = None) -> _Structure:
+    if example_inputs is None and input_shape is None and graph is None:
         return _module_order(model)
     from ..graph import _graph as _graph
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", _graph.CaptureWarning)
-        g = _graph.capture(model, example_inputs, input_shape=input_shape)
+        g = graph if graph is not None else _graph.capture(model, example_inputs, input_shape=input_shape)
     notes = [str(w.message) for w in caught if issubclass(w.category, _graph.CaptureWarning)]
     for n in notes:
         warnings.warn(f"auto_init_: {n}", UserWarning, stacklevel=4)
@@ -230,22 +231,15 @@ def _structure(model: nn.Module, example_inputs: Inputs | None, input_shape: Seq
 
 def _module_order(model: nn.Module) -> _Structure:
     """Without inputs: weight layers and activations in ``named_modules`` order (exact for nn.Sequential)."""
-    from ..graph._analysis import TRANSPARENT_MODULES, activation_module
-    from ..layers import is_norm, is_weight_layer
+    from ..graph._analysis import activation_in_order, module_step
+    from ..layers import is_weight_layer
 
     leaves = [(n, m) for n, m in model.named_modules() if is_weight_layer(m) or not list(m.children())]
-    layers: list[tuple[str, nn.Module, ActLike]] = []
-    for i, (name, m) in enumerate(leaves):
-        if not is_weight_layer(m):
-            continue
-        act: ActLike = None
-        for _, nxt in leaves[i + 1 :]:
-            if activation_module(nxt):
-                act = nxt
-                break
-            if is_weight_layer(nxt) or not (type(nxt).__name__ in TRANSPARENT_MODULES or is_norm(nxt)):
-                break
-        layers.append((name, m, act))
+    layers: list[tuple[str, nn.Module, ActLike]] = [
+        (name, m, activation_in_order(module_step(nxt) for _, nxt in leaves[i + 1 :]))
+        for i, (name, m) in enumerate(leaves)
+        if is_weight_layer(m)
+    ]
     notes = []
     sequential = all(isinstance(m, nn.Sequential) for m in model.modules() if list(m.children()))
     if not sequential:
@@ -280,6 +274,7 @@ def plan(
     example_inputs: Inputs | None = None,
     input_shape: Sequence[int] | None = None,
     residual: str | None = "fixup",
+    graph: Any = None,
 ) -> Plan:
     """The plan :func:`signalprop.fix.auto_init_` would write, as data; the model is not changed.
 
@@ -288,6 +283,8 @@ def plan(
     without either, module order is used (exact for ``nn.Sequential``; a warning otherwise). Example inputs
     also give the input's second moment for the first mean-field layer and enable the LSUV pass for
     GELU-like layers. ``residual``: ``"fixup"``, ``"zero"`` or None (see :mod:`signalprop.fix.residual`).
+    ``graph``: a :func:`signalprop.graph.capture` of this model to read the structure from instead of
+    capturing again (diagnose shares its capture this way); the plan is the one those inputs would give.
 
     >>> import signalprop as sp
     >>> p = sp.fix.plan(sp.models.mlp(3, 64, "tanh"))
@@ -304,7 +301,7 @@ def plan(
         )
     if not isinstance(model, nn.Module):
         raise SignalpropError(f"plan needs an nn.Module, got {type(model).__name__}")
-    st = _structure(model, example_inputs, input_shape)
+    st = _structure(model, example_inputs, input_shape, graph)
     if not st.layers:
         raise SignalpropError(
             f"{type(model).__name__} has no weight layers to initialize (Linear, convolutions, "
