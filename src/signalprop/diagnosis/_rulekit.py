@@ -258,14 +258,15 @@ def planned_fix(ctx: RuleContext, layer: LayerStats, act: str, mode: str = "fan_
 
     With a plan (diagnose had the model) the text quotes the step ``ctx.fix_call`` would apply to this
     layer, ``std = sqrt(std^2 fan_in / fan_in)`` so the numerator reads as the scheme's variance gain
-    (He's 2 for ReLU, the critical sigma_w^2 for tanh), and ``data`` carries that exact scheme and std.
+    (He's 2 for ReLU, the critical sigma_w^2 for tanh), and ``data`` carries that exact scheme and std
+    (``fix_scheme``, ``fix_std``) and the layer they are for (``fix_layer``).
     A layer the plan keeps (no fan rule) gets the plan's reason, which names the ``register_fans`` call.
     Without a plan: :func:`init_fix`, the textbook formula from the recorded fans.
     """
     step = ctx.plan.get(layer.name.split("#")[0]) if ctx.plan is not None else None
     if step is None:
         return init_fix(layer, act, mode), {}
-    data: dict[str, Any] = {"fix_scheme": step.scheme, "fix_std": step.std}
+    data: dict[str, Any] = {"fix_layer": step.layer, "fix_scheme": step.scheme, "fix_std": step.std}
     if step.scheme == "keep":
         why = step.reason.split("left as it is: ", 1)[-1]
         return f"{ctx.fix_call} leaves {layer.name} as it is: {why}", data

@@ -154,8 +154,8 @@ def _backward_nonfinite(trace: Trace, ctx: RuleContext, i: int, fwd_bad: bool) -
         msg = (f"{label(culprit)}: {between} overflowed {culprit.dtype}: the gradient at its output peaks at "
                f"{g(up.absmax)}, within {g(limit / max(peaks))}x of the largest value {g(limit)}, and "
                f"{layer.name}'s output gradient holds inf/NaN ({_count(layer.bwd)}).")
-        fix = ("rescale the init for gradients (fan_out; see the grad_exploding finding), scale or clip the loss, "
-               f"or compute this part in float32; {anomaly}")
+        fix = ("rescale the init for gradients (fan_out), scale or clip the loss, or compute this part in a wider "
+               f"dtype; {anomaly}")
     else:
         msg = (f"{label(culprit)}: {between} made inf/NaN from finite values: the gradient at its output is "
                f"finite and small (absmax {g(up.absmax)}, far inside {culprit.dtype}'s range), yet "
