@@ -9,8 +9,9 @@ over the whole body is always seen. When roles repeat (the blocks of a transform
 first block, the calls before any role comes back, sets each role's level: its layers differ from one
 another by design (GPT-2's residual projections are small on purpose, attention queries get tiny
 gradients), so a later layer of a role is compared with that role's first layer, and a layer whose role
-the first block does not hold is compared with the reference. A drift across repeated blocks therefore
-shows in every role it touches, and nothing is left out.
+the first block does not hold is compared with the reference (one that occurs only once, such as an
+embedding or a pooler, only beyond ``factor**2``: part of its level is its design). A drift across repeated
+blocks therefore shows in every role it touches, and nothing is left out.
 
 Direction (:func:`_entry`): the reference is the first *judged* layer. When weight layers before it were not
 judged (they feed normalization layers) and the reference is already ``factor**2`` below or above the
@@ -56,7 +57,9 @@ class Point:
 class Comparison:
     """``point`` against ``base`` (the reference, or its role's first layer): ``ratio`` = std / base std,
     ``level`` the point's std on the reference's scale (ratio x reference std), ``steps`` the judged layers
-    from the base to the point."""
+    from the base to the point; ``lone``: a layer whose role occurs once among repeated blocks (a stem, an
+    embedding, a pooler), whose level against the reference is partly design, so only a drift beyond
+    ``factor**2`` counts."""
 
     point: Point
     base: Point
@@ -64,6 +67,7 @@ class Comparison:
     level: float
     steps: int
     by_role: bool
+    lone: bool = False
 
 
 def points(trace: Trace, idx: list[int], grad: bool) -> list[Point]:
@@ -85,7 +89,8 @@ def comparisons(pts: list[Point]) -> list[Comparison]:
     ref = pts[0]
     roles = [p.role for p in pts]
     first_block: set[str] = set()
-    if len(set(roles)) < len(roles):
+    repeated = len(set(roles)) < len(roles)
+    if repeated:
         for name in roles:
             if name in first_block:
                 break
@@ -105,7 +110,8 @@ def comparisons(pts: list[Point]) -> list[Comparison]:
         if not positive(base.std):
             continue
         r = p.std / base.std
-        out.append(Comparison(p, base, r, r * ref.std, k - b, b != 0))
+        lone = repeated and b == 0 and roles.count(p.role) == 1
+        out.append(Comparison(p, base, r, r * ref.std, k - b, b != 0, lone))
     return out
 
 
@@ -182,7 +188,7 @@ def _drifts(trace: Trace, ctx: RuleContext, pts: list[Point], entry: float | Non
     ref = pts[0]
     out: list[tuple[_Drift, bool]] = []
     for up in (True, False):
-        beyond = [c for c in comps if (c.ratio > f if up else c.ratio < 1 / f)]
+        beyond = [c for c in comps if (c.ratio > _limit(c, f) if up else c.ratio < 1 / _limit(c, f))]
         if entry is not None:
             beyond = [c for c in beyond if (c.level > f * max(entry, ref.std) if up else c.level < min(entry, ref.std) / f)]
         if entry is not None and (ref.std > entry * f * f if up else ref.std < entry / (f * f)):
@@ -195,6 +201,10 @@ def _drifts(trace: Trace, ctx: RuleContext, pts: list[Point], entry: float | Non
         c = max(beyond, key=lambda c: c.ratio) if up else min(beyond, key=lambda c: c.ratio)
         out.append((_Drift(c.point, c.base.index, c.base.std, c.ratio, c.steps, c.by_role, beyond[0].point.index), up))
     return out
+
+
+def _limit(c: Comparison, factor: float) -> float:
+    return factor * factor if c.lone else factor
 
 
 def _shrinking_norms(trace: Trace, lo: int, hi: int) -> list[int]:
