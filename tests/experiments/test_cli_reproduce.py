@@ -7,6 +7,7 @@ import pytest
 from signalprop.cli import main
 
 
+@pytest.mark.slow
 def test_reproduce_glorot_quick(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     code = main(["reproduce", "glorot2010", "--quick", "--out", str(tmp_path), "--seed", "1"])
     out = capsys.readouterr()
