@@ -158,7 +158,7 @@ def test_mobilevit_collapse_is_vanishing_from_its_normalization_gains() -> None:
     report = diagnose(model, x, predicted=False)
     assert not report.by_kind("exploding"), report.summary()
     f = report.by_kind("vanishing")[0]
-    assert f.severity == "error" and f.data["basis"] == "input" and f.data["ratio"] < 1e-4
+    assert f.severity == "error" and f.data["basis"] == "unit" and f.data["ratio"] < 1e-4
     assert f.data["cause"] == "normalization_gain" and "BatchNorm2d" in f.fix and "ones_" in f.fix
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):

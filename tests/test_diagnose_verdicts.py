@@ -176,7 +176,7 @@ def test_signal_lost_in_normalized_layers_is_vanishing_with_its_cause() -> None:
     f = _one(report, "vanishing")
     # every conv feeds a BatchNorm whose gain is ~0.02: each block ends at ~0.02 of what a unit-gain norm
     # gives, and below sqrt(eps) the norm stops renormalizing, so fc1 sees ~1e-6 of the input's std
-    assert f.layer == "fc1" and f.severity == "error" and f.data["basis"] == "input" and f.data["ratio"] < 1e-3
+    assert f.layer == "fc1" and f.severity == "error" and f.data["basis"] == "unit" and f.data["ratio"] < 1e-3
     assert f.data["cause"] == "normalization_gain" and len(f.data["norms"]) == 7
     assert "gains of rms 0.0" in f.message and "torch.nn.init.ones_(m.weight) for every BatchNorm2d m" in f.fix
     assert not report.by_kind("exploding")

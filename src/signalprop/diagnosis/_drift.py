@@ -14,9 +14,9 @@ embedding or a pooler, only beyond ``factor**2``: part of its level is its desig
 blocks therefore shows in every role it touches, and nothing is left out.
 
 Direction (:func:`_entry`): the reference is the first *judged* layer. When weight layers before it were not
-judged (they feed normalization layers) and the reference is already ``factor**2`` below or above the
-input, the signal was lost or blown up on the way there: that is the finding, and a later climb back
-towards the input's scale is recovery, not explosion.
+judged (they feed normalization layers, which keep the scale at their gain, usually 1) and the reference
+is already ``factor**2`` below or above that unit scale, the signal was lost or blown up on the way there:
+that is the finding, and a later climb back towards the unit scale is recovery, not explosion.
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ def _band_note(trace: Trace, ctx: RuleContext, ref: int, idx: int, attr: str) ->
 # ---- the judgement ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Drift:
-    """One drift to report: ``point`` is ``ratio`` x ``base_std`` (``base`` a trace index, or None for the input)."""
+    """One drift to report: ``point`` is ``ratio`` x ``base_std`` (``base`` a trace index, or None for the
+    unit scale)."""
 
     point: Point
     base: int | None
@@ -167,20 +168,19 @@ class _Drift:
     recovery: Point | None = None  # for a drift against the input: a later judged layer far above this one
 
 
-def _entry(trace: Trace, ctx: RuleContext, pts: list[Point], part: str, grad: bool) -> float | None:
-    """The input's std, when the forward body's reference is not the first layer the signal passed (weight
-    layers before it feed normalization layers and are not judged); else None."""
-    std = ctx.input.get("std")
-    if grad or part != "body" or not pts or std is None or not positive(std):
+def _entry(trace: Trace, pts: list[Point], part: str, grad: bool) -> float | None:
+    """1, the scale a normalization layer with its usual unit gain keeps, when the forward body's reference
+    is not the first weight layer the signal passed (those before it feed normalization layers and are not
+    judged one by one); else None."""
+    if grad or part != "body" or not pts:
         return None
-    skipped = [i for i in weight_indices(trace) if i < pts[0].index]
-    return float(std) if skipped else None
+    return 1.0 if any(i < pts[0].index for i in weight_indices(trace)) else None
 
 
 def _drifts(trace: Trace, ctx: RuleContext, pts: list[Point], entry: float | None) -> list[tuple[_Drift, bool]]:
     """The worst drift up and the worst down, each with ``up``; a drift must exceed ``factor`` against its
-    base and, when the input's scale ``entry`` applies, against the larger (up) / smaller (down) of the
-    input's and the reference's std."""
+    base and, when the unit scale ``entry`` applies, against the larger (up) / smaller (down) of it and the
+    reference's std."""
     f = ctx.factor
     comps = comparisons(pts)
     if not comps and entry is None:
@@ -294,15 +294,16 @@ def _finding(trace: Trace, ctx: RuleContext, d: _Drift, up: bool, part: str, gra
     per = d.ratio ** (1.0 / d.steps) if d.ratio > 0 and d.steps > 0 else 0.0
     if d.base is None:
         msg = (
-            f"{label(layer)}: {what} {g(std)}, {g(d.ratio)}x the input's ({g(d.base_std)}): the signal was "
+            f"{label(layer)}: {what} {g(std)}, {g(d.ratio)}x the unit scale that normalization layers keep at "
+            "their usual gain of 1: the signal was "
             + ("blown up" if up else "lost")
             + " before it got here. This is the first weight layer judged one by one (those before it feed "
-            "normalization layers, which should keep the scale)."
+            "normalization layers)."
         )
         if d.recovery is not None:
             msg += (
-                f" The later rise to {g(d.recovery.std)} at {trace[d.recovery.index].name} is recovery towards the "
-                "input's scale, not explosion."
+                f" The later rise to {g(d.recovery.std)} at {trace[d.recovery.index].name} is recovery towards that "
+                "scale, not explosion."
             )
         lo, hi = 0, d.first
     else:
@@ -351,12 +352,12 @@ def _finding(trace: Trace, ctx: RuleContext, d: _Drift, up: bool, part: str, gra
     data = {
         "ratio": r,
         "std": std,
-        "reference": "input" if d.base is None else trace[d.base].name,
+        "reference": "unit scale" if d.base is None else trace[d.base].name,
         "reference_std": d.base_std,
         "per_layer": per,
         "part": part,
         "inside_band": inside,
-        "basis": "input" if d.base is None else ("role" if d.by_role else "reference"),
+        "basis": "unit" if d.base is None else ("role" if d.by_role else "reference"),
         **fix_data,
     }
     if norms:
@@ -370,7 +371,7 @@ def _drift_parts(trace: Trace, ctx: RuleContext, grad: bool) -> list[Finding]:
     out: list[Finding] = []
     for part, idx in (("body", body), ("head", head)):
         pts = points(trace, idx, grad)
-        entry = _entry(trace, ctx, pts, part, grad)
+        entry = _entry(trace, pts, part, grad)
         if len(pts) < 2 and entry is None:
             continue
         out.extend(_finding(trace, ctx, d, up, part, grad) for d, up in _drifts(trace, ctx, pts, entry))

@@ -168,18 +168,24 @@ def _backward_nonfinite(trace: Trace, ctx: RuleContext, i: int, fwd_bad: bool) -
 
 def rule_dead_units(trace: Trace, ctx: RuleContext) -> list[Finding]:
     """dead_units: ReLU units that output 0 for every input in the batch (per-unit, from the probe pass),
-    or, without it, ReLU outputs that are zero almost everywhere."""
+    or, without it, ReLU outputs that are zero almost everywhere. When no ReLU layer's units hold
+    ``dead_min_elements`` values (a batch of one sample through an MLP), an info finding says the batch
+    cannot be judged."""
     th = ctx.thresholds
     hits: list[tuple[float, int, str]] = []
     pvals: dict[int, float] = {}
     few: list[int] = []  # ReLU layers whose units hold too few values to judge
+    judged = 0
     for i, layer in enumerate(trace):
         if act_key(layer) not in RELU_KEYS:
             continue
         dead = layer.meta.get("dead_frac")
         m = layer.meta.get("unit_elements", 0)
-        if isinstance(dead, float) and m < th["dead_min_elements"]:
-            few.append(i)
+        if isinstance(dead, float):
+            if m < th["dead_min_elements"]:
+                few.append(i)
+            else:
+                judged += 1
         if isinstance(dead, float) and m >= th["dead_min_elements"] and dead >= th["dead_info"]:
             units = int(layer.meta.get("units", 0))
             hits.append((dead, i, f"{dead:.1%} of its {units} units output 0 for every one of {m} inputs"))
@@ -187,7 +193,7 @@ def rule_dead_units(trace: Trace, ctx: RuleContext) -> list[Finding]:
         elif "dead_frac" not in layer.meta and layer.fwd.zero_frac >= th["dead_zero_frac"]:
             hits.append((layer.fwd.zero_frac, i, f"{layer.fwd.zero_frac:.1%} of its outputs are exactly 0"))
     if not hits:
-        return [_cannot_judge_dead(trace, few, int(th["dead_min_elements"]))] if few else []
+        return [_cannot_judge_dead(trace, few, int(th["dead_min_elements"]))] if few and not judged else []
     frac, i, what = max(hits, key=lambda h: (h[0], -h[1]))  # the worst; the earliest among equals
     layer = trace[i]
     significant = pvals.get(i, 0.0) < th["dead_p"]  # trace-only fallback (no unit count): judge the fraction
