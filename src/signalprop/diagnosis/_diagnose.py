@@ -294,7 +294,7 @@ def diagnose(
     from ._probe import annotate, first_tensor, input_stats, probe, untrained_norms_in_eval
 
     x = first_tensor(inputs)
-    if x is not None and (x.dim() == 0 or x.shape[0] == 0 or x.numel() == 0):
+    if x is not None and x.numel() == 0:
         raise SignalpropError(
             f"diagnose got an empty batch (input shape {tuple(x.shape)}): there are no values to judge; pass a "
             "batch of 2 or more samples (16 or more to judge dead units)"

@@ -3,15 +3,16 @@ repeated blocks compared role by role, against the predicted finite-width band (
 drift (Brock et al. 2021).
 
 Which layers are compared with which (:func:`comparisons`): the judged layers are the body's weight layers
-in call order (in reverse for gradients). The first is the reference. When no role repeats (a plain stack,
-or stages whose names differ: ``s1.0``, ``s2.0``, ...) every layer is compared with the reference, so a drift
-over the whole body is always seen. When roles repeat (the blocks of a transformer or a ResNet), the
-first block, the calls before any role comes back, sets each role's level: its layers differ from one
-another by design (GPT-2's residual projections are small on purpose, attention queries get tiny
-gradients), so a later layer of a role is compared with that role's first layer, and a layer whose role
-the first block does not hold is compared with the reference (one that occurs only once, such as an
-embedding or a pooler, only beyond ``factor**2``: part of its level is its design). A drift across repeated
-blocks therefore shows in every role it touches, and nothing is left out.
+in call order (in reverse for gradients). The first is the reference. When no role repeats (a plain stack)
+every layer is compared with the reference, so a drift over the whole body is always seen; numbered stages
+of one design (``s1.0``, ``s2.0``, ...) share their roles (:func:`role`). When roles repeat (the blocks of
+a transformer or a ResNet), the first block of each stack of repeated blocks (the calls of that stack before
+one of its roles comes back; an encoder and a decoder are two stacks) sets its roles' levels: its layers
+differ from one another by design (GPT-2's residual projections are small on purpose, attention queries get
+tiny gradients), so a later layer of a role is compared with that role's first layer, and any other layer
+with the reference (one whose role occurs only once, such as an embedding or a pooler, only beyond
+``factor**2``: part of its level is its design). A drift across repeated blocks therefore shows in every
+role it touches, and nothing is left out.
 
 Direction (:func:`_entry`): the reference is the first *judged* layer. When weight layers before it were not
 judged (they feed normalization layers, which keep the scale at their gain, usually 1) and the reference
@@ -22,6 +23,7 @@ that is the finding, and a later climb back towards the unit scale is recovery, 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 from ..layers import is_norm_kind
@@ -38,6 +40,7 @@ from ._rulekit import (
     role,
     role_groups,
     split_body_head,
+    stack,
     weight_indices,
 )
 
@@ -88,31 +91,43 @@ def comparisons(pts: list[Point]) -> list[Comparison]:
         return []
     ref = pts[0]
     roles = [p.role for p in pts]
-    first_block: set[str] = set()
-    repeated = len(set(roles)) < len(roles)
-    if repeated:
-        for name in roles:
-            if name in first_block:
-                break
-            first_block.add(name)
+    count = Counter(roles)
+    designed = _first_blocks(roles) if len(count) < len(roles) else set()
     first: dict[str, int] = {}
     out = []
     for k, p in enumerate(pts):
         b = first.setdefault(p.role, k)
         if k == 0:
             continue
-        if p.role in first_block:
+        if p.role in designed:
             if b == k:
-                continue  # the role's first layer: its level against the reference is the block's design
+                continue  # the role's first layer: its level against the reference is its block's design
         else:
             b = 0
         base = pts[b]
         if not positive(base.std):
             continue
         r = p.std / base.std
-        lone = repeated and b == 0 and roles.count(p.role) == 1
+        lone = bool(designed) and count[p.role] == 1
         out.append(Comparison(p, base, r, r * ref.std, k - b, b != 0, lone))
     return out
+
+
+def _first_blocks(roles: list[str]) -> set[str]:
+    """The roles of each repeating stack's first block: the calls of that stack (:func:`stack`) before one of
+    its roles comes back. An encoder and a decoder are two stacks, each with its own first block; numbered
+    stages of one design (``s1``, ``s2``) are one stack."""
+    seen: dict[str, set[str]] = {}
+    closed: set[str] = set()
+    for r in roles:
+        st = stack(r)
+        if st in closed:
+            continue
+        if r in seen.setdefault(st, set()):
+            closed.add(st)
+        else:
+            seen[st].add(r)
+    return set().union(*(seen[st] for st in closed)) if closed else set()
 
 
 def _band_note(trace: Trace, ctx: RuleContext, ref: int, idx: int, attr: str) -> tuple[str, bool]:
@@ -165,7 +180,8 @@ class _Drift:
     steps: int
     by_role: bool
     first: int  # trace index of the first layer beyond factor in this direction
-    recovery: Point | None = None  # for a drift against the input: a later judged layer far above this one
+    recovery: Point | None = None  # for a drift against the unit scale: a later judged layer far above this one
+    prev: int | None = None  # trace index of the judged layer the signal met just before this one
 
 
 def _entry(trace: Trace, pts: list[Point], part: str, grad: bool) -> float | None:
@@ -199,7 +215,10 @@ def _drifts(trace: Trace, ctx: RuleContext, pts: list[Point], entry: float | Non
         if not beyond:
             continue
         c = max(beyond, key=lambda c: c.ratio) if up else min(beyond, key=lambda c: c.ratio)
-        out.append((_Drift(c.point, c.base.index, c.base.std, c.ratio, c.steps, c.by_role, beyond[0].point.index), up))
+        k = pts.index(c.point)
+        prev = pts[k - 1].index if k > 0 else None
+        out.append((_Drift(c.point, c.base.index, c.base.std, c.ratio, c.steps, c.by_role, beyond[0].point.index,
+                           prev=prev), up))
     return out
 
 
@@ -226,29 +245,34 @@ def _shrinking_norms(trace: Trace, lo: int, hi: int) -> list[int]:
     return out
 
 
-def _norm_cause(trace: Trace, lo: int, hi: int, grad: bool) -> tuple[str, str, list[str]]:
-    """(message, fix, names) when normalization layers on the way shrink the signal, else empty strings."""
+def _norm_cause(trace: Trace, lo: int, hi: int, grad: bool, least: int = 2) -> tuple[str, str, list[str]]:
+    """(message, fix, names) when at least ``least`` normalization layers between trace indices ``lo`` and
+    ``hi``, and at least half of those there, shrink the signal; else empty strings."""
     norms = [k for k in range(max(lo, 0), min(hi, len(trace) - 1) + 1) if is_norm_kind(trace[k].kind)]
     small = _shrinking_norms(trace, lo, hi)
-    if len(small) < 2 or 2 * len(small) < len(norms):
+    if len(small) < least or 2 * len(small) < len(norms):
         return "", "", []
     gains = {k: float(x) for k in small if isinstance(x := trace[k].meta.get("gain_rms"), float)}
     low_gain = [k for k, x in gains.items() if x < _SHRINKING_GAIN]
+    stale = [k for k in small if k not in low_gain and trace[k].meta.get("stale_stats")]
+    tiny = [k for k in small if k not in low_gain and k not in stale]
     kinds = sorted({trace[k].kind for k in small})
-    gain_kinds = sorted({trace[k].kind for k in low_gain})
-    eps = next((trace[k].meta.get("eps") for k in small if isinstance(trace[k].meta.get("eps"), float)), None)
+    eps = next((trace[k].meta.get("eps") for k in tiny if isinstance(trace[k].meta.get("eps"), float)), None)
     parts = []
     if low_gain:
         rms = math.sqrt(sum(gains[k] ** 2 for k in low_gain) / len(low_gain))
-        parts.append(f"{len(low_gain)} have gains of rms {g(rms)} (a norm sets its output's scale to its gain)")
-    if len(low_gain) < len(small):
+        parts.append(f"{_n(low_gain)} gains of rms {g(rms)} (a norm sets its output's scale to its gain)")
+    if stale:
+        parts.append(f"{_n(stale)} in eval mode with running statistics never updated (mean 0, var 1), which do "
+                     "not normalize")
+    if tiny:
         parts.append(
-            f"{len(small) - len(low_gain)} get inputs whose variance is below their eps"
+            f"{_n(tiny)} inputs whose variance is below eps"
             + (f" ({g(eps)})" if eps else "")
-            + ", so they no longer divide the scale out"
+            + ", which no longer divide the scale out"
         )
     msg = (
-        f" The cause is not the weights: {len(small)} of the {len(norms)} normalization layers on the way "
+        f" The cause is not the weights: of the {len(norms)} normalization layers on the way, {len(small)} "
         f"({', '.join(kinds)}; first {trace[small[0]].name}) shrink what they pass: {'; '.join(parts)}"
         + (
             ". A norm's backward multiplies the gradient by gain / sqrt(variance + eps), large when its input "
@@ -257,14 +281,21 @@ def _norm_cause(trace: Trace, lo: int, hi: int, grad: bool) -> tuple[str, str, l
             else ". The loss compounds from layer to layer."
         )
     )
-    fix = (
-        f"set the normalization gains to 1: torch.nn.init.ones_(m.weight) for every {' / '.join(gain_kinds)} m "
-        "(their usual init); the weight layers' init is not the cause"
-        if low_gain
-        else "keep the signal that reaches these normalization layers well above sqrt(eps): fix the layer "
-        "that shrinks it first (see the first layer named above)"
-    )
-    return msg, fix, [trace[k].name for k in small]
+    fixes = []
+    if low_gain:
+        gain_kinds = sorted({trace[k].kind for k in low_gain})
+        fixes.append(f"set the normalization gains to 1: torch.nn.init.ones_(m.weight) for every "
+                     f"{' / '.join(gain_kinds)} m (their usual init)")
+    if stale:
+        fixes.append("diagnose an untrained model in model.train(), or fill the running statistics first")
+    if tiny:
+        fixes.append("keep the signal that reaches these normalization layers well above sqrt(eps): fix the "
+                     "layer that shrinks it first")
+    return msg, "; ".join(fixes) + "; the weight layers' init is not the cause", [trace[k].name for k in small]
+
+
+def _n(ks: list[int]) -> str:
+    return f"{len(ks)} with" if len(ks) != 1 else "one with"
 
 
 def _zero_cause(trace: Trace, i: int, grad: bool) -> tuple[str, str]:
@@ -327,7 +358,11 @@ def _finding(trace: Trace, ctx: RuleContext, d: _Drift, up: bool, part: str, gra
     if d.base is not None:
         note, inside = _band_note(trace, ctx, d.base, i, attr)
         msg += note
-    cause, cause_fix, norms = _norm_cause(trace, lo, hi, grad)
+    cause, cause_fix, norms = "", "", []
+    if d.prev is not None:  # the step into this layer first: a single norm there can be the whole story
+        cause, cause_fix, norms = _norm_cause(trace, *sorted((d.prev, i)), grad, least=1)
+    if not cause:
+        cause, cause_fix, norms = _norm_cause(trace, lo, hi, grad)
     if not cause:
         cause, cause_fix = _zero_cause(trace, i, grad)
     msg += cause

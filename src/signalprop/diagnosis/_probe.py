@@ -207,7 +207,18 @@ def _norm_facts(m: nn.Module) -> dict[str, float]:
     eps = getattr(m, "eps", getattr(m, "variance_epsilon", None))
     if isinstance(eps, int | float):
         out["eps"] = float(eps)
+    if _stale(m):
+        out["stale_stats"] = 1.0
     return out
+
+
+def _stale(m: nn.Module) -> bool:
+    """A BatchNorm in eval mode whose running statistics were never updated (mean 0, var 1): it does not
+    normalize."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats:
+        n = m.num_batches_tracked
+        return n is not None and int(n) == 0
+    return False
 
 
 def _zero_tensors(m: nn.Module) -> list[str]:
@@ -222,13 +233,7 @@ def _zero_tensors(m: nn.Module) -> list[str]:
 def untrained_norms_in_eval(model: nn.Module) -> list[str]:
     """Names of BatchNorm layers in eval mode whose running statistics were never updated: they do not
     normalize (running mean 0, var 1), so an eval-mode measurement is not what training sees."""
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats:
-            n = m.num_batches_tracked
-            if n is not None and int(n) == 0:
-                out.append(name)
-    return out
+    return [name for name, m in model.named_modules() if _stale(m)]
 
 
 def _fans(m: nn.Module) -> dict[str, float]:

@@ -149,8 +149,7 @@ def normalized(trace: Trace, i: int) -> bool:
     A norm of another parent is the next block's (a pre-norm transformer's ``h.0.attn.c_proj`` is followed
     by ``h.0.ln_2``, but its output goes to the residual stream, not into that norm).
     """
-    j = norm_after(trace, i)
-    return j is not None
+    return norm_after(trace, i) is not None
 
 
 def norm_after(trace: Trace, i: int) -> int | None:
@@ -171,12 +170,29 @@ def _parent(name: str) -> str:
 
 
 def role(name: str) -> str:
-    """A layer's role: its name with every all-digit component (block, stage, position) replaced by '#'.
+    """A layer's role: its name with every all-digit component (block, stage, position) replaced by '#',
+    and the numbers inside the components before the first such one (the stage that holds the blocks)
+    too.
 
-    ``h.3.mlp.c_proj`` -> ``h.#.mlp.c_proj``, ``features.10`` -> ``features.#``; ``mlp.fc1`` and ``mlp.fc2``
+    ``h.3.mlp.c_proj`` -> ``h.#.mlp.c_proj``, ``features.10`` -> ``features.#``, ``s2.0`` -> ``s#.#`` and
+    ``layer3.1.conv1`` -> ``layer#.#.conv1`` (numbered stages of one design); ``mlp.fc1`` and ``mlp.fc2``
     stay apart (different roles in one block); a reuse suffix ``#k`` is dropped.
     """
-    return ".".join("#" if part.isdigit() else part for part in name.split("#")[0].split("."))
+    parts = name.split("#")[0].split(".")
+    digit = [part.isdigit() for part in parts]
+    if not any(digit):
+        return ".".join(parts)
+    k = digit.index(True)
+    return ".".join(
+        "#" if d else (re.sub(r"\d+", "#", part) if i < k else part) for i, (part, d) in enumerate(zip(parts, digit))
+    )
+
+
+def stack(role_name: str) -> str:
+    """The stack a role belongs to: the part of the role before its first '#' (``h.#.attn.c_attn`` -> ``h``,
+    ``encoder.layers.#.fc1`` -> ``encoder.layers``); the role itself when it has none."""
+    parts = role_name.split(".")
+    return ".".join(parts[: parts.index("#")]) if "#" in parts else role_name
 
 
 def role_groups(trace: Trace, idx: list[int]) -> list[list[int]]:
