@@ -358,9 +358,9 @@ def _finding(trace: Trace, ctx: RuleContext, d: _Drift, up: bool, part: str, gra
     if d.base is not None:
         note, inside = _band_note(trace, ctx, d.base, i, attr)
         msg += note
-    cause, cause_fix, norms = "", "", []
+    cause, cause_fix, norms = "", "", list[str]()
     if d.prev is not None:  # the step into this layer first: a single norm there can be the whole story
-        cause, cause_fix, norms = _norm_cause(trace, *sorted((d.prev, i)), grad, least=1)
+        cause, cause_fix, norms = _norm_cause(trace, min(d.prev, i), max(d.prev, i), grad, least=1)
     if not cause:
         cause, cause_fix, norms = _norm_cause(trace, lo, hi, grad)
     if not cause:
