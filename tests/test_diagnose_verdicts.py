@@ -260,3 +260,30 @@ def test_a_batch_of_one_judges_the_stds_and_says_what_it_cannot() -> None:
     assert dead.severity == "info" and dead.message.startswith("cannot judge with a batch of 1")
     # the std over all elements still is a statistic: N(0, 1) weights at width 32 grow it ~4x per ReLU layer
     assert _one(report, "exploding").data["ratio"] > 10
+
+
+class _MeanPoolNet(nn.Module):
+    """Convolutions, then a global average pool written as a tensor op (no module), then an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.l1, self.l2, self.l3 = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c3(F.relu(self.c2(F.relu(self.c1(x))))))
+        x = x.mean(dim=(2, 3))
+        return self.l3(F.relu(self.l2(F.relu(self.l1(x)))))
+
+
+def test_a_functional_global_pool_ends_the_body() -> None:
+    # x.mean((2, 3)) over 16x16 positions divides each position's gradient by 256 by design, as
+    # nn.AdaptiveAvgPool2d does: the MLP after it is the head, judged on its own
+    net = _MeanPoolNet()
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    report = diagnose(net, torch.randn(8, 3, 16, 16), predicted=False)
+    assert not report.kinds & DRIFT, report.summary()
+    assert report.trace["c3"].meta.get("pooled") is True

@@ -324,6 +324,8 @@ def diagnose(
         elif not one_tensor:
             notes.append("no prediction: sp.predict needs one floating input tensor")
     activations = _activation_names(g)
+    for name in _pooled_calls(g):
+        facts.setdefault(name, {})["pooled"] = True
     trace = annotate(trace, model, facts, activations)
     plan = fix_plan(model, inputs, g, notes)
     return _judge(trace, factor, pred, in_stats, thresholds, rules, plan,
@@ -353,6 +355,34 @@ def _activation_names(graph: Any) -> dict[str, str] | None:
     from .. import theory
 
     return {k: theory.activation_name(v) for k, v in graph.activations.items()}
+
+
+_POOLS = ("mean", "amax", "max", "sum", "adaptive_avg_pool", "adaptive_max_pool", "avg_pool", "max_pool")
+
+
+def _pooled_calls(graph: Any) -> list[str]:
+    """Module calls whose output a function outside any module pools over all its positions (``x.mean((2,
+    3))``, ``F.adaptive_avg_pool2d(x, 1)``, ``x.amax(1)`` over tokens): the batch and one dimension kept, the
+    per-sample size cut at least 4x. Named by the last module call before the pooling."""
+    if graph is None:
+        return []
+    out = []
+    nodes = graph.nodes
+    for n in nodes:
+        if n.op != "fn" or not n.name.startswith(_POOLS) or not n.inputs or n.shape is None:
+            continue
+        src = nodes[n.inputs[0]].shape if n.inputs[0] is not None else None
+        if src is None or len(src) < 3 or not n.shape or n.shape[0] != src[0]:
+            continue
+        kept = math.prod(n.shape[1:]) if len(n.shape) > 1 else 1
+        if len(n.shape) > 2 and any(d != 1 for d in n.shape[2:]):
+            continue
+        if kept * 4 > math.prod(src[1:]):
+            continue
+        before = [c for c in graph.calls if c.node < n.index and nodes[c.node].op == "call"]
+        if before:
+            out.append(before[-1].name)
+    return out
 
 
 def fix_plan(model: nn.Module, inputs: Any, graph: Any, notes: list[str]) -> dict[str, Any] | None:

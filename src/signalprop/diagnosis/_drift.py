@@ -5,14 +5,15 @@ drift (Brock et al. 2021).
 Which layers are compared with which (:func:`comparisons`): the judged layers are the body's weight layers
 in call order (in reverse for gradients). The first is the reference. When no role repeats (a plain stack)
 every layer is compared with the reference, so a drift over the whole body is always seen; numbered stages
-of one design (``s1.0``, ``s2.0``, ...) share their roles (:func:`role`). When roles repeat (the blocks of
-a transformer or a ResNet), the first block of each stack of repeated blocks (the calls of that stack before
-one of its roles comes back; an encoder and a decoder are two stacks) sets its roles' levels: its layers
-differ from one another by design (GPT-2's residual projections are small on purpose, attention queries get
-tiny gradients), so a later layer of a role is compared with that role's first layer, and any other layer
-with the reference (one whose role occurs only once, such as an embedding or a pooler, only beyond
+of one design (``s1.0``, ``s2.0``, ...) share their roles (:func:`role`). In a stack of repeated blocks
+whose block holds two roles or more (a transformer's attention and MLP, a ResNet block), the first block
+(the calls of that stack before one of its roles comes back) sets its roles' levels: its layers differ from
+one another by design (GPT-2's residual projections are small on purpose, attention queries get tiny
+gradients). A later layer of such a role is compared with that role's first layer, and any other layer with
+the reference (one whose role occurs only once, such as an embedding or a pooler, only beyond
 ``factor**2``: part of its level is its design). A drift across repeated blocks therefore shows in every
-role it touches, and nothing is left out.
+role it touches, and nothing is left out. An encoder and a decoder are parallel paths, judged apart
+(:func:`paths`).
 
 Direction (:func:`_entry`): the reference is the first *judged* layer. When weight layers before it were not
 judged (they feed normalization layers, which keep the scale at their gain, usually 1) and the reference
@@ -35,6 +36,7 @@ from ._rulekit import (
     following_activation,
     g,
     label,
+    normalized,
     planned_fix,
     positive,
     role,
@@ -114,9 +116,10 @@ def comparisons(pts: list[Point]) -> list[Comparison]:
 
 
 def _first_blocks(roles: list[str]) -> set[str]:
-    """The roles of each repeating stack's first block: the calls of that stack (:func:`stack`) before one of
-    its roles comes back. An encoder and a decoder are two stacks, each with its own first block; numbered
-    stages of one design (``s1``, ``s2``) are one stack."""
+    """The roles of each repeating stack's first block (the calls of that stack, :func:`stack`, before one of
+    its roles comes back) when that block holds two roles or more: layers whose levels differ by design.
+    A stack of one role (``features.#``, numbered stages ``s#.#``) has no such design: its first layer is
+    compared with the reference like any other."""
     seen: dict[str, set[str]] = {}
     closed: set[str] = set()
     for r in roles:
@@ -127,7 +130,20 @@ def _first_blocks(roles: list[str]) -> set[str]:
             closed.add(st)
         else:
             seen[st].add(r)
-    return set().union(*(seen[st] for st in closed)) if closed else set()
+    blocks = [seen[st] for st in closed if len(seen[st]) >= 2]
+    return set().union(*blocks) if blocks else set()
+
+
+def paths(trace: Trace, idx: list[int]) -> list[list[int]]:
+    """``idx`` split into parallel paths: when two or more top-level parts of the model (the first component
+    of the role: ``encoder``, ``decoder``) each hold repeated blocks with a design of their own, each part is
+    judged on its own, since an encoder-decoder's decoder starts its stream from its own inputs and the
+    encoder's gradient arrives through cross-attention: they are not one chain. Otherwise one path."""
+    groups: dict[str, list[int]] = {}
+    for i in idx:
+        groups.setdefault(role(trace[i].name).split(".")[0], []).append(i)
+    designed = [g for g in groups.values() if _first_blocks([role(trace[i].name) for i in g])]
+    return list(groups.values()) if len(designed) >= 2 else [idx]
 
 
 def _band_note(trace: Trace, ctx: RuleContext, ref: int, idx: int, attr: str) -> tuple[str, bool]:
@@ -186,11 +202,12 @@ class _Drift:
 
 def _entry(trace: Trace, pts: list[Point], part: str, grad: bool) -> float | None:
     """1, the scale a normalization layer with its usual unit gain keeps, when the forward body's reference
-    is not the first weight layer the signal passed (those before it feed normalization layers and are not
-    judged one by one); else None."""
+    is not the first weight layer the signal passed and every one before it feeds a normalization layer (so
+    none was judged); else None."""
     if grad or part != "body" or not pts:
         return None
-    return 1.0 if any(i < pts[0].index for i in weight_indices(trace)) else None
+    before = [i for i in weight_indices(trace) if i < pts[0].index]
+    return 1.0 if before and all(normalized(trace, i) for i in before) else None
 
 
 def _drifts(trace: Trace, ctx: RuleContext, pts: list[Point], entry: float | None) -> list[tuple[_Drift, bool]]:
@@ -245,7 +262,7 @@ def _shrinking_norms(trace: Trace, lo: int, hi: int) -> list[int]:
     return out
 
 
-def _norm_cause(trace: Trace, lo: int, hi: int, grad: bool, least: int = 2) -> tuple[str, str, list[str]]:
+def _norm_cause(trace: Trace, lo: int, hi: int, grad: bool, least: int = 1) -> tuple[str, str, list[str]]:
     """(message, fix, names) when at least ``least`` normalization layers between trace indices ``lo`` and
     ``hi``, and at least half of those there, shrink the signal; else empty strings."""
     norms = [k for k in range(max(lo, 0), min(hi, len(trace) - 1) + 1) if is_norm_kind(trace[k].kind)]
@@ -405,11 +422,12 @@ def _drift_parts(trace: Trace, ctx: RuleContext, grad: bool) -> list[Finding]:
     body, head = split_body_head(trace)
     out: list[Finding] = []
     for part, idx in (("body", body), ("head", head)):
-        pts = points(trace, idx, grad)
-        entry = _entry(trace, pts, part, grad)
-        if len(pts) < 2 and entry is None:
-            continue
-        out.extend(_finding(trace, ctx, d, up, part, grad) for d, up in _drifts(trace, ctx, pts, entry))
+        for path in paths(trace, idx):
+            pts = points(trace, path, grad)
+            entry = _entry(trace, pts, part, grad)
+            if len(pts) < 2 and entry is None:
+                continue
+            out.extend(_finding(trace, ctx, d, up, part, grad) for d, up in _drifts(trace, ctx, pts, entry))
     return out
 
 

@@ -121,18 +121,20 @@ def split_body_head(trace: Trace) -> tuple[list[int], list[int]]:
     """Indices (into ``trace``) of the body's and the head's weight layers.
 
     The body ends at the first global pooling or flatten (``Flatten``, ``AdaptiveAvg/MaxPool``, or a
-    pooling whose output is 1 x 1) that no convolution follows: the feature extractor. What comes after is
-    the head, judged on its own, because pooling rescales per-element gradients by design (a 16x16 average
-    pool divides them by 256). Networks without such a boundary are all body. Weight layers that feed a
-    normalization layer (:func:`normalized`) are in neither.
+    pooling whose output is 1 x 1; or a functional one such as ``x.mean((2, 3))``, recorded by diagnose
+    from the captured graph as ``meta["pooled"]`` on the call before it) that no convolution follows: the
+    feature extractor. What comes after is the head, judged on its own, because pooling rescales
+    per-element gradients by design (a 16x16 average pool divides them by 256). Networks without such a
+    boundary are all body. Weight layers that feed a normalization layer (:func:`normalized`) are in neither.
     """
     weights = [i for i in weight_indices(trace) if not normalized(trace, i)]
     for i, layer in enumerate(trace):
-        if not _is_global_pool(layer):
+        after = bool(layer.meta.get("pooled"))  # the pooling follows this call
+        if not (after or _is_global_pool(layer)):
             continue
         if any(is_conv(trace[j].kind) for j in weights if j > i):
             continue
-        body = [j for j in weights if j < i]
+        body = [j for j in weights if j < i or (after and j == i)]
         if body:
             return body, [j for j in weights if j > i]
         break
