@@ -29,7 +29,7 @@ docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d build/site
 
 unit: setup
-	$(VENV)/bin/python -m pytest -n 2 -q
+	$(VENV)/bin/python -m pytest -n 2 -q tests --doctest-modules src/signalprop
 
 test: lint typecheck docs unit
 

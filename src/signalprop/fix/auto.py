@@ -53,8 +53,13 @@ def auto_init_(
     generator:
         A ``torch.Generator`` for the random draws (the global RNG otherwise).
 
-    Returns the model. Print ``signalprop.fix.plan(model, ...)`` to see what it will do, and why.
+    Returns
+    -------
+    nn.Module
+        The model. Print ``signalprop.fix.plan(model, ...)`` to see what it will do, and why.
 
+    Examples
+    --------
     >>> import torch, signalprop as sp
     >>> net = sp.models.mlp(40, 64, "tanh")
     >>> _ = sp.fix.auto_init_(net)

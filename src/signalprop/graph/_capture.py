@@ -8,6 +8,10 @@
 * ``hooks``: one real forward with forward hooks on every recorded module and a ``TorchFunctionMode`` that
   records every torch function and tensor method called outside them (``F.relu``, ``x + y``, ``view``);
   the data flow follows tensor identity. It sees only the path this input took, which is why it is last.
+
+Export and fx run inside :func:`~signalprop.graph._quiet.quiet_torch`: what torch prints or logs while they
+fail (a failed export prints its partial FX graph, about 90 lines) goes to the ``signalprop.graph`` logger
+at DEBUG level; the user sees the one line of the ``CaptureWarning``.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._ir import Node, Ref, call_name, canonical_op, is_leaf, map_refs, recorded_modules, refs_in
+from ._quiet import quiet_torch
 
 Captured = tuple[list[Node], list[int], list[int]]  # nodes, call node indices in call order, output indices
-
 
 def _shape(v: Any) -> tuple[tuple[int, ...] | None, str | None]:
     if isinstance(v, torch.Tensor):
@@ -128,7 +132,8 @@ def from_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
             stream.append((path, _tensors(inp), _first_tensor(out)))
         handles.append(m.register_forward_hook(hook))
     try:
-        ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+        with quiet_torch(f"exporting {type(model).__name__}"):
+            ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
     finally:
         for h in handles:
             h.remove()
@@ -277,9 +282,10 @@ def _positional(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
 def from_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Captured:
     from torch.fx.passes.shape_prop import ShapeProp
 
-    gm = torch.fx.symbolic_trace(model)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*_positional(model, args, kwargs))
+    with quiet_torch(f"tracing {type(model).__name__} with fx"):
+        gm = torch.fx.symbolic_trace(model)
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*_positional(model, args, kwargs))
     b = _Builder(model)
     graph_nodes = list(gm.graph.nodes)
     order: list[tuple[float, int]] = []

@@ -242,6 +242,8 @@ def plan(model: nn.Module, scheme: str, *, fans: tuple[float, float] | None = No
     ``orthogonal``, ``delta_orthogonal``; ``settings`` are that initializer's keywords (``mode``,
     ``nonlinearity``, ``distribution``, ``gain``, ``scale``).
 
+    Examples
+    --------
     >>> [round(s.std, 4) for s in plan(nn.Linear(512, 256), "he")]
     [0.0625]
     """
