@@ -45,17 +45,19 @@ def structure(
     *,
     methods: Sequence[str] | None = None,
     what: str = "auto_init_",
+    graph: Any = None,
 ) -> Structure:
-    """The captured graph (``example_inputs`` or ``input_shape``), else module order (a warning unless the
-    model is nested ``nn.Sequential``, where module order is the call order)."""
-    if example_inputs is None and input_shape is None:
+    """The captured graph (``graph`` when given, else captured from ``example_inputs`` or ``input_shape``),
+    else module order (a warning unless the model is nested ``nn.Sequential``, where module order is the
+    call order)."""
+    if example_inputs is None and input_shape is None and graph is None:
         return _module_order(model, what)
     from ..graph import _graph
 
     kw = {} if methods is None else {"methods": tuple(methods)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", _graph.CaptureWarning)
-        g = _graph.capture(model, example_inputs, input_shape=input_shape, **kw)
+        g = graph if graph is not None else _graph.capture(model, example_inputs, input_shape=input_shape, **kw)
     notes = [str(w.message) for w in caught if issubclass(w.category, _graph.CaptureWarning)]
     for n in notes:
         warnings.warn(f"{what}: {n}", UserWarning, stacklevel=4)
@@ -76,8 +78,8 @@ def _module_order(model: nn.Module, what: str) -> Structure:
     A weight layer's own submodules (a parametrized layer's ``parametrizations``) are part of it, not
     modules that follow it.
     """
-    from ..graph._analysis import TRANSPARENT_MODULES, activation_module
-    from ..layers import is_norm, is_weight_layer
+    from ..graph._analysis import activation_in_order, module_step
+    from ..layers import is_weight_layer
 
     leaves: list[tuple[str, nn.Module]] = []
     containers: list[nn.Module] = []
@@ -94,18 +96,11 @@ def _module_order(model: nn.Module, what: str) -> Structure:
             leaves.append((n, m))
         else:
             containers.append(m)
-    layers: list[tuple[str, nn.Module, ActLike]] = []
-    for i, (name, m) in enumerate(leaves):
-        if not is_weight_layer(m):
-            continue
-        act: ActLike = None
-        for _, nxt in leaves[i + 1 :]:
-            if activation_module(nxt):
-                act = nxt
-                break
-            if is_weight_layer(nxt) or not (type(nxt).__name__ in TRANSPARENT_MODULES or is_norm(nxt)):
-                break
-        layers.append((name, m, act))
+    layers: list[tuple[str, nn.Module, ActLike]] = [
+        (name, m, activation_in_order(module_step(nxt) for _, nxt in leaves[i + 1 :]))
+        for i, (name, m) in enumerate(leaves)
+        if is_weight_layer(m)
+    ]
     notes = []
     sequential = all(isinstance(m, nn.Sequential) for m in containers)
     if not sequential:

@@ -114,6 +114,7 @@ def plan(
     example_inputs: Inputs | None = None,
     input_shape: Sequence[int] | None = None,
     residual: str | None = "fixup",
+    graph: Any = None,
 ) -> Plan:
     """The plan :func:`signalprop.fix.auto_init_` would write, as data; the model is not changed.
 
@@ -122,7 +123,9 @@ def plan(
     without either, module order is used (exact for ``nn.Sequential``; a warning otherwise). Example inputs
     also give the input's second moment for the first mean-field layer and enable the LSUV pass for
     GELU-like and custom layers. ``residual``: ``"fixup"``, ``"zero"`` or None (see
-    :mod:`signalprop.fix.residual`).
+    :mod:`signalprop.fix.residual`). ``graph``: a :func:`signalprop.graph.capture` of this model to read the
+    structure from instead of capturing again (diagnose shares its capture this way); the plan is the one
+    those inputs would give.
 
     >>> import signalprop as sp
     >>> p = sp.fix.plan(sp.models.mlp(3, 64, "tanh"))
@@ -141,7 +144,7 @@ def plan(
         raise SignalpropError(f"plan needs an nn.Module, got {type(model).__name__}")
     if example_inputs is not None:
         refuse_meta(model, "plan")
-    st = structure(model, example_inputs, input_shape)
+    st = structure(model, example_inputs, input_shape, graph=graph)
     if not st.layers:
         raise SignalpropError(
             f"{type(model).__name__} has no weight layers to initialize (Linear, convolutions, RNN/LSTM/GRU, "
