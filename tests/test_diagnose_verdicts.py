@@ -127,7 +127,7 @@ def test_custom_weight_layers_are_judged_and_the_fix_says_what_to_register() -> 
     f = _one(report, "exploding")
     assert f.layer == "6" and f.data["ratio"] > 30  # 5.7^3 = 185 expected
     call = 'sp.init.register_fans(MyLin, lambda m: (m.w.shape[1], m.w.shape[0]), param="w")'
-    assert call in f.fix and f.data["fix_scheme"] == "keep"
+    assert call in f.fix and f.data["fix_scheme"] == "lsuv"  # the plan's LSUV pass rescales it meanwhile
     rules = importlib.import_module("signalprop.init.fans")._TYPE_RULES
     try:
         sp.init.register_fans(MyLin, lambda m: (m.w.shape[1], m.w.shape[0]), param="w")  # the call, as quoted

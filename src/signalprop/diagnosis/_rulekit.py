@@ -288,6 +288,9 @@ def planned_fix(ctx: RuleContext, layer: LayerStats, act: str, mode: str = "fan_
     if step.scheme == "keep":
         why = step.reason.split("left as it is: ", 1)[-1]
         return f"{ctx.fix_call} leaves {layer.name} as it is: {why}", data
+    if step.scheme == "lsuv":
+        data["fix_lsuv"] = True
+        return f"{ctx.fix_call} rescales {layer.name} by its LSUV pass only: {step.reason}", data
     name = SCHEME_NAMES.get(step.scheme, step.scheme)
     fan = step.fan_in
     formula = f"std = {step.std:.4g}"

@@ -160,7 +160,7 @@ def plan(
 def _keep_reason(name: str, m: nn.Module, owners: dict[int, str], lsuv_ok: bool) -> tuple[str, str] | None:
     """(scheme, reason) for a layer no scheme draws ("keep", or "lsuv": only the LSUV pass rescales it)."""
     from ..init._parametrized import scale_fixed, storage
-    from ..init.fans import has_fan_rule, unplanned
+    from ..init.fans import has_fan_rule, register_call, unplanned
     from ..layers import weight_names
 
     names = weight_names(m)
@@ -175,9 +175,8 @@ def _keep_reason(name: str, m: nn.Module, owners: dict[int, str], lsuv_ok: bool)
     if not has_fan_rule(m):
         kind = type(m).__name__
         if lsuv_ok and len(names) == 1:
-            return "lsuv", (f"no fan rule for {kind} (sp.init.register_fans({kind}, lambda m: (fan_in, fan_out)) "
-                            f"would let a scheme draw it); its output is linear in its {names[0]}, which the "
-                            "LSUV pass rescales")
+            return "lsuv", (f"no fan rule for {kind} ({register_call(m)} would let a scheme draw it); its output "
+                            f"is linear in its {names[0]}, which the LSUV pass rescales")
         return "keep", unplanned(name, m)
     return None
 
