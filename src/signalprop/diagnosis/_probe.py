@@ -24,6 +24,7 @@ from .._errors import SignalpropError
 from .._hooks import is_real
 from ..layers import is_norm, is_weight_layer
 from ..trace import LayerStats, Trace
+from ._recurrent import gate_saturation
 
 _RELU = {"relu", "relu6"}
 _SAT = {"tanh", "sigmoid", "hardtanh", "softsign"}
@@ -108,7 +109,9 @@ def probe(model: nn.Module, inputs: Any, trace: Trace) -> dict[str, dict[str, An
     keys = {layer.name.split("#")[0]: theory._MODULE_NAMES.get(layer.kind) for layer in trace}
     tiny = {layer.name for layer in trace if math.isfinite(layer.fwd.rms) and layer.fwd.rms < _TINY_RMS}
     unit_dims = _unit_dims(trace)
-    wanted = {n for n, k in keys.items() if k in _RELU or k in _SAT} | {n.split("#")[0] for n in tiny}
+    named = dict(model.named_modules())
+    recurrent = {layer.name.split("#")[0] for layer in trace if isinstance(named.get(layer.name.split("#")[0]), nn.RNNBase)}
+    wanted = {n for n, k in keys.items() if k in _RELU or k in _SAT} | {n.split("#")[0] for n in tiny} | recurrent
     found: dict[str, dict[str, Any]] = {}
     calls: dict[str, int] = {}
     handles = []
@@ -118,6 +121,11 @@ def probe(model: nn.Module, inputs: Any, trace: Trace) -> dict[str, dict[str, An
             k = calls.get(name, 0)
             calls[name] = k + 1
             full = name if k == 0 else f"{name}#{k}"
+            if name in recurrent:
+                sat = gate_saturation(module, args)
+                if sat is not None:
+                    found.setdefault(full, {}).update(sat_frac=sat, gates=True)
+                return
             t = output if isinstance(output, torch.Tensor) else first_tensor(output)
             if t is None or not t.is_floating_point() or t.numel() == 0:
                 return
@@ -125,7 +133,6 @@ def probe(model: nn.Module, inputs: Any, trace: Trace) -> dict[str, dict[str, An
 
         return hook
 
-    named = dict(model.named_modules())
     with preserved(model), torch.no_grad():
         try:
             for name in wanted:

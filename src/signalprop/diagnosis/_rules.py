@@ -266,9 +266,14 @@ def rule_saturation(trace: Trace, ctx: RuleContext) -> list[Finding]:
     hits: list[tuple[float, int, str]] = []
     for i, layer in enumerate(trace):
         key = act_key(layer)
+        sat = layer.meta.get("sat_frac")
+        if layer.meta.get("gates") and isinstance(sat, float):
+            if sat >= th["sat_info"]:
+                hits.append((sat, i, f"{sat:.1%} of its gates' pre-activations saturate (a sigmoid within 1% of 0 "
+                                     "or 1, a tanh within 1% of +-1)"))
+            continue
         if key not in SAT_BOUNDS:
             continue
-        sat = layer.meta.get("sat_frac")
         if isinstance(sat, float):
             if sat >= th["sat_info"]:
                 hits.append((sat, i, f"{sat:.1%} of its outputs lie within 1% of {SAT_BOUNDS[key]}"))
@@ -284,6 +289,12 @@ def rule_saturation(trace: Trace, ctx: RuleContext) -> list[Finding]:
         msg += f" {len(hits)} layers saturate."
     j = preceding_weight(trace, i)
     key = act_key(layer) or "tanh"
+    if layer.meta.get("gates"):
+        fix = (f"draw {layer.name} as recurrent nets are drawn: sp.fix.auto_init_(model) (or "
+               "sp.init.recurrent_(module)) sets input weights by fan per gate, recurrent weights orthogonal "
+               "(Saxe et al. 2014) and the LSTM forget-gate bias to 1 (Jozefowicz et al. 2015)")
+        data = {"sat_frac": frac, "layers": {trace[k].name: f for f, k, _ in hits}}
+        return [Finding("saturation", severity, layer.name, msg, fix, data)]
     if j is not None:
         w = trace[j]
         msg += f" Its input from {w.name} has std {g(w.fwd.std)}."
