@@ -101,7 +101,9 @@ def _hook_dicts(m: nn.Module) -> list[dict[Any, Any]]:
 
 @contextlib.contextmanager
 def preserved(model: nn.Module, *, clone_params: bool = True) -> Iterator[None]:
-    """Restore everything capture could touch: tensors' values, modes, requires_grad, hooks, RNG state.
+    """Restore everything capture could touch: tensors' values, modes, requires_grad, hooks, RNG state, and
+    the attributes a module gained (a model that installs hooks on its first forward and marks itself
+    done, as transformers' output capture does, would otherwise be left marked with its hooks removed).
 
     Buffers (BatchNorm statistics: small) are always copied. Parameters are copied only with
     ``clone_params=True``, for the methods that run the real forward (fx's shape propagation, hooks): a
@@ -118,6 +120,7 @@ def preserved(model: nn.Module, *, clone_params: bool = True) -> Iterator[None]:
     flags = [(m, m.training) for m in model.modules()]
     req = [(p, p.requires_grad) for p in params]
     hooks = [(d, dict(d)) for m in model.modules() for d in _hook_dicts(m)]
+    attrs = [(m, set(vars(m))) for m in model.modules()]
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
@@ -137,6 +140,9 @@ def preserved(model: nn.Module, *, clone_params: bool = True) -> Iterator[None]:
             if d.keys() != saved_d.keys():
                 d.clear()
                 d.update(saved_d)
+        for m, keys in attrs:  # flags a forward set beside the hooks it added (transformers' output capture)
+            for k in set(vars(m)) - keys:
+                delattr(m, k)
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)

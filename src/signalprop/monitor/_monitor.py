@@ -119,6 +119,10 @@ class _Kept:
 class Monitor:
     """Record per-layer forward/gradient statistics and per-parameter norms every ``every`` training steps.
 
+    Use it as a context manager and call :meth:`step` once per training step, after ``optimizer.step()``
+    and before gradients are zeroed (so that gradient norms and the update are seen). ``history`` holds the
+    kept :class:`Record` objects; :meth:`plot` draws them; ``events`` lists what was warned about.
+
     Parameters
     ----------
     model:
@@ -155,10 +159,6 @@ class Monitor:
         Records ``history`` holds in full (the most recent); older ones are thinned to every 2^k-th recorded
         step (at most ``keep`` of them) plus the 1st, 2nd, 4th, 8th, ... so that memory stays bounded over
         any run length and a plot still spans the whole run. ``None`` keeps every record.
-
-    Use it as a context manager and call :meth:`step` once per training step, after ``optimizer.step()``
-    and before gradients are zeroed (so that gradient norms and the update are seen). ``history`` holds the
-    kept :class:`Record` objects; :meth:`plot` draws them; ``events`` lists what was warned about.
     """
 
     def __init__(
