@@ -21,8 +21,19 @@ import signalprop as sp
 from signalprop.measurement import measure
 from signalprop.monitor import Monitor, NonFiniteWarning, OverflowRiskWarning, Record
 from signalprop.monitor import _params as _monitor_params
-from signalprop.monitor._sums import compact_sums, expand_row, sample_sums, with_full_check
-from signalprop.stats import stats_from_sums
+from signalprop.monitor._sums import compact_sums, sample_of
+from signalprop.stats import expand_compact, stats_from_sums, tensor_sums, with_check
+
+
+def _sampled_row(t: torch.Tensor, cd: int | None, sample: int | None) -> tuple[list[float], int]:
+    """The full host row the Monitor makes of ``t``'s sample (the whole tensor's NUMEL and CHECK put in) and
+    the number of elements its moments cover."""
+    row, head, check, counts = compact_sums(t, cd, sample)
+    assert counts is not None
+    vals = expand_compact(row.tolist(), counts[0], counts[0], counts[1])
+    if check is not None:
+        vals = with_check(vals, float(check), float(t.numel()))
+    return vals, head.numel()
 
 
 def _cnn() -> nn.Module:
@@ -149,12 +160,8 @@ def test_sampled_std_is_within_its_standard_error_of_the_exact_one(
     6 standard errors: a false alarm has probability about 2e-9 per example."""
     gen = torch.Generator().manual_seed(seed)
     t = torch.randn(batch, per, generator=gen) * scale + 0.5 * scale
-    row, head, check = sample_sums(t, 1, sample)
-    n = head.numel()
+    vals, n = _sampled_row(t, 1, sample)
     assert n >= min(sample, t.numel()) and n - per < sample  # the fewest leading samples that hold `sample`
-    vals = row.tolist()
-    if check is not None:
-        vals = with_full_check(vals, float(check), float(t.numel()))
     got = stats_from_sums(vals)
     exact = t.double().std(unbiased=False).item()
     se = math.sqrt((1 - n / t.numel()) / (2 * n))
@@ -177,11 +184,10 @@ def test_a_sample_of_every_kth_row_of_one_sample_is_within_its_standard_error(
     gen = torch.Generator().manual_seed(seed)
     shape, cd = layout
     t = torch.randn(shape, generator=gen) * scale - 0.3 * scale
-    row, head, check = sample_sums(t, cd, sample)
-    n = head.numel()
+    head = sample_of(t, sample, cd)
+    vals, n = _sampled_row(t, cd, sample)
     assert sample <= n < 2 * sample and head.shape[cd] == shape[cd]  # every channel, about `sample` elements
-    assert check is not None
-    got = stats_from_sums(with_full_check(row.tolist(), float(check), float(t.numel())))
+    got = stats_from_sums(vals)
     exact = t.double().std(unbiased=False).item()
     se = math.sqrt((1 - n / t.numel()) / (2 * n))
     assert abs(got.std / exact - 1) <= 6 * se + 1e-9
@@ -477,19 +483,22 @@ def test_a_sampled_tensor_costs_few_device_ops_and_one_full_read(
 def test_compact_rows_expand_to_the_tensor_sums_row(
     seed: int, shape: tuple[int, ...], sample: int | None, zeros: bool
 ) -> None:
-    """Same numbers as the reference path (sample_sums builds a tensor_sums row): up to float64 rounding for a
-    sample (copied to float64), up to float32 rounding of the sum (1e-6 of sum |x|) for the exact path."""
+    """The compact row, expanded on the host (signalprop.stats.expand_compact), is tensor_sums' row of the same
+    sample: up to float64 rounding for a sample (copied to float64), up to float32 rounding of the sum
+    (1e-6 of sum |x|) for the exact path; a partial sample carries the whole tensor's sum as its check."""
     gen = torch.Generator().manual_seed(seed)
     t = torch.randn(shape, generator=gen)
     if zeros:
         t = t.relu()
     cd = 1 if t.dim() > 1 else None
     row, _, check, counts = compact_sums(t, cd, sample)
-    ref, _, ref_check = sample_sums(t, cd, sample)
-    assert (check is None) == (ref_check is None)
-    assert counts is not None
-    got = expand_row(row.tolist(), counts)
-    want = ref.tolist()
+    head = t if sample is None else sample_of(t, sample, cd).double()
+    assert (check is None) == (head.numel() == t.numel())
+    if check is not None:
+        assert float(check) == pytest.approx(float(t.sum()), rel=1e-6, abs=1e-6)
+    assert counts is not None and counts[0] == head.numel()
+    got = expand_compact(row.tolist(), counts[0], counts[0], counts[1])
+    want = tensor_sums(head, channel_dim=cd).tolist()
     assert len(got) == len(want)
     tol = 1e-12 if sample is not None else 1e-6 * (float(t.abs().sum()) + float(t.pow(2).sum()) + 1.0)
     assert got == pytest.approx(want, rel=1e-12 if sample is not None else 1e-6, abs=tol)

@@ -20,6 +20,7 @@ from signalprop.monitor import Monitor, NonFiniteWarning
 from signalprop.monitor import _batch as batch_mod
 from signalprop.monitor._batch import PrefixBatch
 from signalprop.monitor._sums import compact_sums, sample_of
+from signalprop.stats import RowBatch, expand_compact, tensor_sums
 
 
 def _reference_row(t: torch.Tensor, cd: int | None, sample: int) -> list[float]:
@@ -60,6 +61,29 @@ def test_batched_rows_equal_the_per_tensor_rows(
         _, _, check, counts = compact_sums(t, cd, sample)
         assert counts is not None and (tk[2], tk[3]) == counts
         assert tk[4] == (check is not None)  # partial sample: the caller adds the full-tensor check
+
+
+@pytest.mark.parametrize(("shape", "cd"), [((6, 5, 4, 4), 1), ((40, 30), 1), ((3, 7, 12), None), ((64, 4096), 1)])
+def test_measure_and_the_monitor_share_one_row(shape: tuple[int, ...], cd: int | None) -> None:
+    """One tensor's full row is the same whichever path makes it: tensor_sums; measure's RowBatch, the Monitor's
+    own compact row and its batched sample store (exact statistics: the sample is the whole tensor), each
+    expanded on the host by the one signalprop.stats.expand_compact (float32 against float64 accumulation:
+    1e-6 relative)."""
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(0)).relu()
+    want = tensor_sums(t, channel_dim=cd).tolist()
+    rb = RowBatch()
+    key = rb.add(t, channel_dim=cd)
+    measured = rb.rows(rb.device_vector().cpu())[key]
+    row, _, check, counts = compact_sums(t, cd, None)
+    assert check is None and counts is not None
+    own = expand_compact(row.tolist(), counts[0], counts[0], counts[1])
+    batch = PrefixBatch(t.numel())
+    tk = batch.add(t, cd)
+    assert tk is not None and not tk[4]
+    (block,) = batch.finish()
+    batched = expand_compact(block[tk[1]].tolist(), tk[2], tk[2], tk[3])
+    for got in (measured, own, batched):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
 
 
 def test_layouts_get_their_own_groups_and_the_store_is_reused_across_steps() -> None:

@@ -121,18 +121,6 @@ def test_float32_square_overflow_is_caught_and_careful_path_is_exact() -> None:
     assert math.isfinite(s.chan_var)
 
 
-def test_sample_uses_leading_samples_and_checks_the_rest() -> None:
-    t = torch.randn(100, 10)
-    s = stats_from_sums(tensor_sums(t, sample=95))
-    head = t[:10].double()
-    assert s.numel == 1000
-    assert s.mean == pytest.approx(head.mean().item(), rel=1e-6)
-    t[-1, -1] = float("nan")  # outside the sample: the full check still sees it
-    assert not bool(rows_finite(tensor_sums(t, sample=95)))
-    s = stats_from_sums(tensor_sums(t, sample=95, careful=True))
-    assert s.nonfinite_frac == pytest.approx(1e-3)
-
-
 def test_low_precision_tensors_are_reduced_in_float32() -> None:
     t = torch.randn(32, 8).bfloat16()
     s = stats_from_sums(tensor_sums(t))
@@ -153,8 +141,6 @@ def test_bad_arguments_raise_signalprop_error() -> None:
         tensor_sums([1.0, 2.0])  # type: ignore[arg-type]
     with pytest.raises(SignalpropError, match="channel_dim"):
         tensor_sums(torch.randn(2, 3), channel_dim=5)
-    with pytest.raises(SignalpropError, match="sample"):
-        tensor_sums(torch.randn(2, 3), sample=0)
     with pytest.raises(SignalpropError, match="entries"):
         stats_from_sums([1.0, 2.0])
     with pytest.raises(SignalpropError, match="bins"):

@@ -4,8 +4,8 @@ This is the pure numerical core that :func:`signalprop.measure` and :class:`sign
 A tensor ``t`` becomes a 1-D float64 *row* on ``t``'s device (no host synchronization), laid out as::
 
     row[0] NUMEL     elements in the tensor
-    row[1] N         elements the moments were taken over (all of them, a leading-sample subset with
-                     ``sample=``, or the finite ones with ``careful=True``)
+    row[1] N         elements the moments were taken over (all of them, the finite ones with
+                     ``careful=True``, or a Monitor's sample)
     row[2] SUM       sum of those elements
     row[3] SUMSQ     sum of their squares
     row[4] ZEROS     exact zeros among the elements of the zero sample
@@ -15,6 +15,15 @@ A tensor ``t`` becomes a 1-D float64 *row* on ``t``'s device (no host synchroniz
     row[8] MAXV      largest element of the moment sample (finite elements; non-finite ones count as 0)
     row[9] NEGMIN    minus the smallest element, so that absmax = max(MAXV, NEGMIN)
     row[10:]         one sum per channel (over the moment sample), C entries
+
+The fast path computes on the device only what the host cannot know, a *compact row*::
+
+    compact[0] C_SUMSQ   compact[1] C_ZEROS   compact[2] C_MAXV   compact[3] C_NEGMIN   compact[4:] channel sums
+
+(:func:`compact_row`); the element counts are known on the host, SUM is the total of the channel sums and
+NONFINITE is 0, so :func:`expand_compact` rebuilds the full row from it on the host. measure's
+:class:`RowBatch`, the Monitor's per-tensor rows and its batched sample store
+(``signalprop.monitor._batch``) all produce this layout.
 
 Every entry except MAXV and NEGMIN is a sum over elements, so rows of the same tensor split across
 processes (the batch sharded over torch.distributed ranks) combine by adding them, and those two by
@@ -62,9 +71,15 @@ from .trace import NAN, Histogram, Stats
 
 NUMEL, N, SUM, SUMSQ, ZEROS, ZERO_N, NONFINITE, CHECK, MAXV, NEGMIN = range(10)
 HEADER = 10
+"""Length of a row before the per-channel sums; ``row[HEADER:]`` holds them."""
 MAX_POSITIONS = (MAXV, NEGMIN)
 """Row positions combined across ranks with MAX; every other position is combined with SUM."""
-"""Length of a row before the per-channel sums; ``row[HEADER:]`` holds them."""
+
+C_SUMSQ, C_ZEROS, C_MAXV, C_NEGMIN = range(4)
+COMPACT_HEADER = 4
+"""Length of a compact row before the per-channel sums."""
+COMPACT_MAX_POSITIONS = (C_MAXV, C_NEGMIN)
+"""Compact-row positions combined across ranks with MAX."""
 
 ZERO_PER_SAMPLE = 4096
 """Samples (dim 0 entries) of up to 2x this many elements get an exact zero count; larger ones every k-th
@@ -100,19 +115,6 @@ def _check_tensor(t: object) -> torch.Tensor:
     return t
 
 
-def leading_rows(shape: tuple[int, ...], sample: int, channel_dim: int | None) -> int:
-    """How many leading samples (dim 0) hold at least ``sample`` elements: all of them when the channel
-    dimension is 0 (every channel must be in the sample). Shape arithmetic only; measure's and the
-    Monitor's sampling both start from it."""
-    if not shape or shape[0] == 0:
-        return 0
-    n = int(shape[0])
-    if channel_dim is not None and channel_dim % len(shape) == 0:
-        return n
-    per = max(1, math.prod(shape[1:]))
-    return min(n, -(-sample // per))
-
-
 def _zero_stride(per_sample: int) -> int:
     """Largest power of two k <= 64 such that blocks of 64 k elements tile a sample and 1/k of it leaves
     >= ZERO_PER_SAMPLE elements.
@@ -144,7 +146,6 @@ def tensor_sums(
     t: torch.Tensor,
     *,
     channel_dim: int | Literal["auto"] | None = "auto",
-    sample: int | None = None,
     careful: bool = False,
 ) -> torch.Tensor:
     """Reduce ``t`` to a 1-D float64 row of sums on ``t``'s device, without a host synchronization.
@@ -156,11 +157,6 @@ def tensor_sums(
     channel_dim:
         Dimension holding channels for ``chan_sq_mean`` / ``chan_var``; ``None`` for no channels (the whole
         tensor counts as one channel). Default: :func:`default_channel_dim` (1 for 2-D and higher).
-    sample:
-        If given, take mean, variance, rms, absmax, zeros and channel sums from the smallest number of leading
-        samples (along dim 0) that hold at least ``sample`` elements; one full sum is still taken for the
-        non-finite check. This is what keeps a training-time monitor cheap: a contiguous prefix reads only
-        its own cache lines (DESIGN.md, "Monitor's cost").
     careful:
         Mask inf/nan elements, count them, and take all statistics over the finite elements, accumulating in
         float64. Costs about 5x the fast path; :func:`signalprop.measure` uses it only for tensors whose fast
@@ -194,11 +190,6 @@ def tensor_sums(
     if numel == 0:
         out = torch.zeros(row_length(t.shape, channel_dim), dtype=torch.float64, device=t.device)
         return out
-    full = t
-    if sample is not None:
-        if not isinstance(sample, int) or sample < 1:
-            raise SignalpropError(f"sample must be a positive number of elements or None, got {sample!r}")
-        t = t[: leading_rows(tuple(t.shape), sample, channel_dim)]
     if t.dtype in _LOW_PRECISION:
         t = t.float()
     if not t.is_contiguous():
@@ -210,10 +201,7 @@ def tensor_sums(
         mask = torch.isfinite(t)
         n_fin = mask.sum()
         x = torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=dev)).to(acc)
-        if sample is None:
-            nonfinite = (numel - n_fin).to(torch.float64)
-        else:
-            nonfinite = (numel - torch.isfinite(full).sum()).to(torch.float64)
+        nonfinite = (numel - n_fin).to(torch.float64)
         n_moments = n_fin.to(torch.float64)
     else:
         x = t
@@ -232,11 +220,7 @@ def tensor_sums(
     zeros = (zsrc == 0).sum()
     zero_n = zsrc.numel()
 
-    if sample is None or careful:
-        # Without a sample the moments cover every element; with careful=True NONFINITE holds the count.
-        check = total
-    else:
-        check = full.sum(dtype=torch.float32 if full.dtype in _LOW_PRECISION else full.dtype)
+    check = total  # the moments cover every element (with careful=True, NONFINITE holds the count)
 
     head = torch.stack(
         [
@@ -253,6 +237,41 @@ def tensor_sums(
         ]
     )
     return torch.cat([head, chan.to(torch.float64)])
+
+
+def full_sum(t: torch.Tensor) -> torch.Tensor:
+    """The non-finite check of a whole tensor: its sum (0-d, on its device), float32 accumulation for float32
+    and half types. One read of every element; finite unless an element is inf/nan or the sum passes 3.4e38."""
+    return t.sum(dtype=torch.float32 if t.dtype in _LOW_PRECISION else t.dtype)
+
+
+def compact_row(
+    sumsq: torch.Tensor, zeros: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, chan: torch.Tensor
+) -> torch.Tensor:
+    """The compact row(s) ``[sumsq, zeros, max, -min, channel sums...]``, float64, on the device: from the
+    0-d reductions of one tensor (``chan`` of shape (C,)) or the (k,) reductions of k samples at once
+    (``chan`` (k, C); one row each). One stack and one cat."""
+    f64 = torch.float64
+    head = torch.stack([sumsq.to(f64), zeros.to(f64), hi.to(f64), -lo.to(f64)], -1)
+    return torch.cat([head, chan.to(f64)], -1)
+
+
+def expand_compact(compact: Sequence[float], numel: float, n: float, zero_n: float) -> list[float]:
+    """The full row (layout in the module docstring) of a host copy of a compact row of a tensor of ``numel``
+    elements whose moments cover ``n`` of them (a sample: fewer; its CHECK is then the sample's own sum,
+    see :func:`with_check`) with a zero sample of ``zero_n``."""
+    sumsq, zeros, maxv, negmin = compact[:COMPACT_HEADER]
+    chan = list(compact[COMPACT_HEADER:])
+    s = math.fsum(chan) if all(math.isfinite(x) for x in chan) else sum(chan)
+    return [float(numel), float(n), s, sumsq, zeros, float(zero_n), 0.0, s, maxv, negmin, *chan]
+
+
+def with_check(row: Sequence[float], check: float, numel: float) -> list[float]:
+    """A host row of a sample with the whole tensor's CHECK (its :func:`full_sum`) and NUMEL put in."""
+    out = list(row)
+    out[CHECK] = check
+    out[NUMEL] = numel
+    return out
 
 
 def rows_finite(rows: torch.Tensor) -> torch.Tensor:
@@ -413,15 +432,14 @@ class RowBatch:
         t: torch.Tensor,
         *,
         channel_dim: int | Literal["auto"] | None = "auto",
-        sample: int | None = None,
         careful: bool = False,
     ) -> int:
         """Queue the reductions of ``t`` (arguments as :func:`tensor_sums`); returns the entry's key."""
         t = _check_tensor(t).detach()
         cd = default_channel_dim(t.dim()) if channel_dim == "auto" else channel_dim
-        if careful or sample is not None or t.numel() == 0 or t.dim() == 0 or (cd is not None and not -t.dim() <= cd < t.dim()):
+        if careful or t.numel() == 0 or t.dim() == 0 or (cd is not None and not -t.dim() <= cd < t.dim()):
             self._entries.append(("row", len(self._rows)))
-            self._rows.append(tensor_sums(t, channel_dim=cd, sample=sample, careful=careful))
+            self._rows.append(tensor_sums(t, channel_dim=cd, careful=careful))
             return len(self._entries) - 1
         if cd is not None:
             cd %= t.dim()
@@ -481,10 +499,9 @@ class RowBatch:
         fast: list[list[float]] = []
         c0 = 0
         for i, (_, _, c) in enumerate(self._counts):
-            chan = chan_all[c0 : c0 + c]
+            compact = [sumsq[i], zeros[i], hi[i], neglo[i], *chan_all[c0 : c0 + c]]
             c0 += c
-            s = math.fsum(chan) if all(math.isfinite(x) for x in chan) else sum(chan)
-            fast.append([numel[i], numel[i], s, sumsq[i], zeros[i], zero_n[i], 0.0, s, hi[i], neglo[i], *chan])
+            fast.append(expand_compact(compact, numel[i], numel[i], zero_n[i]))
         full: list[list[float]] = []
         r0 = 0
         for r in self._rows:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..stats import _zero_stride
+from ..stats import _zero_stride, compact_row
 from ._sums import sample_plan, sample_shape, view_args
 
 GROUP_BYTES = 8 << 20
@@ -197,9 +197,10 @@ def reduce_block(
     v: torch.Tensor, channel_dim: int | None, zero_stride: int, scratch: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Compact rows of ``k`` same-shaped float64 samples ``v`` (k, *sample shape): four reads of the block
-    (sum of squares, max, min, channel sums), a zero count over 1/``zero_stride`` of it, one cat.
+    (sum of squares, max, min, channel sums), a zero count over 1/``zero_stride`` of it, one stack and cat.
 
-    ``[sum of squares, zeros in the zero sample, max, -min, channel sums...]`` per sample, where the channel
+    :func:`signalprop.stats.compact_row`'s layout, ``[sum of squares, zeros in the zero sample, max, -min,
+    channel sums...]``, per sample, where the channel
     dimension is ``channel_dim`` of one sample (None: one sum) and the zero sample takes the first 64 of
     every ``64 * zero_stride`` elements. The sum of squares is ``vector_norm(x)^2``: float64 holds the
     square of every finite float32 value, so it is finite whenever the sample is. (``amax`` and ``amin``
@@ -232,4 +233,4 @@ def reduce_block(
         ind = scratch[: zsrc.numel()].view(zsrc.shape)
         torch.eq(zsrc, 0, out=ind)
         zeros = ind.view(k, -1).sum(1)
-    return torch.cat([torch.stack([sumsq, zeros, hi, lo.neg()], 1), chan], 1)
+    return compact_row(sumsq, zeros, hi, lo, chan)

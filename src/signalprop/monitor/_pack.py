@@ -26,11 +26,22 @@ import numpy as np
 import torch
 
 from .._distributed import reduce_rows
-from ..stats import CHECK, MAX_POSITIONS, NONFINITE, NUMEL, SUM, SUMSQ, stats_from_sums
+from ..stats import (
+    CHECK,
+    COMPACT_MAX_POSITIONS,
+    MAX_POSITIONS,
+    NONFINITE,
+    NUMEL,
+    SUM,
+    SUMSQ,
+    expand_compact,
+    stats_from_sums,
+    with_check,
+)
 from ..trace import Histogram, LayerStats, Stats, Trace
 from ._record import ParamStats, Record
 from ._step import OpenStep, Queued
-from ._sums import COMPACT_MAX, expand_row, histogram_edges, with_full_check
+from ._sums import histogram_edges
 
 OVERFLOW_MARGIN = 8.0
 """diagnose's default ``overflow_margin`` (signalprop.diagnosis._rulekit): absmax within 8x of the dtype's
@@ -105,7 +116,7 @@ def pack(
     tensors = [f.out for f in done if f.out is not None] + [b.grad for b in step.backwards]
     parts, places, host = _place(tensors, blocks)
     max_index = tuple(
-        p.start + k for q, p in zip(tensors, places) for k in (MAX_POSITIONS if q.counts is None else COMPACT_MAX)
+        p.start + k for q, p in zip(tensors, places) for k in (MAX_POSITIONS if q.counts is None else COMPACT_MAX_POSITIONS)
     )
     layer = parts.vector(device)
     if world > 1:  # the host numbers travel too, to be summed with the other ranks'
@@ -246,9 +257,10 @@ def _stats(vals: list[float], place: Place) -> Stats:
     """The Stats of one tensor from the logical numbers."""
     row = vals[place.start : place.start + place.width]
     if place.counts is not None:
-        row = expand_row(row, (int(vals[place.counts]), int(vals[place.counts + 1])))
+        n, zero_n = vals[place.counts], vals[place.counts + 1]
+        row = expand_compact(row, n, n, zero_n)
     if place.check is not None and place.numel is not None:
-        row = with_full_check(row, vals[place.check], vals[place.numel])
+        row = with_check(row, vals[place.check], vals[place.numel])
     bad_full = not math.isfinite(row[CHECK])
     bad_sample = not (math.isfinite(row[SUM]) and math.isfinite(row[SUMSQ]))
     hist = None

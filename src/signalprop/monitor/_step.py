@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..stats import full_sum
 from ._batch import PrefixBatch
-from ._sums import compact_sums, full_sum, standardized_histogram
+from ._sums import compact_sums, standardized_histogram
 
 
 @dataclass(slots=True)

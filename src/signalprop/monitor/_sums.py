@@ -1,13 +1,11 @@
 """The on-device reductions a training-time :class:`~signalprop.monitor.Monitor` takes of one tensor.
 
-The reductions are :mod:`signalprop.stats`' (``_fast_parts``, the fast path of ``tensor_sums``: one piece
-of code for the statistics and their row layout); :func:`compact_sums` packs them into a short compact row
-with one stack and one cat, and :func:`expand_row` rebuilds the ``tensor_sums`` row on the host (about half
-the device operations of a standalone ``tensor_sums`` row, whose counts and constants each cost a small
-operation). The Monitor's usual path batches the samples of many tensors instead
-(:mod:`signalprop.monitor._batch`, the same row layout); this per-tensor path serves exact statistics
-(``sample=None``), histograms and samples too large to batch. It also holds the non-finite check
-(:func:`full_sum`). What this module adds is where the numbers come from:
+The reductions, the row layouts and the non-finite check are :mod:`signalprop.stats`' (one definition,
+shared with :func:`signalprop.measure`): :func:`compact_sums` takes the fast path's reductions of a tensor's
+sample into a compact row (``signalprop.stats.compact_row``), which the host expands into the full row.
+The Monitor's usual path batches the samples of many tensors instead (:mod:`signalprop.monitor._batch`,
+the same compact layout); this per-tensor path serves exact statistics (``sample=None``), histograms and
+samples too large to batch. What this module adds is where the numbers come from:
 
 - **a fixed-size sample**: the moments, extremes, zeros and channel sums come from the smallest number of
   leading samples (along dim 0) that hold at least ``sample`` elements, or, where one sample alone holds
@@ -36,17 +34,27 @@ import math
 
 import torch
 
-from ..stats import CHECK, NUMEL, _fast_parts, leading_rows, tensor_sums
+from ..stats import _fast_parts, compact_row, full_sum, tensor_sums
 
 HIST_HALF_WIDTH = 6.0
 """Histograms cover ``mean +- HIST_HALF_WIDTH * std`` of the sample."""
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 MIN_RUN = 16
 """Every other slice of one batch sample is taken only where each slice holds runs of at least this many
 contiguous elements (64 bytes of float32, a cache line)."""
+
+
+def leading_rows(shape: tuple[int, ...], sample: int, channel_dim: int | None) -> int:
+    """How many leading samples (dim 0) hold at least ``sample`` elements: all of them when the channel
+    dimension is 0 (every channel must be in the sample). Shape arithmetic only."""
+    if not shape or shape[0] == 0:
+        return 0
+    n = int(shape[0])
+    if channel_dim is not None and channel_dim % len(shape) == 0:
+        return n
+    per = max(1, math.prod(shape[1:]))
+    return min(n, -(-sample // per))
 
 
 def sample_plan(shape: tuple[int, ...], sample: int, channel_dim: int | None) -> tuple[int, int, int]:
@@ -100,56 +108,24 @@ def sample_of(t: torch.Tensor, sample: int, channel_dim: int | None) -> torch.Te
     return sample_view(t, sample_plan(tuple(t.shape), sample, channel_dim))
 
 
-def sample_sums(
-    t: torch.Tensor, channel_dim: int | None, sample: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(row, moments_source, check)`` for one tensor, all on its device, with no host synchronization.
-
-    ``row`` is a ``tensor_sums`` row (layout in :mod:`signalprop.stats`). With ``sample=None``, or when the
-    leading samples already hold the whole tensor, it covers every element and ``check`` is None. Otherwise
-    the row describes a float64 copy of the leading-sample prefix (its ``NUMEL`` and ``CHECK`` are the
-    prefix's) and ``check`` is the sum over the whole tensor (0-d, float32 accumulation): the caller puts it
-    and the full element count into ``row[CHECK]`` and ``row[NUMEL]`` once the numbers of every tensor are
-    on the host, which saves two device writes per tensor. ``moments_source`` is the tensor the moments
-    were taken over (for :func:`standardized_histogram`).
-    """
-    t = t.detach()
-    if sample is None or t.dim() == 0 or t.numel() == 0:
-        return tensor_sums(t, channel_dim=channel_dim), t, None
-    head = sample_of(t, sample, channel_dim).to(torch.float64)
-    row = tensor_sums(head, channel_dim=channel_dim)
-    if head.numel() == t.numel():
-        return row, head, None
-    return row, head, full_sum(t)
-
-
-def full_sum(t: torch.Tensor) -> torch.Tensor:
-    """The non-finite check of a whole tensor: its sum (0-d, on its device), float32 accumulation for float32
-    and half types. One read of every element; finite unless an element is inf/nan or the sum passes 3.4e38."""
-    return t.sum(dtype=torch.float32 if t.dtype in _LOW_PRECISION else t.dtype)
-
-
-COMPACT_MAX = (2, 3)
-"""Positions of a :func:`compact_sums` row to combine across ranks with MAX (all others: SUM)."""
-
-
 def compact_sums(
     t: torch.Tensor, channel_dim: int | None, sample: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
-    """Like :func:`sample_sums`, with fewer device operations: ``(row, moments_source, check, counts)``.
+    """``(row, moments_source, check, counts)`` for one tensor, all on its device, no host synchronization.
 
-    For a tensor of one or more dimensions the row is *compact*, ``[SUMSQ, ZEROS, MAXV, NEGMIN, channel
-    sums...]`` (float64, on the device), made by :func:`signalprop.stats._fast_parts` (the reductions
-    ``tensor_sums`` runs: a dot, one channel sum, one ``aminmax``, one zero count) and one stack and one cat;
-    ``counts = (moment elements, zero-sample elements)`` are host numbers, and :func:`expand_row` turns
-    the host copy into a ``tensor_sums`` row (SUM is the sum of the channel sums). About half the
-    operations of a standalone ``tensor_sums`` row, and one long-lived allocation per tensor. A 0-d or empty
-    tensor gets a full ``tensor_sums`` row and ``counts=None``.
+    For a tensor of one or more dimensions ``row`` is the compact row of its sample (of all of it with
+    ``sample=None``) in float64, :func:`signalprop.stats.compact_row` of the reductions ``tensor_sums``
+    runs (:func:`signalprop.stats._fast_parts`: a dot, one channel sum, one ``aminmax``, one zero count):
+    about half the device operations of a standalone ``tensor_sums`` row. ``counts = (moment elements,
+    zero-sample elements)`` are host numbers for :func:`signalprop.stats.expand_compact`; ``check`` is the
+    whole tensor's :func:`~signalprop.stats.full_sum` where the sample is only part of it (else None), for
+    :func:`signalprop.stats.with_check`. ``moments_source`` is the tensor the moments were taken over (for
+    :func:`standardized_histogram`). A 0-d or empty tensor gets a full ``tensor_sums`` row and
+    ``counts=None``.
     """
     t = t.detach()
     if t.dim() == 0 or t.numel() == 0:
-        row, head, chk = sample_sums(t, channel_dim, sample)
-        return row, head, chk, None
+        return tensor_sums(t, channel_dim=channel_dim), t, None, None
     full = None
     head = t
     if sample is not None:
@@ -158,26 +134,7 @@ def compact_sums(
             full = full_sum(t)
     cd = None if channel_dim is None else channel_dim % head.dim()
     sumsq, lo, hi, zeros, chan, zero_n = _fast_parts(head, cd)
-    f64 = torch.float64
-    row = torch.cat([torch.stack([sumsq.to(f64), zeros.to(f64), hi.to(f64), -lo.to(f64)]), chan.to(f64)])
-    return row, head, full, (head.numel(), zero_n)
-
-
-def expand_row(compact: list[float], counts: tuple[int, int]) -> list[float]:
-    """The ``tensor_sums`` row (layout in :mod:`signalprop.stats`) of a host copy of a :func:`compact_sums` row."""
-    sumsq, zeros, maxv, negmin = compact[:4]
-    chan = compact[4:]
-    s = math.fsum(chan) if all(math.isfinite(x) for x in chan) else sum(chan)
-    n, zero_n = counts
-    return [float(n), float(n), s, sumsq, zeros, float(zero_n), 0.0, s, maxv, negmin, *chan]
-
-
-def with_full_check(row: list[float], check: float, numel: float) -> list[float]:
-    """A host copy of a prefix row from :func:`sample_sums` with the whole tensor's CHECK and NUMEL put in."""
-    out = list(row)
-    out[CHECK] = check
-    out[NUMEL] = numel
-    return out
+    return compact_row(sumsq, zeros, hi, lo, chan), head, full, (head.numel(), zero_n)
 
 
 def standardized_histogram(x: torch.Tensor, bins: int) -> torch.Tensor:
