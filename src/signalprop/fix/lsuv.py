@@ -27,17 +27,9 @@ import torch
 from torch import nn
 
 from .._errors import SignalpropError
-from ._common import (
-    Inputs,
-    call_model,
-    channel_dim,
-    eval_mode,
-    mha_fastpath_disabled,
-    preserved_rng,
-    restore,
-    snapshot,
-    weight_layers,
-)
+from .._inputs import call_model
+from .._state import eval_mode, forked_rng, preserved
+from ._common import Inputs, channel_dim, mha_fastpath_disabled, restore, snapshot, weight_layers
 
 __all__ = ["LSUVResult", "lsuv_", "lsuv_run", "output_stds"]
 
@@ -162,7 +154,7 @@ def lsuv_run(
         )
     saved = snapshot(chosen)
     try:
-        with preserved_rng(model), eval_mode(model), mha_fastpath_disabled(), torch.no_grad():
+        with forked_rng(model), eval_mode(model), mha_fastpath_disabled(), torch.no_grad():
             if orthogonal:
                 _orthogonal_(chosen)
             return _passes(model, inputs, chosen, target_std, tol, max_iters)
@@ -192,7 +184,7 @@ def output_stds(model: nn.Module, inputs: Inputs) -> dict[str, float]:
         return hook
 
     try:
-        with preserved_rng(model), eval_mode(model), mha_fastpath_disabled(), torch.no_grad():
+        with preserved(model) as state, state.run(eval=True), mha_fastpath_disabled(), torch.no_grad():
             for name, m in layers:
                 handles.append(m.register_forward_hook(make(name)))
             call_model(model, inputs)

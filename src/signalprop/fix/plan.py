@@ -46,8 +46,10 @@ from torch import nn
 
 from .. import theory
 from .._errors import SignalpropError
+from .._inputs import call_model
+from .._state import preserved, preserving
 from ..theory import ActLike
-from ._common import Inputs, call_model, eval_mode, preserved_rng
+from ._common import Inputs
 from ._steps import LayerPlan, Plan
 
 __all__ = [
@@ -274,6 +276,7 @@ def _family(act: ActLike) -> tuple[str, str]:
     return FAMILIES.get(key, "gain"), label
 
 
+@preserving  # reading a parametrized weight in train mode runs its parametrization (spectral norm's u, v)
 def plan(
     model: nn.Module,
     *,
@@ -407,7 +410,7 @@ def _input_second_moment(model: nn.Module, layer: nn.Module, example_inputs: Inp
 
     h = layer.register_forward_pre_hook(pre)
     try:
-        with preserved_rng(model), eval_mode(model), torch.no_grad():
+        with preserved(model) as state, state.run(eval=True), torch.no_grad():
             call_model(model, example_inputs)
     finally:
         h.remove()
