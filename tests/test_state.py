@@ -219,3 +219,31 @@ def test_dropout_masks_come_from_a_stream_of_their_own() -> None:
     assert a["1"].fwd.zero_frac != c["1"].fwd.zero_frac
     # half of the 16 x 64 outputs dropped: within 4 standard errors of 1/2
     assert abs(a["1"].fwd.zero_frac - 0.5) < 4 * (0.25 / (16 * 64)) ** 0.5
+
+
+def test_a_pass_whose_weights_move_runs_again_on_private_copies() -> None:
+    """Another thread's optimizer step between measure's forward and backward is simulated by a hook that
+    writes the last layer's weight once, after the forward used it: autograd refuses that backward, so measure
+    runs the pass again with private copies of the weights (the write then hits the model's tensor, not the
+    copy the graph saved) and gets the single-pass result; a model that writes its own saved weight on every
+    call gets autograd's error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    x = torch.randn(8, 8)
+    want = sp.measure(model, x)
+    writes = [1]  # how many more calls write the weight; -1: every call
+
+    def step(module: nn.Module, args: Any, out: Any) -> None:
+        if writes[0] != 0:
+            writes[0] = writes[0] - 1 if writes[0] > 0 else -1
+            with torch.no_grad():
+                module.weight.add_(0.0)  # bumps the version counter the backward checks
+
+    handle = model[2].register_forward_hook(step)
+    try:
+        assert sp.measure(model, x) == want
+        writes[0] = -1  # every call
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            sp.measure(model, x)
+    finally:
+        handle.remove()

@@ -26,6 +26,7 @@ what a forward writes is put back, random draws come from a generator of its own
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import linecache
 import time
 import warnings
@@ -114,11 +115,16 @@ def capture(
                 "hooks": _graph_capture.from_hooks}
     failures: dict[str, str] = {}
     t0 = time.perf_counter()
+    def attempt(method: str) -> Any:
+        with preserved(model) as state, state.run(), _fx_sources_dropped(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return backends[method](model, args, kwargs)
+
     for method in methods:
         try:
-            with preserved(model) as state, state.run(), _fx_sources_dropped(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                nodes, call_idx, outputs = backends[method](model, args, kwargs)
+            # in a copy of the context: torch's config patches (many per export) each set a ContextVar of
+            # their own and never unset it, which would grow this thread's context with every capture
+            nodes, call_idx, outputs = contextvars.copy_context().run(attempt, method)
         except Exception as e:  # noqa: BLE001 - every failure is reported, the next method tried
             failures[method] = f"{type(e).__name__}: {_first_line(e)}"
             continue
