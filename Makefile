@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= signalprop-demo
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo test lint typecheck docs unit bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,16 +24,18 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
+# The docs site (mkdocs-material + mkdocstrings), built with --strict so that a broken reference fails.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d build/site
+
 unit: setup
-	$(VENV)/bin/python -m pytest -n 2 -q
+	$(VENV)/bin/python -m pytest -n 2 -q tests --doctest-modules src/signalprop
 
-test: lint typecheck unit
+test: lint typecheck docs unit
 
+# Runs every benchmark and writes bench/RESULTS.md from this run's output (commit, cores, numbers).
 bench: setup
-	$(PY) bench/measure_overhead.py
-	$(PY) bench/lsuv.py
-	$(PY) bench/monitor.py
-	$(PY) bench/monitor.py --steady-allocator
+	$(PY) bench/results.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache signalprop-demo

@@ -7,7 +7,7 @@ mode). The package is run with std_tol=0.01 (its default is 0.1) so both aim at 
 
     python bench/lsuv.py [--depth 50] [--width 32] [--batch 64] [--image 16] [--reps 3]
 
-Goal (issue 4): lsuv_ at least 10x faster than the package, every layer within 0.01.
+Goal: lsuv_ at least 10x faster than the package, every layer within 0.01.
 """
 
 from __future__ import annotations

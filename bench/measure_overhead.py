@@ -6,13 +6,13 @@ Compared, each timed as the median of interleaved repetitions (so that load from
 variant alike):
 
 (a) baseline: a plain forward + ``torch.autograd.grad(out, x, cot)`` with ``x`` requiring grad -- the same
-    gradient work measure does (gradients with respect to activations, none for weights; DESIGN.md, "What a
+    gradient work measure does (gradients with respect to activations, none for weights; docs/design.md, "What a
     fair overhead ratio compares with");
 (b) a hook collector that syncs per layer with ``.item()`` (mean, std, absmax, zero fraction of each output
     and output gradient, the way common activation-statistics callbacks work);
 (c) TorchLens (``torchlens.trace``, saving every output), which records every tensor operation of the
     forward pass; printed as "unavailable" with the reason when it cannot run here;
-and ``sp.measure(model, x)`` itself. The issue's target: measure <= 1.3x (a); aim for 1.1x. The physical
+and ``sp.measure(model, x)`` itself. The target: measure <= 1.3x (a); aim for 1.1x. The physical
 limit is one read of each activation and gradient plus one host sync: the "reads" line times exactly
 that (a ``sum`` of every recorded tensor, on top of (a)).
 

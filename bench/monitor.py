@@ -3,7 +3,7 @@
 Model: a plain 20-layer, 32-channel ReLU CNN (He init), batch 32 of 3x32x32, SGD with momentum, cross
 entropy; 43 module calls a step, so 86 tensors (outputs and output gradients) to reduce. Plain and
 monitored steps of two identical models run in adjacent pairs (see :func:`paired`) and the median of the per-pair ratios is printed
-for each Monitor setting. The goal (issue 6): at most 1.10x on CPU with ``every=1``.
+for each Monitor setting. The goal: at most 1.10x on CPU with ``every=1``.
 
 The same run also times a *floor*: hooks on the same module calls that do only what exact non-finite
 detection cannot avoid, one sum over every element of every output and output gradient, and one host
@@ -14,7 +14,7 @@ Allocator: with glibc's default settings a freed 4 MB activation is often handed
 the next one page-faults anew, which makes the plain step itself slower and its time noisier (here 190-290
 ms instead of 160-170 ms). ``--steady-allocator`` re-runs the benchmark with glibc told to keep freed memory
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``), the setting under which a
-ratio is least flattered by a slow baseline; the README gives both. Each line also gives the minor page
+ratio is least flattered by a slow baseline; ``make bench`` runs both. Each line also gives the minor page
 faults a step of the plain and the watched loop: under glibc's defaults they swing a ratio by 100 ms a
 step either way, whichever loop happens to re-touch the memory glibc gave back.
 

@@ -5,7 +5,9 @@ of the predicted one (``meta["expected_var"]``: what one network of that width m
 over weight draws, so it is compared with an arithmetic mean: a geometric mean would be biased low by about
 s^2 / 2 in log, s the finite-width band's log-std). Timing:
 capture, predict with a fresh capture, and predict reusing one captured graph, on AlexNet (224x224) and
-plain_cnn(50) (32x32), in the same process. Run: ``.venv/bin/python bench/predict.py [--nets 8]``.
+plain_cnn(50) (32x32), in the same process; and predict on a deep MLP (``--depth``, width 256, graph
+captured once) against one forward pass at batch 64, timed in interleaved rounds (the ratio is what a
+loaded machine does not change). Run: ``.venv/bin/python bench/predict.py [--nets 8] [--depth 1000]``.
 """
 
 from __future__ import annotations
@@ -79,12 +81,34 @@ def timings() -> None:
         print(f"{label:18s} capture {t1 - t0:6.2f} s   predict {t2 - t1:6.2f} s   predict(graph=g) {t3 - t2:6.2f} s")
 
 
+def depth_ratio(depth: int, rounds: int = 3) -> None:
+    """sp.predict on a ``depth``-layer width-256 ReLU MLP (graph already captured) / one forward at batch 64."""
+    model = sp.models.mlp(depth, 256)
+    graph = capture(model, input_shape=(256,), methods=("fx",))
+    x = torch.randn(64, 256)
+    predict(model, (256,), graph=graph)
+    t_pred, t_fwd = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        predict(model, (256,), graph=graph)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            model(x)
+        t2 = time.perf_counter()
+        t_pred.append(t1 - t0)
+        t_fwd.append(t2 - t1)
+    p, f = min(t_pred), min(t_fwd)
+    print(f"mlp({depth}, 256): predict {p * 1e3:7.1f} ms ({p / depth * 1e6:.0f} us a layer), forward at batch 64 "
+          f"{f * 1e3:6.1f} ms, ratio {p / f:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--nets", type=int, default=8)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--only", default="", help="run the accuracy cases whose name contains this text")
+    ap.add_argument("--depth", type=int, default=1000, help="depth of the MLP timed against a forward pass")
     args = ap.parse_args()
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
@@ -93,6 +117,7 @@ def main() -> None:
         capture(nn.Sequential(nn.Linear(2, 2)), input_shape=(2,))
         print(f"first export in this process: {time.perf_counter() - t0:.2f} s")
         timings()
+        depth_ratio(args.depth)
     for name, (make, shape) in CASES.items():
         if args.only not in name:
             continue

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import signalprop as sp
 from signalprop.diagnosis import diagnose
 
 tf = pytest.importorskip("transformers", reason="transformers is a dev extra (real architectures)")
@@ -106,7 +107,11 @@ def test_vit_covered_clean_and_large_init_saturates_the_pooler() -> None:
     report = diagnose(model, inputs, predicted=False)
     sat = report.by_kind("saturation")[0]
     assert sat.layer == "pooler.activation" and sat.data["sat_frac"] > 0.5
-    assert "He-style gain (fan_in, tanh) for pooler.dense: std = sqrt(2.536/64) = 0.199" in sat.fix
+    # the fix quotes the plan auto_init_ applies: the pooler's dense layer starts a tanh chain (mean field)
+    step = sp.fix.plan(model, example_inputs=inputs)["pooler.dense"]
+    assert sat.data["fix_scheme"] == step.scheme == "mean_field_input"
+    assert sat.data["fix_std"] == pytest.approx(step.std, rel=1e-6)
+    assert "sets pooler.dense to mean-field critical (first layer of the chain) for tanh: std = sqrt(" in sat.fix
 
 
 def _llama() -> tuple[nn.Module, dict[str, Any]]:
@@ -138,3 +143,39 @@ def test_other_architectures_run_and_are_covered(build: Any) -> None:
     _covered(model, report)
     assert not report.by_kind("nonfinite")
     assert "notes" not in report.meta or not any("rule" in n or "probe" in n for n in report.meta["notes"])
+
+
+DRIFT = {"exploding", "vanishing", "grad_exploding", "grad_vanishing"}
+
+
+@pytest.mark.slow
+def test_mobilevit_collapse_is_vanishing_from_its_normalization_gains() -> None:
+    # transformers draws MobileViT's BatchNorm gains around 0.02: the signal collapses to ~1e-8 through the
+    # convolutions (all normalized, so not judged one by one) and LayerNorm's eps lets it climb back later
+    cfg = tf.MobileViTConfig(image_size=64, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 16, 24, 32, 48, 64, 160],
+                             num_attention_heads=2)
+    model, x = tf.MobileViTModel(cfg), torch.randn(2, 3, 64, 64)
+    report = diagnose(model, x, predicted=False)
+    assert not report.by_kind("exploding"), report.summary()
+    f = report.by_kind("vanishing")[0]
+    assert f.severity == "error" and f.data["basis"] == "unit" and f.data["ratio"] < 1e-4
+    assert f.data["cause"] == "normalization_gain" and "BatchNorm2d" in f.fix and "ones_" in f.fix
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+    assert not diagnose(model, x, predicted=False).kinds & DRIFT
+
+
+def test_vit_mae_zero_class_token_gradient_is_flagged() -> None:
+    # ViT-MAE leaves cls_token and the position table at zero: the class-token row reaches each LayerNorm with
+    # no variance, and the norm's backward multiplies its gradient by up to 1/sqrt(eps) = 316
+    cfg = tf.ViTMAEConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                          intermediate_size=128)
+    model, x = tf.ViTMAEModel(cfg), torch.randn(2, 3, 32, 32)
+    report = diagnose(model, x, predicted=False)
+    f = report.by_kind("grad_exploding")[0]
+    assert f.layer == "embeddings" and f.severity == "error" and f.data["ratio"] > 1e3
+    assert "cls_token" in f.message and "trunc_normal_" in f.fix
+    with torch.no_grad():
+        nn.init.trunc_normal_(model.embeddings.cls_token, std=0.02)
+    assert not diagnose(model, x, predicted=False).kinds & DRIFT

@@ -80,7 +80,7 @@ def test_exit_0_when_clean_and_1_when_a_warning(run: Any, factories: Path) -> No
         "diagnose", "signalprop.models:mlp(depth=6, width=64)", "--input-shape", "64", "--quiet", "--no-predict"
     )
     assert code == 1
-    assert "vanishing" in out and "He (fan_in, relu)" in out
+    assert "vanishing" in out and "to He for relu: std = sqrt(2/64) = 0.1768" in out
 
 
 def test_outputs_json_html_plot(run: Any, factories: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import signalprop as sp
@@ -47,11 +48,15 @@ def test_verdicts_name_the_problem() -> None:
     assert "signal stays in range" in _demo.verdict(run.reports["he"])
 
 
+@pytest.mark.slow
 def test_demo_command_writes_pictures_and_report(tmp_path, capsys) -> None:
     rc = main(["demo", "--out", str(tmp_path), "--batch", "2", "--depth", "8"])
     out = capsys.readouterr().out
     assert rc == 0
-    for name in ["alexnet_std.png", "plain_cnn_std.png", "predicted_band.png", "alexnet_naive_report.html"]:
+    for name in ["alexnet_std.png", "plain_cnn_std.png", "mean_subtraction.png", "predicted_band.png",
+                 "alexnet_naive_report.html"]:
         assert (tmp_path / name).stat().st_size > 10_000, name
     assert "y = " in out and "-14" in out
     assert "after lsuv_" in out
+    flat = " ".join(out.replace("\u2502", " ").split())  # the panel may wrap a sentence inside its border
+    assert "it removes the mean, not the scale" in flat

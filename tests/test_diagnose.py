@@ -55,11 +55,13 @@ def test_exploding_names_the_layer_the_numbers_and_the_exact_std() -> None:
     assert f.message.startswith("12 (Linear): forward std ")
     assert "x the first weight layer's (0, " in f.message and "the signal grows about" in f.message
     assert f.data["per_layer"] == pytest.approx(math.sqrt(32), rel=0.3)
-    # the last Linear has no activation after it: LeCun, std = sqrt(1/64)
-    assert "LeCun (fan_in, linear) for 12: std = sqrt(1/64) = 0.125" in f.fix
-    assert "sp.fix.auto_init_" in f.fix and "sp.fix.lsuv_" in f.fix
+    # the fix quotes auto_init_'s plan: the last Linear has no activation after it and equal fans, so
+    # Var[w] = 1/sqrt(fan_in fan_out) = 1/64; the first feeds a ReLU: He, std = sqrt(2/64)
+    call = "sp.fix.auto_init_(model, example_inputs=inputs)"
+    assert f"{call} sets 12 to linear (geometric mean of the fans): std = sqrt(1/64) = 0.125" in f.fix
+    assert f.data["fix_scheme"] == "linear" and f.data["fix_std"] == pytest.approx(0.125, rel=1e-9)
     g = _one(report, "grad_exploding")
-    assert g.layer == "0" and "He (fan_out, relu) for 0: std = sqrt(2/64) = 0.177" in g.fix
+    assert g.layer == "0" and f"{call} sets 0 to He for relu: std = sqrt(2/64) = 0.1768" in g.fix
 
 
 def test_vanishing_at_small_gaussian_init() -> None:
@@ -155,11 +157,16 @@ def test_dead_units_from_a_negative_bias() -> None:
 def test_saturation_of_tanh() -> None:
     # N(0, 1) weights at width 64: pre-activations of std ~5, so |tanh| > 0.99 for most of them
     model = _normal_(sp.models.mlp(depth=3, width=64, act="tanh"), 1.0)
-    report = diagnose(model, torch.randn(64, 64), predicted=False)
+    x = torch.randn(64, 64)
+    report = diagnose(model, x, predicted=False)
     f = _one(report, "saturation")
     assert f.severity == "warning" and f.data["sat_frac"] > 0.5
     assert "within 1% of +-1" in f.message
-    assert "He-style gain (fan_in, tanh) for " in f.fix and "std = sqrt(2.536/64) = 0.199" in f.fix
+    # the fix quotes the plan auto_init_ applies to the weight layer before it (mean-field critical)
+    w = str(int(f.layer) - 1)
+    step = sp.fix.plan(model, example_inputs=x)[w]
+    assert step.scheme.startswith("mean_field") and f.data["fix_std"] == pytest.approx(step.std, rel=1e-6)
+    assert f"sp.fix.auto_init_(model, example_inputs=inputs) sets {w} to mean-field critical" in f.fix
 
 
 def test_overflow_risk_in_float16() -> None:

@@ -49,6 +49,7 @@ class Tokens(nn.Module):
         (nn.LSTM(3, 4), True),
         (nn.Embedding(5, 4), True),
         (weight_norm(nn.Linear(3, 4)), True),
+        (weight_norm(nn.Linear(3, 4)).parametrizations.weight, False),  # the originals of its parent's weight
         (MyLinear(3, 4), True),
         (nn.LayerNorm(4), False),
         (nn.BatchNorm2d(4), False),
@@ -108,10 +109,15 @@ def test_init_warns_for_tensors_it_leaves() -> None:
 
 
 def test_plan_keeps_an_unknown_weight_layer_and_says_why() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        p = sp.fix.plan(_net(), example_inputs=torch.randn(4, 6))
+    # without inputs nothing can scale it: kept, with the register_fans call that would plan it
+    p = sp.fix.plan(_net())
     step = p["2"]
     assert step.scheme == "keep" and "register_fans(MyLinear" in step.reason
     assert any("MyLinear" in n for n in p.notes)
     assert p["0"].scheme == "he"
+    # with inputs the LSUV pass rescales it (its output is linear in its weight), still naming register_fans
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = sp.fix.plan(_net(), example_inputs=torch.randn(4, 6))
+    assert p["2"].scheme == "lsuv" and p["2"].lsuv and p["2"].target_std == 1.0
+    assert "register_fans(MyLinear" in p["2"].reason

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 import signalprop as sp
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORLD = 2
 

@@ -15,7 +15,7 @@ import signalprop as sp
 from signalprop.monitor import Monitor
 from signalprop.trace import Trace
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORLD = 2
 BATCH = 8  # per rank

@@ -12,10 +12,33 @@ PUBLIC = ["gain", "fans", "init", "theory", "measure", "predict", "diagnose", "f
 
 
 def test_import_is_light() -> None:
-    code = ("import sys, signalprop; heavy = [m for m in ('matplotlib', 'rich', 'transformers', 'sklearn', "
-            "'scipy', 'pandas', 'lightning', 'tensorboard') if m in sys.modules]; print(','.join(heavy))")
+    code = ("import sys, signalprop; heavy = [m for m in ('torch', 'numpy', 'matplotlib', 'rich', 'transformers', "
+            "'sklearn', 'scipy', 'pandas', 'lightning', 'tensorboard') if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_lazy_names_load_on_first_use() -> None:
+    code = (
+        "import sys, signalprop\n"
+        "assert 'torch' not in sys.modules\n"
+        "from signalprop import measure, Trace\n"
+        "import signalprop.measurement, signalprop.trace\n"
+        "assert measure is signalprop.measurement.measure and Trace is signalprop.trace.Trace\n"
+        "assert signalprop.diagnose is signalprop.diagnosis.diagnose and callable(signalprop.layers.is_weight_layer)\n"
+        "ns = {}\n"
+        "exec('from signalprop import *', ns)\n"
+        "assert set(signalprop.__all__) <= set(ns) and ns['Monitor'] is signalprop.Monitor\n"
+        "try:\n"
+        "    signalprop.nope\n"
+        "except AttributeError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "module 'signalprop' has no attribute 'nope'"
+    assert set(sp.__all__) <= set(dir(sp))
+    assert {"diagnosis", "measurement", "prediction", "layers", "stats", "trace"} <= set(dir(sp))
 
 
 def test_public_names_resolve() -> None:

@@ -191,8 +191,9 @@ def test_one_snapshot_per_diagnose(monkeypatch: pytest.MonkeyPatch) -> None:
     report = sp.diagnose(model, torch.randn(8, 3, 16, 16))
     assert report.predicted is not None
     assert len(made) == 1
-    # restores: after measure's pass, the probe, the capture (export), predict, and diagnose itself
-    assert made[0].restores == 5
+    # restores (each puts back only what was written since): after measure's pass, the probe, the capture
+    # (export), predict, the fix plan quoted in the findings, and diagnose itself
+    assert made[0].restores == 6
 
 
 def test_eval_mode_gives_back_only_the_flags_it_changed() -> None:

@@ -45,7 +45,7 @@ class HookSet:
     >>> from torch import nn
     >>> m = nn.Linear(2, 2)
     >>> with HookSet() as hooks:
-    ...     hooks.add(m.register_forward_hook(lambda mod, i, o: None))
+    ...     _ = hooks.add(m.register_forward_hook(lambda mod, i, o: None))
     ...     len(m._forward_hooks)
     1
     >>> len(m._forward_hooks)

@@ -67,6 +67,6 @@ def is_weight_layer(m: nn.Module) -> bool:
     RNN/LSTM/GRU, transformers' Conv1D, a layer under ``weight_norm`` and any custom layer holding its own
     weight matrix (used through ``F.linear`` or ``F.conv2d``): the layers an initialization acts on.
     """
-    if is_norm(m):
-        return False
+    if is_norm(m) or isinstance(m, parametrize.ParametrizationList):
+        return False  # a ParametrizationList holds the originals of its parent's parametrized weight
     return bool(weight_names(m))

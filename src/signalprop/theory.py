@@ -11,6 +11,7 @@ Schoenholz et al. 2017 (depth scales xi_q, xi_c); Hanin & Nica 2019 (finite-widt
 
 from __future__ import annotations
 
+import ast
 import math
 from collections.abc import Callable
 from functools import lru_cache
@@ -48,6 +49,26 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sin": torch.sin,
 }
 """Activation name -> float64 tensor function. Adding one is one line (dks' ``_ACTIVATION_TABLE`` habit)."""
+
+_F = torch.nn.functional
+_PARAMETERS: dict[str, tuple[tuple[str, float], ...]] = {
+    "leaky_relu": (("negative_slope", 0.01),),
+    "elu": (("alpha", 1.0),),
+    "celu": (("alpha", 1.0),),
+    "softplus": (("beta", 1.0), ("threshold", 20.0)),
+    "hardtanh": (("min_val", -1.0), ("max_val", 1.0)),
+}
+"""Activations a name can carry parameters for, ``leaky_relu(0.2)`` or ``hardtanh(min_val=-2, max_val=2)``:
+name -> (parameter, default) in the order of the ``torch.nn.functional`` call. :func:`activation_name`
+writes a module with other than the defaults in this form, and :func:`resolve` reads it back."""
+
+_WITH_PARAMETERS: dict[str, Callable[..., Callable[[torch.Tensor], torch.Tensor]]] = {
+    "leaky_relu": lambda a: lambda x: _F.leaky_relu(x, a),
+    "elu": lambda a: lambda x: _F.elu(x, a),
+    "celu": lambda a: lambda x: _F.celu(x, a),
+    "softplus": lambda b, t: lambda x: _F.softplus(x, b, t),
+    "hardtanh": lambda lo, hi: lambda x: _F.hardtanh(x, lo, hi),
+}
 
 # nn.Module class name -> registry name, for modules whose parameters do not change the function.
 _MODULE_NAMES: dict[str, str] = {
@@ -103,13 +124,10 @@ def resolve(act: ActLike) -> Callable[[torch.Tensor], torch.Tensor]:
     if act is None:
         return _ACTIVATIONS["linear"]
     if isinstance(act, str):
-        key = act.lower().replace("-", "_")
-        if key not in _ACTIVATIONS:
-            raise SignalpropError(
-                f"unknown activation {act!r}; known names are: {', '.join(known_activations())}. "
-                "You can also pass a tensor function (torch.tanh, lambda x: ...) or an nn.Module instance."
-            )
-        return _ACTIVATIONS[key]
+        key, params = parse_name(act)
+        if params is None:
+            return _ACTIVATIONS[key]
+        return _WITH_PARAMETERS[key](*params)
     if isinstance(act, nn.Module):
         return _module_fn(act)
     if callable(act):
@@ -120,16 +138,81 @@ def resolve(act: ActLike) -> Callable[[torch.Tensor], torch.Tensor]:
     )
 
 
+def parse_name(act: str) -> tuple[str, tuple[float, ...] | None]:
+    """``"leaky_relu(0.2)"`` -> ``("leaky_relu", (0.2,))``; ``"Tanh"`` -> ``("tanh", None)``.
+
+    The name is case-blind and takes ``-`` for ``_``; the parameters of the names in :data:`_PARAMETERS` are
+    numbers, by position or by keyword, the rest taking their defaults. Raises :class:`SignalpropError`
+    naming what is wrong: an unknown name, parameters on a name that takes none, a bad value.
+    """
+    text = act.strip()
+    head, paren, rest = text.partition("(")
+    key = head.strip().lower().replace("-", "_")
+    if key not in _ACTIVATIONS:
+        raise SignalpropError(
+            f"unknown activation {act!r}; known names are: {', '.join(known_activations())}, and with "
+            f"parameters {_forms()}. You can also pass a tensor function (torch.tanh, lambda x: ...) or an "
+            "nn.Module instance."
+        )
+    if not paren:
+        return key, None
+    if key not in _PARAMETERS:
+        raise SignalpropError(f"activation {key!r} takes no parameters, got {act!r}; names with parameters: {_forms()}")
+    spec = _PARAMETERS[key]
+    example = f"{key}({', '.join(_number(d) for _, d in spec)})"
+    try:
+        call = ast.parse(f"_({rest}", mode="eval").body
+        assert isinstance(call, ast.Call)
+        given = [ast.literal_eval(a) for a in call.args]
+        named = {str(k.arg): ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError, AssertionError):
+        raise SignalpropError(f"bad activation {act!r}: write numbers in the parentheses, e.g. {example}") from None
+    names = [n for n, _ in spec]
+    unknown = sorted(set(named) - set(names)) if None not in named else ["**"]
+    if len(given) > len(spec) or unknown or any(n in named for n in names[: len(given)]):
+        raise SignalpropError(
+            f"bad activation {act!r}: {key} takes {', '.join(names)} (by position or keyword), e.g. {example}"
+        )
+    values = [*given, *(named.get(n, d) for n, d in spec[len(given):])]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise SignalpropError(f"bad activation {act!r}: the parameters must be finite numbers, e.g. {example}")
+    params = tuple(float(v) for v in values)
+    try:
+        _WITH_PARAMETERS[key](*params)(torch.zeros(1, dtype=torch.float64))
+    except (RuntimeError, ValueError) as exc:  # torch's own check, e.g. celu's alpha = 0
+        raise SignalpropError(f"bad activation {act!r}: {str(exc).strip().splitlines()[0]}") from None
+    if key == "hardtanh" and not params[0] < params[1]:
+        raise SignalpropError(f"bad activation {act!r}: hardtanh needs min_val < max_val, e.g. {example}")
+    return key, params
+
+
+def _forms() -> str:
+    return ", ".join(f"{k}({', '.join(n for n, _ in spec)})" for k, spec in _PARAMETERS.items())
+
+
+def _number(x: float) -> str:
+    """The shortest text that reads back as exactly ``x``: 0.2, 1e-05, 0.123456789."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
+
+
+def _with(key: str, *params: float) -> str:
+    """``key`` with its parameters, ``leaky_relu(0.2)``, trailing defaults left out; ``key`` alone at defaults."""
+    defaults = [d for _, d in _PARAMETERS[key]]
+    values = list(params)
+    if key != "leaky_relu":  # leaky_relu keeps its slope in the name, the one number users look for
+        while values and values[-1] == defaults[len(values) - 1]:
+            values.pop()
+    return f"{key}({', '.join(_number(v) for v in values)})" if values else key
+
+
 def _module_fn(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     cls = type(m).__name__
     if cls == "LeakyReLU":
         slope = float(getattr(m, "negative_slope", 0.01))
         return lambda x: torch.nn.functional.leaky_relu(x, slope)
     if cls == "PReLU":
-        weight = m.weight
-        assert isinstance(weight, torch.Tensor)
-        w = weight.detach().to(torch.float64).flatten()
-        slope = float(w.mean()) if w.numel() else 0.25
+        slope = _prelu_slope(m)
         return lambda x: torch.nn.functional.leaky_relu(x, slope)
     if isinstance(m, nn.ELU):
         alpha = float(m.alpha)
@@ -153,19 +236,44 @@ def _module_fn(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return call
 
 
+def _prelu_slope(m: nn.Module) -> float:
+    """A PReLU's slope: the mean of its learned slopes (one per channel, or one shared)."""
+    weight = m.weight
+    assert isinstance(weight, torch.Tensor)
+    w = weight.detach().to(torch.float64).flatten()
+    return float(w.mean()) if w.numel() else 0.25
+
+
 def activation_name(act: ActLike) -> str:
-    """A short human name for ``act`` ("relu", "leaky_relu(0.2)", "tanh", "<lambda>", ...)."""
+    """A short human name for ``act`` ("relu", "leaky_relu(0.2)", "tanh", "<lambda>", ...).
+
+    Every name it gives a known activation, parameters included (``nn.ELU(0.5)`` -> ``"elu(0.5)"``,
+    ``nn.PReLU()`` -> ``"leaky_relu(0.25)"``), is one :func:`resolve` and :func:`gain` accept, for the same
+    function. Names are canonical: ``"Leaky-ReLU( 0.20 )"`` -> ``"leaky_relu(0.2)"``.
+    """
     if act is None:
         return "linear"
     if isinstance(act, str):
-        return act.lower()
+        try:
+            key, params = parse_name(act)
+        except SignalpropError:
+            return act.lower()
+        return key if params is None else f"{key}({', '.join(_number(p) for p in params)})"
     if isinstance(act, nn.Module):
         cls = type(act).__name__
         base = _MODULE_NAMES.get(cls, cls)
-        if cls == "LeakyReLU":
-            return f"leaky_relu({act.negative_slope:g})"
-        if isinstance(act, nn.ELU) and act.alpha != 1.0:
-            return f"elu({act.alpha:g})"
+        if isinstance(act, nn.LeakyReLU):
+            return _with("leaky_relu", float(act.negative_slope))
+        if cls == "PReLU":  # its slopes are learned float32 values: the shortest text of the float32 mean
+            return _with("leaky_relu", float(str(np.float32(_prelu_slope(act)))))
+        if isinstance(act, nn.ELU):
+            return _with("elu", float(act.alpha))
+        if isinstance(act, nn.CELU):
+            return _with("celu", float(act.alpha))
+        if isinstance(act, nn.Softplus):
+            return _with("softplus", float(act.beta), float(act.threshold))
+        if cls == "Hardtanh" and isinstance(act, nn.Hardtanh):  # not its subclass ReLU6 (relu6)
+            return _with("hardtanh", float(act.min_val), float(act.max_val))
         if isinstance(act, nn.GELU) and act.approximate == "tanh":
             return "gelu_tanh"
         return base
@@ -255,9 +363,14 @@ def torch_gain(act: ActLike) -> float | None:
     if isinstance(act, nn.LeakyReLU):
         return math.sqrt(2.0 / (1 + act.negative_slope**2))
     name = activation_name(act)
-    if name == "leaky_relu":
-        return math.sqrt(2.0 / (1 + 0.01**2))
-    return _TORCH_GAIN.get(name)
+    try:
+        key, params = parse_name(name)
+    except SignalpropError:
+        return None
+    if key == "leaky_relu":
+        slope = params[0] if params else 0.01
+        return math.sqrt(2.0 / (1 + slope**2))
+    return None if params else _TORCH_GAIN.get(key)
 
 
 def kurtosis_factor(act: ActLike, q: float = 1.0) -> float:
@@ -394,7 +507,17 @@ def critical_weight_var(act: ActLike, *, bias_var: float = 0.0, lo: float = 1e-3
     """The weight variance on the order-to-chaos line chi1 = 1 at this bias variance (bisection in log space).
 
     ReLU: 2 at bias_var 0 (He's init); tanh: 1 at bias_var 0, about 1.76 at bias_var 0.05.
+
+    At bias_var 0, an activation with phi(0) = 0 whose q-map dies out at the critical point (tanh, erf, sin,
+    ELU, SELU, ...) has q* = 0 there, where chi1 = weight_var * E[phi'(0)^2]: the critical weight variance
+    is 1 / E[phi'(0)^2] exactly (tanh: 1, erf: pi/4; Poole et al. 2016, Sec. 3), returned as such. A root
+    search could only approach it: chi1 - 1 touches 0 there without crossing fast, so bisection stops about
+    1e-8 above it, where the q-map has a spurious fixed point q* ~ 1e-8 instead of 0.
     """
+    if bias_var == 0.0:
+        wv0 = _ordered_edge(act)
+        if wv0 is not None and lo <= wv0 <= hi:
+            return wv0
 
     def f(wv: float) -> float:
         return chi1(act, weight_var=wv, bias_var=bias_var) - 1.0
@@ -406,6 +529,21 @@ def critical_weight_var(act: ActLike, *, bias_var: float = 0.0, lo: float = 1e-3
             f"{bias_var:g} (chi1 ranges {flo + 1:.3g} .. {fhi + 1:.3g}); try a smaller bias variance"
         )
     return math.exp(_bracket_root(lambda t: f(math.exp(t)), math.log(lo), math.log(hi)))
+
+
+def _ordered_edge(act: ActLike) -> float | None:
+    """1 / E[phi'(0)^2] (the mean of the one-sided slopes' squares at 0) when phi(0) = 0 and, at that weight
+    variance and no bias, the q-map still shrinks every q to 0; else None (ReLU's map keeps every q,
+    GELU's grows)."""
+    x = torch.tensor([-1e-150, 0.0, 1e-150], dtype=torch.float64)
+    phi, d1 = _derivs(act, x)
+    if float(phi[1]) != 0.0:
+        return None
+    slope2 = float((d1[0] ** 2 + d1[2] ** 2) / 2)
+    if not (slope2 > 0 and math.isfinite(slope2)):
+        return None
+    wv = 1.0 / slope2
+    return wv if fixed_point(act, weight_var=wv) == 0.0 else None
 
 
 def _pair_rule() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

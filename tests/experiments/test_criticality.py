@@ -20,6 +20,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> C.Result:
     return C.run(out=tmp_path_factory.mktemp("crit"), quick=True, seed=0)
 
 
+@pytest.mark.slow
 def test_quick_run_holds(quick: C.Result) -> None:
     assert quick.ok, quick.summary()
     phases = [p.phase for p in quick.points]
@@ -33,6 +34,7 @@ def test_quick_run_holds(quick: C.Result) -> None:
     assert math.isinf(critical.xi_c) or critical.xi_c > 100
 
 
+@pytest.mark.slow
 def test_heat_map_and_critical_line(quick: C.Result) -> None:
     assert len(quick.xi_c) == len(quick.bias_vars) and all(len(r) == len(quick.weight_vars) for r in quick.xi_c)
     assert quick.critical_line[0] == pytest.approx(1.0, abs=1e-6)  # tanh, sigma_b = 0: sigma_w^2 = 1

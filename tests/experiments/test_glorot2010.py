@@ -18,6 +18,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> G.Result:
     return G.run(out=tmp_path_factory.mktemp("glorot"), quick=True, seed=0)
 
 
+@pytest.mark.slow
 def test_quick_run_reproduces_figs_6_and_7(quick: G.Result) -> None:
     assert quick.ok, quick.summary()
     std_act = quick.act_var["standard"]
@@ -31,6 +32,7 @@ def test_quick_run_reproduces_figs_6_and_7(quick: G.Result) -> None:
     assert quick.grad_var["standard"][0] == min(quick.grad_var["standard"])
 
 
+@pytest.mark.slow
 def test_measured_variances_match_mean_field(quick: G.Result) -> None:
     """The q-map prediction from each net's actual weights: one width-n layer's empirical variance over
     n units and N samples has relative std about sqrt(2 / n) (chi-square), accumulating over l layers;
@@ -47,6 +49,7 @@ def test_measured_variances_match_mean_field(quick: G.Result) -> None:
             assert abs(m / p - 1) < tol, (s, layer, m, p, tol)
 
 
+@pytest.mark.slow
 def test_histograms_and_files(quick: G.Result) -> None:
     for s in G.SCHEMES:
         assert len(quick.act_hist[s]) == len(quick.grad_hist[s]) == quick.config.hidden

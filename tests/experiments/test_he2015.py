@@ -20,6 +20,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> H.Result:
     return H.run(out=tmp_path_factory.mktemp("he"), quick=True, seed=0)
 
 
+@pytest.mark.slow
 def test_quick_run_reproduces_fig_3(quick: H.Result) -> None:
     assert quick.ok, quick.summary()
     final = quick.final_loss[30]
@@ -28,6 +29,7 @@ def test_quick_run_reproduces_fig_3(quick: H.Result) -> None:
     assert quick.learnt_at[30]["xavier"] is None
 
 
+@pytest.mark.slow
 def test_clipping_acts_on_he_s_first_steps_never_on_the_xavier_plateau(quick: H.Result) -> None:
     """The gradient-norm clip (10, the same for both) exists for He's raw-scale start, whose initial logits
     are in the tens; a xavier net on its plateau has a gradient norm of 0.15-0.3, far below it."""
@@ -36,6 +38,7 @@ def test_clipping_acts_on_he_s_first_steps_never_on_the_xavier_plateau(quick: H.
     assert 0 < quick.clipped[30]["he"] < quick.config.steps // 4
 
 
+@pytest.mark.slow
 def test_xavier_signal_is_2_to_the_minus_L_over_2(quick: H.Result) -> None:
     """He et al. 2015, Eq. 10: each xavier layer halves the variance, so after 30 conv layers the std is
     2^-15 of He's *on average*. One pair of random width-16 nets scatters around that by about 2 in log2
@@ -51,6 +54,7 @@ def test_xavier_signal_is_2_to_the_minus_L_over_2(quick: H.Result) -> None:
     assert abs(math.log2(stds["he"] / stds["xavier"]) - 15) < 4 * sd
 
 
+@pytest.mark.slow
 def test_files(quick: H.Result) -> None:
     assert quick.png is not None and 0 < quick.png.stat().st_size < 300_000
     assert quick.json is not None

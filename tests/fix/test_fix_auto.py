@@ -57,10 +57,13 @@ def test_deep_gelu_mlp_with_example_inputs() -> None:
     net = sp.models.mlp(40, 128, "gelu")
     _normal_(net)
     x = torch.randn(64, 128)
+    p = sp.fix.plan(net, example_inputs=x)
     sp.fix.auto_init_(net, example_inputs=x)
     assert not _signal_kinds(net, x)
     stds = sp.fix.output_stds(net, x)
-    assert all(abs(stds[str(2 * i)] - 1) <= 0.01 for i in range(40))  # the LSUV pass pinned them
+    target = sp.fix.lsuv_target("gelu", 40, 128, 1.0).std  # the std at which 40 GELU layers keep the gradient
+    assert target < 0.5 and all(p[str(2 * i)].target_std == target for i in range(40))
+    assert all(abs(stds[str(2 * i)] - target) <= 0.01 * target for i in range(40))  # the LSUV pass pinned them
 
 
 def test_auto_init_returns_model_and_uses_generator() -> None:

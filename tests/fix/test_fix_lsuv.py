@@ -34,13 +34,20 @@ def _within(model: nn.Module, x: torch.Tensor, target: float, tol: float) -> flo
 )
 def test_every_layer_on_target(depth: int, width: int, act: str, orthogonal: bool, bias: bool, target: float,
                                batch: int) -> None:
-    # Exact by construction (each layer is linear in its weight): the tolerance is the requested one.
+    # Exact by construction (each layer is linear in its weight): the tolerance is the requested one, relative
+    # to each layer's target (target_std, or the std that keeps its chain's gradient; classic LSUV without).
     net = sp.models.mlp(depth, width, act, bias=bias)
     x = torch.randn(batch, width) * 3 + 1
-    r = lsuv_run(net, x, target_std=target, tol=0.01 * target, orthogonal=orthogonal)
+    r = lsuv_run(net, x, target_std=target, tol=0.01 * target, orthogonal=orthogonal, keep_gradient=False)
     assert r.converged and r.passes == 2  # one fixing pass, one verifying pass
     assert len(r.layers) == depth + 1 and not r.skipped
     _within(net, x, target, 0.01 * target)
+    r = lsuv_run(net, x, target_std=target, tol=0.01 * target, orthogonal=orthogonal)
+    assert r.converged and len(r.targets) == depth + 1
+    stds = output_stds(net, x)
+    assert all(abs(stds[n] - t) <= 0.01 * t for n, t in zip(r.layers, r.targets))
+    chain = sp.fix.lsuv_target(act, depth, width, target).std
+    assert r.targets == (chain,) * depth + (chain,)  # the readout keeps the chain's scale
 
 
 def test_conv_inplace_relu_and_default_init() -> None:

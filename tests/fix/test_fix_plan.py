@@ -176,3 +176,12 @@ def test_apply_plan_rejects_a_foreign_plan() -> None:
     p = plan(sp.models.mlp(2, 4))
     with pytest.raises(SignalpropError, match="does not have"):
         apply_plan(nn.Sequential(nn.Linear(2, 2)), p)
+
+
+def test_apply_plan_scales_each_block_by_its_own_fan_in() -> None:
+    # attention with kdim, vdim: the step's std is for fan_in E; k and v blocks get std sqrt(E / their fan_in)
+    m = nn.MultiheadAttention(64, 4, kdim=256, vdim=16)
+    step = sp.fix.LayerPlan("", "MultiheadAttention", "none", "linear", 0.1, 0.0, "test", 64.0)
+    apply_plan(m, sp.fix.Plan((step,), "module-order", None), generator=torch.Generator().manual_seed(0))
+    for w, want in ((m.q_proj_weight, 0.1), (m.k_proj_weight, 0.05), (m.v_proj_weight, 0.2)):
+        assert float(w.detach().std()) == pytest.approx(want, rel=6 / math.sqrt(2 * w.numel()))

@@ -214,3 +214,47 @@ def test_fans_of_dtensor_like_layers_read_attributes_not_local_shapes() -> None:
     layer = nn.Linear(6, 4)
     layer.weight = nn.Parameter(torch.empty(2, 6))  # as if only a shard were held locally
     assert fans(layer) == (6, 4)
+
+
+def test_register_fans_names_the_tensor_a_custom_layer_calls_its_weight() -> None:
+    from signalprop.init.fans import _TYPE_RULES, UnplannedLayerWarning, unplanned
+
+    class Proj(nn.Module):  # a custom layer whose weight is not called `weight`, used through F.linear
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.full((8, 4), 3.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(x, self.w)
+
+    net = nn.Sequential(nn.Linear(4, 4), Proj())
+    text = unplanned("1", net[1])
+    assert text == ("1 (Proj: w (8, 4)) left as it is: no fan rule for Proj; sp.init.register_fans(Proj, "
+                    'lambda m: (m.w.shape[1], m.w.shape[0]), param="w") to draw it (rows of w = output units)')
+    with pytest.warns(UnplannedLayerWarning, match='param="w"'):
+        sp.init.he_(net)
+    assert bool((net[1].w == 3.0).all())
+    try:
+        register_fans(Proj, lambda m: (m.w.shape[1], m.w.shape[0]), param="w")  # the call the message gives
+        assert weight_blocks(Proj())[0].param == "w" and fans(Proj()) == (4, 8)
+        sp.init.he_(net)
+        assert net[1].w.std().item() == pytest.approx((2 / 4) ** 0.5, rel=0.5)  # 32 draws of std 0.71
+        with pytest.raises(SignalpropError, match="param must name"):
+            register_fans(Proj, lambda m: (4, 8), param="not a name")
+    finally:
+        _TYPE_RULES.pop(Proj, None)
+
+
+def test_unknown_conv_like_weight_gets_a_shape_reading_rule() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernel = nn.Parameter(torch.empty(6, 3, 5, 5))
+
+    from signalprop.init.fans import register_call
+
+    call = register_call(Odd())
+    assert call == ('sp.init.register_fans(Odd, lambda m: (m.kernel[0].numel(), m.kernel.shape[0] * '
+                    'm.kernel[0, 0].numel()), param="kernel")')
+    rule = eval(call.split(", ", 1)[1].rsplit(", param", 1)[0])  # the lambda exactly as printed
+    assert rule(Odd()) == (75, 150)  # PyTorch's fans of a [6, 3, 5, 5] conv weight

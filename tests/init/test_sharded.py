@@ -150,6 +150,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo file:// rendezvous")
+@pytest.mark.slow
 def test_sharded_init_on_two_gloo_ranks(tmp_path: object) -> None:
     import torch.distributed as dist
     import torch.multiprocessing as mp

@@ -200,10 +200,15 @@ def test_bad_paths_and_inputs(tmp_path: Path, trace: Trace) -> None:
 
 
 def test_no_pyplot_state_is_touched() -> None:
-    import sys
+    """Figures are built with matplotlib's object API: pyplot's figure list stays as the user left it."""
+    import matplotlib.pyplot as plt
 
-    plots.report_figures(FakeReport(findings_for(make_trace()), make_trace(hist=True)))
-    if "matplotlib.pyplot" in sys.modules:
-        import matplotlib.pyplot as plt
-
-        assert plt.get_fignums() == []
+    mine = plt.figure()
+    try:
+        before = plt.get_fignums()
+        figs = plots.report_figures(FakeReport(findings_for(make_trace()), make_trace(hist=True)))
+        assert figs, "report_figures drew nothing, so the check below would prove nothing"
+        assert plt.get_fignums() == before
+        assert plt.gcf() is mine
+    finally:
+        plt.close(mine)

@@ -13,7 +13,9 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,35 +28,9 @@ if TYPE_CHECKING:
     from ..diagnosis._diagnose import Report
 
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
-TARGET_HELP = (
-    "path/to/file.py:factory or package.module:factory, e.g. signalprop.models:alexnet or "
-    "\"signalprop.models:plain_cnn(depth=30, act='tanh')\""
-)
 
 
-# ---- the arguments every command on a TARGET takes, and what it does with them ---------------------
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """``TARGET`` and ``--input-shape``: the model and the shape of one input, batch excluded."""
-    parser.add_argument("target", metavar="TARGET", help=TARGET_HELP)
-    parser.add_argument("--input-shape", required=True, help="input shape without the batch, e.g. 3,224,224")
-
-
-def add_input_arguments(
-    parser: argparse.ArgumentParser, *, dtypes: tuple[str, ...], weights_help: str, device: bool = False
-) -> None:
-    """``--batch``, ``--dtype`` (one of ``dtypes``), ``--device`` (when ``device``), ``--weights``, ``--vocab``."""
-    parser.add_argument("--batch", type=int, default=16, help="batch size of the random input (default 16)")
-    parser.add_argument("--dtype", choices=dtypes, default="float32", help="dtype of model and input")
-    if device:
-        parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument("--weights", help=weights_help)
-    parser.add_argument(
-        "--vocab",
-        type=int,
-        help="feed integer token ids in [0, VOCAB) instead of N(0, 1) values (language models)",
-    )
-
-
+# ---- what a command does with the arguments of ``_args`` ----------------------------------------------
 def check_input_arguments(args: argparse.Namespace, *, min_batch: int = 1) -> tuple[int, ...]:
     """Validate ``--input-shape``, ``--batch`` (at least ``min_batch``) and ``--vocab``; return the shape."""
     shape = parse_shape(args.input_shape)
@@ -239,7 +215,11 @@ def load_target(spec: str, weights: str | None = None) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: str) -> None:
-    """Load a checkpoint with ``torch.load(weights_only=True)`` into ``model`` (strict key match)."""
+    """Load a checkpoint with ``torch.load(weights_only=True)`` into ``model`` (strict key and shape match).
+
+    Keys and shapes are compared before anything is copied, so a checkpoint that does not fit leaves the
+    model as it was and the error names the keys that differ.
+    """
     p = Path(path)
     if not p.is_file():
         raise SignalpropError(f"no such weights file: {path}")
@@ -260,13 +240,72 @@ def load_weights(model: nn.Module, path: str) -> None:
             f"{path} holds no state dict (a dict of tensors, or a checkpoint with one under "
             f"{', '.join(_CHECKPOINT_KEYS)}); save it with torch.save(model.state_dict(), path)"
         )
-    try:
-        result = model.load_state_dict(obj, strict=False)
-    except RuntimeError as exc:
-        raise SignalpropError(f"the weights in {path} do not fit the model: {first_line(exc)}") from None
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    if missing or unexpected:
+    problems = state_dict_mismatch(model.state_dict(), obj)
+    if problems:
         raise SignalpropError(
-            f"the weights in {path} do not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; check the factory's arguments"
+            f"the weights in {path} do not fit the model: {problems}; check the factory's arguments"
         )
+    try:
+        model.load_state_dict(obj, strict=True)
+    except RuntimeError as exc:  # keys and shapes fit, so what is left is listed after torch's header line
+        details = [line.strip() for line in str(exc).strip().splitlines()[1:] if line.strip()]
+        raise SignalpropError(
+            f"the weights in {path} do not fit the model: {'; '.join(details[:3]) or first_line(exc)}"
+        ) from None
+
+
+def state_dict_mismatch(model_sd: dict[str, Any], ckpt: dict[str, Any], *, show: int = 3) -> str:
+    """Which keys differ between a model's state dict and a checkpoint's, in one line ('' when they fit).
+
+    Missing keys (the model has them, the checkpoint not), unexpected ones (the other way round) and shape
+    mismatches, each counted, the first ``show`` of each named: the three ways ``load_state_dict`` fails.
+    """
+
+    def listed(names: list[str], what: str) -> str:
+        more = f", ... ({len(names) - show} more)" if len(names) > show else ""
+        return f"{len(names)} {what} ({', '.join(names[:show])}{more})"
+
+    missing = [k for k in model_sd if k not in ckpt]
+    unexpected = [k for k in ckpt if k not in model_sd]
+    shapes = [
+        f"{k}: checkpoint {tuple(ckpt[k].shape)}, model {tuple(model_sd[k].shape)}"
+        for k in model_sd
+        if k in ckpt and tuple(ckpt[k].shape) != tuple(model_sd[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(listed(missing, "missing"))
+    if unexpected:
+        parts.append(listed(unexpected, "unexpected"))
+    if shapes:
+        parts.append(listed(shapes, "shape mismatch" if len(shapes) == 1 else "shape mismatches"))
+    return ", ".join(parts)
+
+
+def output_path(path: str, option: str) -> Path:
+    """Check an output file path before the work starts; its missing parent folders are created.
+
+    A folder in the way, a parent that is a file or one the user cannot write raises
+    :class:`SignalpropError` (exit status 2) before a long diagnosis, not after it.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise SignalpropError(f"{option} {path!r} is a folder; give a file name, e.g. {p / 'report'}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SignalpropError(f"cannot create the folder of {option} {path!r}: {exc.strerror or exc}") from None
+    if not os.access(p.parent, os.W_OK):
+        raise SignalpropError(f"cannot write {option} {path!r}: the folder {str(p.parent)!r} is not writable")
+    return p
+
+
+def write_output(path: str, option: str, write: Callable[[str], Any], *, announce: bool = True) -> None:
+    """``write(path)`` for an output option, then ``wrote PATH`` (when ``announce``); an OS error (disk
+    full, permission) becomes a one-line :class:`SignalpropError`."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise SignalpropError(f"cannot write {option} {path!r}: {exc.strerror or first_line(exc)}") from None
+    if announce:
+        print(f"wrote {path}")

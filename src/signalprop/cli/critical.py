@@ -16,7 +16,7 @@ _AROUND = (0.5, 0.8, 0.9, 1.0, 1.1, 1.25, 2.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("act", metavar="ACT", help="activation name: tanh, relu, erf, gelu, selu, ...")
+    parser.add_argument("act", metavar="ACT", help="activation name: tanh, relu, erf, gelu, selu, leaky_relu(0.2), ...")
     parser.add_argument("--bias-var", type=float, default=0.0, help="bias variance sigma_b^2 (default 0)")
     parser.add_argument(
         "--fan-in", type=int, default=512, help="fan-in to turn the variance into an init std (default 512)"
@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from .. import theory
     from .._errors import SignalpropError
 
-    name = args.act.lower().replace("-", "_")
-    theory.resolve(name)
+    theory.resolve(args.act)  # raises with the list of known names
+    name = theory.activation_name(args.act)
     bv = args.bias_var
     if not (math.isfinite(bv) and bv >= 0):
         raise SignalpropError(f"--bias-var must be a finite number >= 0, got {bv}")
@@ -40,8 +40,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"activation               {name}")
     print(f"bias variance sigma_b^2  {bv:g}")
     print(f"critical sigma_w^2       {wv:.6g}   (chi1 = 1, Poole et al. 2016)")
-    q_text = f"{q:.6g}" if math.isfinite(q) and q > 0 else ("none (q grows without bound)" if q > 0 else "0")
-    print(f"fixed point q*           {q_text}   (pre-activation variance the q-map settles at)")
+    if q == 0:  # theory gives the q* = 0 branch exactly (phi(0) = 0, no bias)
+        q_text = "0   (the pre-activation variance decays to 0 with depth, as a power law on this line)"
+    elif math.isinf(q):
+        q_text = "none (q grows without bound)"
+    else:
+        q_text = f"{q:.6g}   (pre-activation variance the q-map settles at)"
+    print(f"fixed point q*           {q_text}")
     print(f"init std, fan_in {n:<7} sqrt({wv:.4g}/{n}) = {math.sqrt(wv / n):.6g}   (bias std {math.sqrt(bv):.6g})")
     print()
     print("depth scales around the critical line (Schoenholz et al. 2017; trainable depth ~ 6 xi_c):")

@@ -73,6 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..models import alexnet, plain_cnn
     from ..report.plots import plot_std
     from . import _story as _demo
+    from ._mean_subtraction import VARIANTS, mean_subtraction
 
     if args.batch < 1 or args.depth < 1:
         raise SignalpropError("--batch and --depth must be positive integers")
@@ -131,6 +132,16 @@ def _run(args: argparse.Namespace) -> int:
             style = "green" if rep.ok else "red"
             verdicts.add_row(r.title, _demo.INITS[key][0], Text(_demo.verdict(rep), style=style))
     console.print(verdicts)
+
+    # the asker's idea: subtract the mean at the end of each layer
+    step(f"mean subtraction, BatchNorm, LayerNorm, He, LSUV on a {args.depth}-layer ReLU CNN")
+    ms = mean_subtraction(depth=args.depth, seed=args.seed)
+    ms_png = out / "mean_subtraction.png"
+    plot_std({VARIANTS[k]: tr for k, tr in ms.traces.items()}, ms_png,
+             title=f"{args.depth}-layer ReLU CNN, N(0, 1) weights: does subtracting the mean help?")
+    pngs.append(ms_png)
+    console.print(Panel.fit(Text("\n".join(ms.sentences().values())),
+                            title="(e) subtract the mean at the end of each layer?"), highlight=False)
 
     # predicted band beside measured nets
     step("predict: He-initialized 30-layer ReLU MLPs, band vs single nets")

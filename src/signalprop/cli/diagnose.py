@@ -1,14 +1,18 @@
 """`signalprop diagnose TARGET --input-shape 3,224,224`: measure a model on random inputs and report.
 
 Exit status 0 when no finding is a warning or an error, 1 when one is (so it fits a CI pipeline), 2 for
-usage errors (bad target, missing factory, bad shape, a forward that fails on the given shape).
+usage errors (bad target, missing factory, bad shape, a forward that fails on the given shape, an output
+path that cannot be written), 3 when signalprop itself fails. Missing folders of ``--json``, ``--html``
+and ``--plot`` are created.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
 
-from ._target import add_input_arguments, add_target_arguments
+from ._args import add_input_arguments, add_target_arguments
 
 HELP = "measure a model on random inputs and report exploding, vanishing, dead or saturated layers"
 
@@ -40,11 +44,17 @@ def run(args: argparse.Namespace) -> int:
         check_input_arguments,
         first_line,
         load_target,
+        output_path,
         random_input,
         show_report,
+        write_output,
     )
 
     shape = check_input_arguments(args)
+    outputs = [(opt, path) for opt, path in (("--json", args.json), ("--plot", args.plot), ("--html", args.html))
+               if path]
+    for opt, path in outputs:
+        output_path(path, opt)
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -60,14 +70,10 @@ def run(args: argparse.Namespace) -> int:
     check_forward(model, x)
     report = diagnose(model, x, factor=args.factor, predicted=not args.no_predict)
     show_report(report, args.quiet)
-    if args.json:
-        report.to_json(args.json)
-        print(f"wrote {args.json}")
-    if args.plot:
-        report.plot(args.plot)
-        print(f"wrote {args.plot}")
-    if args.html:
-        report.to_html(args.html)
-        print(f"wrote {args.html}")
+    writers: dict[str, Callable[[str], Any]] = {
+        "--json": report.to_json, "--plot": report.plot, "--html": report.to_html
+    }
+    for opt, path in outputs:
+        write_output(path, opt, writers[opt])
     return 0 if report.ok else 1
 

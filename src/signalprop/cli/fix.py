@@ -2,15 +2,16 @@
 
 Diagnoses the model on a random batch, fixes it (``auto``: :func:`signalprop.fix.auto_init_` from the
 captured graph, with its plan printed; ``lsuv``: :func:`signalprop.fix.lsuv_` on that batch), diagnoses it
-again and saves the fixed state dict. Exit status 0 when the diagnosis after the fix is clean, 1 when it
-still has a warning or an error, 2 for usage errors.
+again and saves the fixed state dict (the folder of ``--out`` is created when missing). Exit status 0 when
+the diagnosis after the fix is clean, 1 when it still has a warning or an error, 2 for usage errors, 3 when
+signalprop itself fails.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ._target import add_input_arguments, add_target_arguments
+from ._args import add_input_arguments, add_target_arguments
 
 HELP = "re-initialize a model so its signal stays in range (auto_init_ or LSUV), diagnose before and after"
 
@@ -36,9 +37,18 @@ def run(args: argparse.Namespace) -> int:
 
     from ..diagnosis._diagnose import diagnose
     from ..fix import auto_init_, lsuv_run, plan
-    from ._target import check_forward, check_input_arguments, load_target, random_input, show_report
+    from ._target import (
+        check_forward,
+        check_input_arguments,
+        load_target,
+        output_path,
+        random_input,
+        show_report,
+        write_output,
+    )
 
     shape = check_input_arguments(args, min_batch=2)
+    output_path(args.out, "--out")
     dtype = getattr(torch, args.dtype)
     model = load_target(args.target, args.weights).to(dtype=dtype)
     x = random_input(args, shape, dtype=dtype, draw_dtype=dtype)
@@ -67,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     print("\n== after ==")
     after = diagnose(model, x)
     show_report(after, args.quiet)
-    torch.save(model.state_dict(), args.out)
+    write_output(args.out, "--out", lambda path: torch.save(model.state_dict(), path), announce=False)
     print(f"\nwrote {args.out} ({sum(t.numel() for t in model.state_dict().values())} values); "
           f"findings: {len(before.findings)} before, {len(after.findings)} after")
     return 0 if after.ok else 1

@@ -31,7 +31,7 @@ _WHY: dict[str, str] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("act", metavar="ACT", help="activation name: relu, tanh, sigmoid, gelu, silu, selu, ...")
+    parser.add_argument("act", metavar="ACT", help="activation name: relu, tanh, sigmoid, gelu, silu, selu, leaky_relu(0.2), elu(0.5), ...")
     parser.add_argument("--fan-in", type=int, default=None, help="also print the init std gain/sqrt(fan_in)")
 
 
@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from .. import theory
     from .._errors import SignalpropError
 
-    name = args.act.lower().replace("-", "_")
-    theory.resolve(name)  # raises with the list of known names
+    theory.resolve(args.act)  # raises with the list of known names
+    name = theory.activation_name(args.act)  # canonical: Leaky-ReLU(0.20) -> leaky_relu(0.2)
     if args.fan_in is not None and args.fan_in < 1:
         raise SignalpropError(f"--fan-in must be a positive integer, got {args.fan_in}")
     m2 = float(theory.second_moment(name, 1.0))
@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     if pt is None:
         print("PyTorch's gain      -        (torch.nn.init.calculate_gain has no entry for it)")
     else:
-        print(f"PyTorch's gain      {pt:.6g}   (torch.nn.init.calculate_gain('{name}'))")
+        key, params = theory.parse_name(name)
+        call = f"'{key}'" + (f", {name[len(key) + 1:-1]}" if params else "")  # leaky_relu's slope: param
+        print(f"PyTorch's gain      {pt:.6g}   (torch.nn.init.calculate_gain({call}))")
         print(f"ratio PyTorch/He    {pt / he:.6g}")
     if args.fan_in is not None:
         n = args.fan_in

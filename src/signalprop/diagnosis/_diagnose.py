@@ -191,9 +191,11 @@ def diagnose_trace(
 ) -> Report:
     """Run the rules over a trace (measured, saved or predicted) and return the Report.
 
-    ``model`` (optional) supplies what the trace lacks for exact fix texts: each weight layer's fans and
-    the activation modules; ``predicted`` the finite-width band; ``rules`` replaces :data:`RULES`.
-    Never raises on non-finite or huge statistics.
+    ``model`` (optional) supplies what the trace lacks: each weight layer's fans, the activation modules,
+    the normalization gains, and the plan ``sp.fix.auto_init_(model)`` would apply (module order, no
+    inputs), which the fix texts quote; ``predicted`` the finite-width band; ``rules`` replaces
+    :data:`RULES`. Never raises on non-finite or huge statistics; raises :class:`SignalpropError` for a
+    trace measured on an empty batch (it holds no values to judge).
     """
     if not isinstance(trace, Trace):
         raise SignalpropError(
@@ -204,23 +206,56 @@ def diagnose_trace(
         raise SignalpropError(
             f"predicted must be a Trace from sp.predict, got {type(predicted).__name__}; or leave it out"
         )
+    _check_not_empty(trace)
     from ._probe import annotate
 
+    notes: list[str] = []
+    plan = None
     if model is not None:
         trace = annotate(trace, model, {})
+        plan = fix_plan(model, None, None, notes)
+    return _judge(trace, factor, predicted, dict(input_stats or {}), thresholds, rules, plan,
+                  "sp.fix.auto_init_(model)", notes)
+
+
+def _judge(
+    trace: Trace,
+    factor: float,
+    predicted: Trace | None,
+    in_stats: dict[str, float],
+    thresholds: Mapping[str, float] | None,
+    rules: Mapping[str, Rule] | None,
+    plan: dict[str, Any] | None,
+    fix_call: str,
+    notes: list[str],
+) -> Report:
     ctx = RuleContext(
         factor=_check_factor(factor),
         predicted=predicted,
-        input=dict(input_stats or {}),
+        input=in_stats,
         thresholds=_thresholds(thresholds),
+        plan=plan,
+        fix_call=fix_call,
     )
     findings = run_rules(trace, ctx, dict(rules) if rules is not None else None)
     meta: dict[str, Any] = {"factor": ctx.factor, "source": trace.source}
     if ctx.input:
         meta["input"] = ctx.input
-    if ctx.notes:
-        meta["notes"] = ctx.notes
+    if notes or ctx.notes:
+        meta["notes"] = notes + ctx.notes
     return Report(findings, trace, predicted, meta)
+
+
+def _check_not_empty(trace: Trace) -> None:
+    """An empty batch leaves nothing to judge (every statistic NaN): say so instead of reporting 'ok'."""
+    batch = trace.meta.get("batch_size")
+    nothing = all(x.fwd.numel == 0 and not math.isfinite(x.fwd.std) for x in trace)
+    empty = batch == 0 or (trace.source == "measured" and len(trace) > 0 and nothing)
+    if empty:
+        raise SignalpropError(
+            "this trace was measured on an empty batch (no values in any layer's output), so there is nothing "
+            "to judge; measure a batch of 2 or more samples (16 or more to judge dead units)"
+        )
 
 
 @preserving  # one snapshot for measure, probe, annotate's weight reads and predict's capture
@@ -245,8 +280,15 @@ def diagnose(
     ``factor``: how far (times) a layer's std may drift from the reference layer's before it is a finding;
     beyond ``factor**2`` it is an error.
 
+    The fix texts quote :func:`signalprop.fix.plan` for ``sp.fix.auto_init_(model, example_inputs=inputs)``,
+    computed once per call from the same captured graph that ``sp.predict`` uses; each exploding/vanishing
+    finding's ``data`` carries that layer's ``fix_scheme`` and ``fix_std``. Real forward passes: the
+    measured one (a second, in float64, when some value is not finite), the probe's, and one more for the
+    plan when a tanh-like chain needs its input's second moment; the capture itself traces symbolically.
+
     The model is left as found (parameters, buffers, grads, modes, hooks, RNG), and the very models this
-    exists to explain (inf, NaN, 1e30 activations) give a Report, not an exception.
+    exists to explain (inf, NaN, 1e30 activations) give a Report, not an exception. An empty batch raises
+    :class:`SignalpropError`; a batch of one sample judges what it can and says what it cannot.
     """
     if not isinstance(model, nn.Module):
         raise SignalpropError(f"diagnose needs an nn.Module, got {type(model).__name__}")
@@ -254,14 +296,20 @@ def diagnose(
     from ..measurement._measure import measure
     from ._probe import annotate, input_stats, probe, untrained_norms_in_eval
 
+    x = first_tensor(inputs)
+    if x is not None and x.numel() == 0:
+        raise SignalpropError(
+            f"diagnose got an empty batch (input shape {tuple(x.shape)}): there are no values to judge; pass a "
+            "batch of 2 or more samples (16 or more to judge dead units)"
+        )
     trace = measure(model, inputs, **measure_kwargs)
+    _check_not_empty(trace)
     notes: list[str] = []
     facts: dict[str, dict[str, Any]] = {}
     try:
         facts = probe(model, inputs, trace)
     except Exception as exc:  # the extra facts are optional; the note says why they are missing
         notes.append(f"probe pass failed ({type(exc).__name__}: {exc}); dead units judged from zero fractions")
-    trace = annotate(trace, model, facts)
     stale = untrained_norms_in_eval(model)
     if stale:
         notes.append(
@@ -270,41 +318,100 @@ def diagnose(
             "call model.train() before diagnosing an untrained model"
         )
     in_stats = input_stats(inputs)
+    g = graph if graph is not None else _capture(model, inputs, notes)
     pred: Trace | None = predicted if isinstance(predicted, Trace) else None
-    if predicted is True:
-        x = first_tensor(inputs)
-        if x is not None and x.is_floating_point() and x.dim() >= 2:
-            pred = _predict(model, tuple(x.shape), in_stats, notes, graph)
-        else:
-            notes.append("no prediction: sp.predict needs one floating input tensor")
-    report = diagnose_trace(
-        trace, predicted=pred, factor=factor, input_stats=in_stats, thresholds=thresholds, rules=rules
-    )
-    report.meta["notes"] = notes + list(report.meta.get("notes", []))
-    if not report.meta["notes"]:
-        del report.meta["notes"]
-    return report
+    if predicted is True and g is not None:
+        pred = _predict(model, inputs, notes, g)
+    activations = _activation_names(g)
+    for name in _pooled_calls(g):
+        facts.setdefault(name, {})["pooled"] = True
+    trace = annotate(trace, model, facts, activations)
+    plan = fix_plan(model, inputs, g, notes)
+    return _judge(trace, factor, pred, in_stats, thresholds, rules, plan,
+                  "sp.fix.auto_init_(model, example_inputs=inputs)", notes)
 
 
-def _predict(
-    model: nn.Module, shape: tuple[int, ...], in_stats: dict[str, float], notes: list[str], graph: Any = None
-) -> Trace | None:
-    """sp.predict with the input's measured variance; warnings and failures become notes."""
+def _capture(model: nn.Module, inputs: Any, notes: list[str]) -> Any:
+    """One capture, from the inputs themselves, for the prediction and the plan; a failure becomes a note."""
+    from ..graph import CaptureWarning, capture
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CaptureWarning)
+        try:
+            g = capture(model, inputs)
+        except Exception as exc:  # diagnose goes on without the graph: no prediction, no plan
+            notes.append(f"no graph capture ({type(exc).__name__}: {exc}): no prediction and no fix plan")
+            g = None
+    notes.extend(f"capture: {w.message}" for w in caught if issubclass(w.category, CaptureWarning))
+    return g
+
+
+def _activation_names(graph: Any) -> dict[str, str] | None:
+    """Weight-layer call -> the activation after it, by name ("relu", "leaky_relu(0.2)", "linear")."""
+    if graph is None:
+        return None
+    from .. import theory
+
+    return {k: theory.activation_name(v) for k, v in graph.activations.items()}
+
+
+_POOLS = ("mean", "amax", "max", "sum", "adaptive_avg_pool", "adaptive_max_pool", "avg_pool", "max_pool")
+
+
+def _pooled_calls(graph: Any) -> list[str]:
+    """Module calls whose output a function outside any module pools over all its positions (``x.mean((2,
+    3))``, ``F.adaptive_avg_pool2d(x, 1)``, ``x.amax(1)`` over tokens): the batch and one dimension kept, the
+    per-sample size cut at least 4x. Named by the last module call before the pooling."""
+    if graph is None:
+        return []
+    out = []
+    nodes = graph.nodes
+    for n in nodes:
+        if n.op != "fn" or not n.name.startswith(_POOLS) or not n.inputs or n.shape is None:
+            continue
+        src = nodes[n.inputs[0]].shape if n.inputs[0] is not None else None
+        if src is None or len(src) < 3 or not n.shape or n.shape[0] != src[0]:
+            continue
+        kept = math.prod(n.shape[1:]) if len(n.shape) > 1 else 1
+        if len(n.shape) > 2 and any(d != 1 for d in n.shape[2:]):
+            continue
+        if kept * 4 > math.prod(src[1:]):
+            continue
+        before = [c for c in graph.calls if c.node < n.index and nodes[c.node].op == "call"]
+        if before:
+            out.append(before[-1].name)
+    return out
+
+
+def fix_plan(model: nn.Module, inputs: Any, graph: Any, notes: list[str]) -> dict[str, Any] | None:
+    """Layer name -> the :class:`signalprop.fix.LayerPlan` that ``sp.fix.auto_init_`` applies with these
+    ``inputs`` as its ``example_inputs`` (module order when None), read from ``graph`` when given: the one
+    plan both diagnose's fix texts and the fix itself use. A failure becomes a note and None."""
+    from ..fix.plan import plan
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            p = plan(model, example_inputs=inputs, graph=graph)
+        except Exception as exc:  # the fix texts then name the formula instead of the plan
+            notes.append(f"no fix plan ({type(exc).__name__}: {exc}); the fixes name the textbook formula")
+            return None
+    notes.extend(f"fix plan: {w.message}" for w in caught)
+    return {step.layer: step for step in p}
+
+
+def _predict(model: nn.Module, inputs: Any, notes: list[str], graph: Any = None) -> Trace | None:
+    """sp.predict on the same inputs (integer ones as given, floating ones with their own mean square, the
+    band for this batch); warnings and failures become notes."""
     try:
         from ..prediction._predict import predict
     except ImportError as exc:
         notes.append(f"no prediction: {exc}")
         return None
-    std = in_stats.get("std", 1.0)
-    mean = in_stats.get("mean", 0.0)
-    input_var = mean * mean + std * std  # the second moment is what the q-map carries
-    if not (math.isfinite(input_var) and input_var > 0):
-        notes.append("no prediction: the input's variance is not a positive finite number")
-        return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            pred = predict(model, shape[1:], input_var=input_var, graph=graph)
+            pred = predict(model, inputs=inputs, graph=graph)
         except Exception as exc:  # a model predict cannot capture: diagnose goes on without the band
             notes.append(f"no prediction: {type(exc).__name__}: {exc}")
             pred = None

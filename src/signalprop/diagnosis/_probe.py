@@ -20,11 +20,12 @@ from torch import nn
 
 from .. import theory
 from .._errors import SignalpropError
-from .._hooks import HookSet
+from .._hooks import HookSet, is_real
 from .._inputs import call_model, first_tensor
 from .._state import preserved
-from ..layers import is_weight_layer
+from ..layers import is_norm, is_weight_layer
 from ..trace import LayerStats, Trace
+from ._recurrent import gate_saturation
 
 _RELU = {"relu", "relu6"}
 _SAT = {"tanh", "sigmoid", "hardtanh", "softsign"}
@@ -72,7 +73,9 @@ def probe(model: nn.Module, inputs: Any, trace: Trace) -> dict[str, dict[str, An
     keys = {layer.name.split("#")[0]: theory._MODULE_NAMES.get(layer.kind) for layer in trace}
     tiny = {layer.name for layer in trace if math.isfinite(layer.fwd.rms) and layer.fwd.rms < _TINY_RMS}
     unit_dims = _unit_dims(trace)
-    wanted = {n for n, k in keys.items() if k in _RELU or k in _SAT} | {n.split("#")[0] for n in tiny}
+    named = dict(model.named_modules())
+    recurrent = {layer.name.split("#")[0] for layer in trace if isinstance(named.get(layer.name.split("#")[0]), nn.RNNBase)}
+    wanted = {n for n, k in keys.items() if k in _RELU or k in _SAT} | {n.split("#")[0] for n in tiny} | recurrent
     found: dict[str, dict[str, Any]] = {}
     calls: dict[str, int] = {}
     def hook_for(name: str, key: str | None) -> Any:
@@ -80,6 +83,11 @@ def probe(model: nn.Module, inputs: Any, trace: Trace) -> dict[str, dict[str, An
             k = calls.get(name, 0)
             calls[name] = k + 1
             full = name if k == 0 else f"{name}#{k}"
+            if name in recurrent:
+                sat = gate_saturation(module, args)
+                if sat is not None:
+                    found.setdefault(full, {}).update(sat_frac=sat, gates=True)
+                return
             t = output if isinstance(output, torch.Tensor) else first_tensor(output)
             if t is None or not t.is_floating_point() or t.numel() == 0:
                 return
@@ -87,7 +95,6 @@ def probe(model: nn.Module, inputs: Any, trace: Trace) -> dict[str, dict[str, An
 
         return hook
 
-    named = dict(model.named_modules())
     seed = trace.meta.get("seed", 0)  # measure's: the same dropout masks as the measured pass
     with preserved(model) as state, state.run(seed=seed if isinstance(seed, int) else 0), torch.no_grad():
         with HookSet() as hooks:
@@ -117,9 +124,16 @@ def _facts(t: torch.Tensor, key: str | None, unit_dim: int, tiny: bool) -> dict[
     return out
 
 
-def annotate(trace: Trace, model: nn.Module | None, facts: dict[str, dict[str, Any]]) -> Trace:
+def annotate(
+    trace: Trace,
+    model: nn.Module | None,
+    facts: dict[str, dict[str, Any]],
+    activations: dict[str, str] | None = None,
+) -> Trace:
     """The trace with ``meta`` filled in from the model: ``mixing`` (a weight layer in ``sp.init``'s sense),
-    ``fan_in``/``fan_out`` for those, ``act_key`` for activation modules, and the probe's facts."""
+    ``fan_in``/``fan_out`` for those, ``act_key`` for activation modules, ``gain_rms`` and ``eps`` for
+    normalization layers with a gain, ``act`` (the activation after each weight layer, from the captured
+    graph's ``activations``), and the probe's facts."""
     named = dict(model.named_modules()) if model is not None else {}
     layers: list[LayerStats] = []
     for layer in trace:
@@ -132,6 +146,14 @@ def annotate(trace: Trace, model: nn.Module | None, facts: dict[str, dict[str, A
             meta["mixing"] = _mixing(m)
             if meta["mixing"] and "fan_in" not in meta:
                 meta.update(_fans(m))
+            if is_norm(m):
+                meta.update(_norm_facts(m))
+            elif meta["mixing"]:
+                zeros = _zero_tensors(m)
+                if zeros:
+                    meta["zero_tensors"] = zeros
+        if activations is not None and layer.name in activations:
+            meta["act"] = activations[layer.name]
         meta.update(facts.get(layer.name, {}))
         layers.append(replace(layer, meta=meta))
     return trace.with_layers(layers)
@@ -143,16 +165,42 @@ def _mixing(m: nn.Module) -> bool:
     return is_weight_layer(m) and not isinstance(m, nn.Embedding | nn.EmbeddingBag)
 
 
+def _norm_facts(m: nn.Module) -> dict[str, float]:
+    """``gain_rms`` (root mean square of the gain, the scale the norm gives its output) and ``eps``."""
+    out: dict[str, float] = {}
+    w = getattr(m, "weight", None)
+    if isinstance(w, torch.Tensor) and w.numel() > 0 and w.is_floating_point() and is_real(w):
+        out["gain_rms"] = float(w.detach().double().pow(2).mean().sqrt())
+    eps = getattr(m, "eps", getattr(m, "variance_epsilon", None))
+    if isinstance(eps, int | float):
+        out["eps"] = float(eps)
+    if _stale(m):
+        out["stale_stats"] = 1.0
+    return out
+
+
+def _stale(m: nn.Module) -> bool:
+    """A BatchNorm in eval mode whose running statistics were never updated (mean 0, var 1): it does not
+    normalize."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats:
+        n = m.num_batches_tracked
+        return n is not None and int(n) == 0
+    return False
+
+
+def _zero_tensors(m: nn.Module) -> list[str]:
+    """Names of the module's own parameters of two or more dimensions that are exactly zero everywhere."""
+    out = []
+    for k, p in m._parameters.items():
+        if p is not None and p.dim() >= 2 and p.numel() > 0 and is_real(p) and not bool(p.detach().any()):
+            out.append(k)
+    return out
+
+
 def untrained_norms_in_eval(model: nn.Module) -> list[str]:
     """Names of BatchNorm layers in eval mode whose running statistics were never updated: they do not
     normalize (running mean 0, var 1), so an eval-mode measurement is not what training sees."""
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats:
-            n = m.num_batches_tracked
-            if n is not None and int(n) == 0:
-                out.append(name)
-    return out
+    return [name for name, m in model.named_modules() if _stale(m)]
 
 
 def _fans(m: nn.Module) -> dict[str, float]:

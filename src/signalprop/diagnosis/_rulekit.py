@@ -1,6 +1,6 @@
 """What diagnose rules share: the context they read, the thresholds, and helpers over a Trace (which
 layers are the body and the head, which layers play the same role, the activation after a weight layer, the
-exact init std a fix names)."""
+init a fix names: the step of :func:`signalprop.fix.plan` when diagnose has the model, else the formula)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import theory
+from ..graph._analysis import activation_in_order, kind_step
 from ..layers import is_norm_kind
 from ..trace import LayerStats, Trace
 from ._findings import Finding
@@ -54,7 +56,10 @@ class RuleContext:
 
     ``input`` holds the input's statistics (mean, std, absmax, nonfinite_frac) when known;
     ``predicted`` a predicted Trace whose Stats carry ``var_band``; ``notes`` collects remarks for
-    ``Report.meta`` (why a number was missing).
+    ``Report.meta`` (why a number was missing). ``plan`` maps each weight layer's module name to the
+    :class:`signalprop.fix.LayerPlan` that ``fix_call`` (the exact ``sp.fix.auto_init_`` call) would apply:
+    a fix quotes that step, so the advice and the action are one plan. Without it (a saved trace) a fix
+    names the textbook formula.
     """
 
     factor: float = 10.0
@@ -62,6 +67,8 @@ class RuleContext:
     input: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=lambda: dict(THRESHOLDS))
     notes: list[str] = field(default_factory=list)
+    plan: dict[str, Any] | None = None
+    fix_call: str = "sp.fix.auto_init_(model)"
 
 
 Rule = Callable[[Trace, RuleContext], list[Finding]]
@@ -114,18 +121,20 @@ def split_body_head(trace: Trace) -> tuple[list[int], list[int]]:
     """Indices (into ``trace``) of the body's and the head's weight layers.
 
     The body ends at the first global pooling or flatten (``Flatten``, ``AdaptiveAvg/MaxPool``, or a
-    pooling whose output is 1 x 1) that no convolution follows: the feature extractor. What comes after is
-    the head, judged on its own, because pooling rescales per-element gradients by design (a 16x16 average
-    pool divides them by 256). Networks without such a boundary are all body. Weight layers that feed a
-    normalization layer (:func:`normalized`) are in neither.
+    pooling whose output is 1 x 1; or a functional one such as ``x.mean((2, 3))``, recorded by diagnose
+    from the captured graph as ``meta["pooled"]`` on the call before it) that no convolution follows: the
+    feature extractor. What comes after is the head, judged on its own, because pooling rescales
+    per-element gradients by design (a 16x16 average pool divides them by 256). Networks without such a
+    boundary are all body. Weight layers that feed a normalization layer (:func:`normalized`) are in neither.
     """
     weights = [i for i in weight_indices(trace) if not normalized(trace, i)]
     for i, layer in enumerate(trace):
-        if not _is_global_pool(layer):
+        after = bool(layer.meta.get("pooled"))  # the pooling follows this call
+        if not (after or _is_global_pool(layer)):
             continue
         if any(is_conv(trace[j].kind) for j in weights if j > i):
             continue
-        body = [j for j in weights if j < i]
+        body = [j for j in weights if j < i or (after and j == i)]
         if body:
             return body, [j for j in weights if j > i]
         break
@@ -134,22 +143,58 @@ def split_body_head(trace: Trace) -> tuple[list[int], list[int]]:
 
 def normalized(trace: Trace, i: int) -> bool:
     """True when weight layer ``i`` feeds a normalization layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm,
-    ...; dropout and identities in between are skipped): the norm divides its scale out, forward and
-    backward, so drift in its raw output is by design and not judged."""
-    for layer in list(trace)[i + 1 :]:
+    ...): the norm divides its scale out, forward and backward, so drift in its raw output is by design and
+    not judged.
+
+    Read off the trace: the next call (dropout and identities skipped) is a normalization layer of the same
+    parent module (``features.3`` -> ``features.4``, ``conv_stem.convolution`` -> ``conv_stem.normalization``).
+    A norm of another parent is the next block's (a pre-norm transformer's ``h.0.attn.c_proj`` is followed
+    by ``h.0.ln_2``, but its output goes to the residual stream, not into that norm).
+    """
+    return norm_after(trace, i) is not None
+
+
+def norm_after(trace: Trace, i: int) -> int | None:
+    """Index of the normalization layer weight layer ``i`` feeds (see :func:`normalized`), or None."""
+    for j in range(i + 1, len(trace)):
+        layer = trace[j]
         if _PASS_THROUGH.match(layer.kind):
             continue
-        return is_norm_kind(layer.kind)
-    return False
+        if is_norm_kind(layer.kind) and _parent(layer.name) == _parent(trace[i].name):
+            return j
+        return None
+    return None
+
+
+def _parent(name: str) -> str:
+    base = name.split("#")[0]
+    return base.rsplit(".", 1)[0] if "." in base else ""
 
 
 def role(name: str) -> str:
-    """A layer's role: its name with every all-digit component (block, stage, position) replaced by '#'.
+    """A layer's role: its name with every all-digit component (block, stage, position) replaced by '#',
+    and the numbers inside the components before the first such one (the stage that holds the blocks)
+    too.
 
-    ``h.3.mlp.c_proj`` -> ``h.#.mlp.c_proj``, ``features.10`` -> ``features.#``; ``mlp.fc1`` and ``mlp.fc2``
+    ``h.3.mlp.c_proj`` -> ``h.#.mlp.c_proj``, ``features.10`` -> ``features.#``, ``s2.0`` -> ``s#.#`` and
+    ``layer3.1.conv1`` -> ``layer#.#.conv1`` (numbered stages of one design); ``mlp.fc1`` and ``mlp.fc2``
     stay apart (different roles in one block); a reuse suffix ``#k`` is dropped.
     """
-    return ".".join("#" if part.isdigit() else part for part in name.split("#")[0].split("."))
+    parts = name.split("#")[0].split(".")
+    digit = [part.isdigit() for part in parts]
+    if not any(digit):
+        return ".".join(parts)
+    k = digit.index(True)
+    return ".".join(
+        "#" if d else (re.sub(r"\d+", "#", part) if i < k else part) for i, (part, d) in enumerate(zip(parts, digit))
+    )
+
+
+def stack(role_name: str) -> str:
+    """The stack a role belongs to: the part of the role before its first '#' (``h.#.attn.c_attn`` -> ``h``,
+    ``encoder.layers.#.fc1`` -> ``encoder.layers``); the role itself when it has none."""
+    parts = role_name.split(".")
+    return ".".join(parts[: parts.index("#")]) if "#" in parts else role_name
 
 
 def role_groups(trace: Trace, idx: list[int]) -> list[list[int]]:
@@ -175,18 +220,15 @@ def _is_global_pool(layer: LayerStats) -> bool:
 
 
 def following_activation(trace: Trace, i: int) -> str:
-    """The activation after weight layer ``i``: recorded in meta, else the first activation module that
-    runs before the next weight layer, else ``"linear"``."""
+    """The activation after weight layer ``i``: recorded in meta (diagnose reads it off the captured graph),
+    else :func:`signalprop.graph._analysis.activation_in_order` over the calls after it, else ``"linear"``."""
     key = trace[i].meta.get("act")
     if isinstance(key, str):
         return key
-    for layer in list(trace)[i + 1 :]:
-        if layer.weight_layer:
-            break
-        k = act_key(layer)
-        if k is not None and k not in ("linear", "identity"):
-            return k
-    return "linear"
+    rows = list(trace)[i + 1 :]
+    steps = (kind_step(r.kind, weight_layer=r.weight_layer, act_key=r.meta.get("act_key")) for r in rows)
+    act = activation_in_order(steps)
+    return act if isinstance(act, str) else "linear"
 
 
 def preceding_weight(trace: Trace, i: int) -> int | None:
@@ -215,3 +257,53 @@ def init_fix(layer: LayerStats, act: str, mode: str = "fan_in") -> str:
         std = math.sqrt(g2 / float(fan))
         return f"{scheme} ({mode}, {act}) for {layer.name}: std = sqrt({num}/{n}) = {std:.3g}"
     return f"{scheme} ({mode}, {act}) for {layer.name}: std = sqrt({num}/{mode})"
+
+
+SCHEME_NAMES: dict[str, str] = {
+    "he": "He",
+    "lecun": "LeCun",
+    "gain": "second-moment gain",
+    "mean_field": "mean-field critical",
+    "mean_field_input": "mean-field critical (first layer of the chain)",
+    "mean_field_readout": "mean-field readout",
+    "linear": "linear (geometric mean of the fans)",
+}
+"""How a fix text names a :class:`signalprop.fix.LayerPlan` scheme; an unknown scheme is named as it is."""
+
+
+def planned_fix(ctx: RuleContext, layer: LayerStats, act: str, mode: str = "fan_in") -> tuple[str, dict[str, Any]]:
+    """The fix for one weight layer: (text, data with ``fix_scheme`` and ``fix_std``).
+
+    With a plan (diagnose had the model) the text quotes the step ``ctx.fix_call`` would apply to this
+    layer, ``std = sqrt(std^2 fan_in / fan_in)`` so the numerator reads as the scheme's variance gain
+    (He's 2 for ReLU, the critical sigma_w^2 for tanh), and ``data`` carries that exact scheme and std
+    (``fix_scheme``, ``fix_std``) and the layer they are for (``fix_layer``).
+    A layer the plan keeps (no fan rule) gets the plan's reason, which names the ``register_fans`` call.
+    Without a plan: :func:`init_fix`, the textbook formula from the recorded fans.
+    """
+    step = ctx.plan.get(layer.name.split("#")[0]) if ctx.plan is not None else None
+    if step is None:
+        return init_fix(layer, act, mode), {}
+    data: dict[str, Any] = {"fix_layer": step.layer, "fix_scheme": step.scheme, "fix_std": step.std}
+    if step.scheme == "keep":
+        why = step.reason.split("left as it is: ", 1)[-1]
+        return f"{ctx.fix_call} leaves {layer.name} as it is: {why}", data
+    if step.scheme == "lsuv":
+        data["fix_lsuv"] = True
+        return f"{ctx.fix_call} rescales {layer.name} by its LSUV pass only: {step.reason}", data
+    name = SCHEME_NAMES.get(step.scheme, step.scheme)
+    fan = step.fan_in
+    formula = f"std = {step.std:.4g}"
+    if isinstance(fan, int | float) and math.isfinite(fan) and fan > 0:
+        n = int(fan) if float(fan).is_integer() else fan
+        formula = f"std = sqrt({step.std * step.std * fan:.4g}/{n}) = {step.std:.4g}"
+    act_text = f" for {step.activation}" if step.activation not in ("none", "linear") else ""
+    text = f"{ctx.fix_call} sets {layer.name} to {name}{act_text}: {formula}"
+    if step.bias_std > 0:
+        text += f", bias std {step.bias_std:.3g}"
+    if step.factor != 1.0:
+        text += f" (residual factor {step.factor:.3g} included)"
+    if step.lsuv:
+        text += ", then an LSUV pass rescales its output to std 1"
+        data["fix_lsuv"] = True
+    return text, data

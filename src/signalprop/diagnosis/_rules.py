@@ -13,6 +13,7 @@ Adding a rule is one line: ``RULES["name"] = my_rule``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -28,8 +29,8 @@ from ._rulekit import (
     act_key,
     following_activation,
     g,
-    init_fix,
     label,
+    planned_fix,
     positive,
     preceding_weight,
     split_body_head,
@@ -38,9 +39,24 @@ from ._rulekit import (
 __all__ = ["RULES", "THRESHOLDS", "Rule", "RuleContext", "run_rules", "split_body_head"]
 
 
+def _count(s: Stats) -> str:
+    """'3 of its 4096 elements' (a count, from the recorded fraction and size)."""
+    if s.numel > 0:
+        return f"{round(s.nonfinite_frac * s.numel)} of its {s.numel} elements"
+    return f"a fraction {s.nonfinite_frac:.3g} of its elements"
+
+
 def rule_nonfinite(trace: Trace, ctx: RuleContext) -> list[Finding]:
-    """The first layer whose output holds inf/NaN, and the first (in backward order) whose gradient does;
-    NaN already in the input is named as the input."""
+    """The first layer whose output holds inf/NaN, and where the backward pass first made them; NaN already
+    in the input is named as the input.
+
+    Going back, the gradient at a layer's output is computed by the backward of what consumes that output,
+    so the module that made a non-finite gradient is the next call whose own output gradient is still
+    finite. It overflowed when the finite values around it reach the dtype's range (within
+    ``overflow_margin`` x of its largest value); otherwise an operation made inf/NaN from finite values
+    (sqrt or pow at 0, log of 0, division by 0, a custom ``autograd.Function``), which
+    ``torch.autograd.detect_anomaly`` pins to the exact op.
+    """
     out: list[Finding] = []
     frac_in = ctx.input.get("nonfinite_frac", 0.0)
     if frac_in and frac_in > 0:
@@ -72,8 +88,7 @@ def rule_nonfinite(trace: Trace, ctx: RuleContext) -> list[Finding]:
                 "nonfinite",
                 "error",
                 layer.name,
-                f"{label(layer)} is the first layer whose output holds inf/NaN "
-                f"({layer.fwd.nonfinite_frac:.3g} of {layer.fwd.numel or 'its'} elements){before}.",
+                f"{label(layer)} is the first layer whose output holds inf/NaN ({_count(layer.fwd)}){before}.",
                 (
                     "the values overflowed: rescale the init (see the exploding finding) or compute in a "
                     "wider dtype"
@@ -81,45 +96,96 @@ def rule_nonfinite(trace: Trace, ctx: RuleContext) -> list[Finding]:
                     else "look for a division by zero, log of a non-positive value, or inf/NaN in this "
                     "layer's parameters (torch.isfinite(p).all() for each)"
                 ),
-                {"nonfinite_frac": layer.fwd.nonfinite_frac, "index": fwd_first},
+                {"nonfinite_frac": layer.fwd.nonfinite_frac, "nonfinite": _bad(layer.fwd), "index": fwd_first},
             )
         )
-    bwd = [(i, layer) for i, layer in enumerate(trace) if layer.bwd is not None and layer.bwd.nonfinite_frac > 0]
+    bwd = [i for i, layer in enumerate(trace) if layer.bwd is not None and layer.bwd.nonfinite_frac > 0]
     if bwd:
-        i, layer = bwd[-1]
-        assert layer.bwd is not None
-        cause = (
-            " It follows from the non-finite forward pass."
-            if fwd_first is not None
-            else " The forward pass was finite, so the gradient overflowed on the way back."
-        )
-        out.append(
-            Finding(
-                "nonfinite",
-                "error",
-                layer.name,
-                f"{label(layer)} is the first layer in the backward pass whose output gradient holds inf/NaN "
-                f"({layer.bwd.nonfinite_frac:.3g} of its elements).{cause}",
-                "fix the forward first"
-                if fwd_first is not None
-                else "rescale the init for gradients (fan_out) or clip the loss; see the grad_exploding finding",
-                {"nonfinite_frac": layer.bwd.nonfinite_frac, "index": i, "backward": True},
-            )
-        )
+        out.append(_backward_nonfinite(trace, ctx, bwd[-1], fwd_first is not None))
     return out
+
+
+def _bad(s: Stats) -> int | None:
+    return round(s.nonfinite_frac * s.numel) if s.numel > 0 else None
+
+
+def _backward_nonfinite(trace: Trace, ctx: RuleContext, i: int, fwd_bad: bool) -> Finding:
+    """The finding for the first non-finite gradient in backward order (at ``trace[i]``'s output)."""
+    layer = trace[i]
+    assert layer.bwd is not None
+    base = layer.name.split("#")[0]
+    j = next(
+        (
+            k
+            for k in range(i + 1, len(trace))
+            if trace[k].bwd is not None
+            and trace[k].bwd.finite  # type: ignore[union-attr]
+            and not trace[k].name.startswith(base + ".")
+        ),
+        None,
+    )
+    data: dict[str, Any] = {"nonfinite_frac": layer.bwd.nonfinite_frac, "nonfinite": _bad(layer.bwd), "index": i,
+                            "backward": True, "receives": layer.name}
+    anomaly = ("run the backward once under `with torch.autograd.detect_anomaly():` to get the exact op "
+               "and the forward line that made it")
+    if fwd_bad:
+        msg = (f"{label(layer)} is the first layer in the backward pass whose output gradient holds inf/NaN "
+               f"({_count(layer.bwd)}). It follows from the non-finite forward pass.")
+        return Finding("nonfinite", "error", layer.name, msg, "fix the forward first", data)
+    if j is None:
+        msg = (f"{label(layer)}: its output gradient holds inf/NaN ({_count(layer.bwd)}), and no later call has a "
+               "finite one: the gradient was already non-finite where it entered the network (the loss, or "
+               "the operations after the last module).")
+        return Finding("nonfinite", "error", layer.name, msg, f"check the loss for inf/NaN; {anomaly}", data)
+    culprit = trace[j]
+    up = culprit.bwd
+    assert up is not None
+    try:
+        limit = float(torch.finfo(getattr(torch, culprit.dtype)).max)
+    except (AttributeError, TypeError):
+        limit = math.inf
+    margin = ctx.thresholds["overflow_margin"]
+    peaks = [x for x in (up.absmax, layer.bwd.absmax, culprit.fwd.absmax) if math.isfinite(x)]
+    overflow = bool(peaks) and max(peaks) >= limit / margin
+    data.update({"index": j, "upstream_absmax": up.absmax, "limit": limit,
+                 "cause": "overflow" if overflow else "operation"})
+    between = f"the backward from {culprit.name}'s output to {layer.name}'s output ({culprit.name} itself, or an "               "operation between the two)"
+    if overflow:
+        msg = (f"{label(culprit)}: {between} overflowed {culprit.dtype}: the gradient at its output peaks at "
+               f"{g(up.absmax)}, within {g(limit / max(peaks))}x of the largest value {g(limit)}, and "
+               f"{layer.name}'s output gradient holds inf/NaN ({_count(layer.bwd)}).")
+        fix = ("rescale the init for gradients (fan_out), scale or clip the loss, or compute this part in a wider "
+               f"dtype; {anomaly}")
+    else:
+        msg = (f"{label(culprit)}: {between} made inf/NaN from finite values: the gradient at its output is "
+               f"finite and small (absmax {g(up.absmax)}, far inside {culprit.dtype}'s range), yet "
+               f"{layer.name}'s output gradient holds inf/NaN ({_count(layer.bwd)}). This is not an overflow: "
+               "an operation's backward divided by zero (sqrt or pow at 0, log of 0, x / 0) or a custom "
+               "autograd.Function returned inf/NaN.")
+        fix = f"{anomaly}; then keep its input away from the singular point (clamp(min=eps), add eps)"
+    return Finding("nonfinite", "error", culprit.name, msg, fix, data)
 
 
 def rule_dead_units(trace: Trace, ctx: RuleContext) -> list[Finding]:
     """dead_units: ReLU units that output 0 for every input in the batch (per-unit, from the probe pass),
-    or, without it, ReLU outputs that are zero almost everywhere."""
+    or, without it, ReLU outputs that are zero almost everywhere. When no ReLU layer's units hold
+    ``dead_min_elements`` values (a batch of one sample through an MLP), an info finding says the batch
+    cannot be judged."""
     th = ctx.thresholds
     hits: list[tuple[float, int, str]] = []
     pvals: dict[int, float] = {}
+    few: list[int] = []  # ReLU layers whose units hold too few values to judge
+    judged = 0
     for i, layer in enumerate(trace):
         if act_key(layer) not in RELU_KEYS:
             continue
         dead = layer.meta.get("dead_frac")
         m = layer.meta.get("unit_elements", 0)
+        if isinstance(dead, float):
+            if m < th["dead_min_elements"]:
+                few.append(i)
+            else:
+                judged += 1
         if isinstance(dead, float) and m >= th["dead_min_elements"] and dead >= th["dead_info"]:
             units = int(layer.meta.get("units", 0))
             hits.append((dead, i, f"{dead:.1%} of its {units} units output 0 for every one of {m} inputs"))
@@ -127,7 +193,7 @@ def rule_dead_units(trace: Trace, ctx: RuleContext) -> list[Finding]:
         elif "dead_frac" not in layer.meta and layer.fwd.zero_frac >= th["dead_zero_frac"]:
             hits.append((layer.fwd.zero_frac, i, f"{layer.fwd.zero_frac:.1%} of its outputs are exactly 0"))
     if not hits:
-        return []
+        return [_cannot_judge_dead(trace, few, int(th["dead_min_elements"]))] if few and not judged else []
     frac, i, what = max(hits, key=lambda h: (h[0], -h[1]))  # the worst; the earliest among equals
     layer = trace[i]
     significant = pvals.get(i, 0.0) < th["dead_p"]  # trace-only fallback (no unit count): judge the fraction
@@ -152,14 +218,32 @@ def rule_dead_units(trace: Trace, ctx: RuleContext) -> list[Finding]:
                 "shift (bias or input mean) pushes it below zero."
             )
         msg += shift
+        text, fix_data = planned_fix(ctx, w, "relu")
         fix = (
-            f"re-initialize {w.name} with zero bias: {init_fix(w, 'relu')}; or use LeakyReLU. Narrow deep ReLU "
+            f"re-initialize {w.name} with zero bias: {text}; or use LeakyReLU. Narrow deep ReLU "
             "nets also lose units by chance (Lu et al. 2019): wider layers or normalization help"
         )
     else:
-        fix = "re-initialize the layer before it with zero bias, or use LeakyReLU"
-    data = {"dead_frac": frac, "layers": {trace[k].name: f for f, k, _ in hits}}
+        fix, fix_data = "re-initialize the layer before it with zero bias, or use LeakyReLU", {}
+    data = {"dead_frac": frac, "layers": {trace[k].name: f for f, k, _ in hits}, **fix_data}
     return [Finding("dead_units", severity, layer.name, msg, fix, data)]
+
+
+def _cannot_judge_dead(trace: Trace, few: list[int], need: int) -> Finding:
+    layer = trace[few[0]]
+    m = int(layer.meta.get("unit_elements", 0))
+    batch = trace.meta.get("batch_size")
+    n = f"a batch of {batch}" if isinstance(batch, int) else f"{m} values per unit"
+    return Finding(
+        "dead_units",
+        "info",
+        layer.name,
+        f"cannot judge with {n}: each unit of {layer.name} (and {len(few) - 1} other ReLU layers) outputs {m} "
+        f"value(s) per batch, and a healthy unit is zero on all of m inputs with chance 2^-m, so a unit that is "
+        f"zero throughout says nothing until m >= {need}.",
+        f"measure a batch of {need} or more samples",
+        {"batch_size": batch, "unit_elements": m, "layers": [trace[k].name for k in few]},
+    )
 
 
 def _more_than_half(k: int, n: int) -> float:
@@ -182,9 +266,14 @@ def rule_saturation(trace: Trace, ctx: RuleContext) -> list[Finding]:
     hits: list[tuple[float, int, str]] = []
     for i, layer in enumerate(trace):
         key = act_key(layer)
+        sat = layer.meta.get("sat_frac")
+        if layer.meta.get("gates") and isinstance(sat, float):
+            if sat >= th["sat_info"]:
+                hits.append((sat, i, f"{sat:.1%} of its gates' pre-activations saturate (a sigmoid within 1% of 0 "
+                                     "or 1, a tanh within 1% of +-1)"))
+            continue
         if key not in SAT_BOUNDS:
             continue
-        sat = layer.meta.get("sat_frac")
         if isinstance(sat, float):
             if sat >= th["sat_info"]:
                 hits.append((sat, i, f"{sat:.1%} of its outputs lie within 1% of {SAT_BOUNDS[key]}"))
@@ -200,13 +289,20 @@ def rule_saturation(trace: Trace, ctx: RuleContext) -> list[Finding]:
         msg += f" {len(hits)} layers saturate."
     j = preceding_weight(trace, i)
     key = act_key(layer) or "tanh"
+    if layer.meta.get("gates"):
+        fix = (f"draw {layer.name} as recurrent nets are drawn: sp.fix.auto_init_(model) (or "
+               "sp.init.recurrent_(module)) sets input weights by fan per gate, recurrent weights orthogonal "
+               "(Saxe et al. 2014) and the LSTM forget-gate bias to 1 (Jozefowicz et al. 2015)")
+        data = {"sat_frac": frac, "layers": {trace[k].name: f for f, k, _ in hits}}
+        return [Finding("saturation", severity, layer.name, msg, fix, data)]
     if j is not None:
         w = trace[j]
         msg += f" Its input from {w.name} has std {g(w.fwd.std)}."
-        fix = f"shrink {w.name}'s weights: {init_fix(w, key)}, which keeps the pre-activation variance near 1"
+        text, fix_data = planned_fix(ctx, w, key)
+        fix = f"shrink {w.name}'s weights: {text}, which keeps the pre-activation variance in range"
     else:
-        fix = "scale the input of this activation down to unit variance"
-    data = {"sat_frac": frac, "layers": {trace[k].name: f for f, k, _ in hits}}
+        fix, fix_data = "scale the input of this activation down to unit variance", {}
+    data = {"sat_frac": frac, "layers": {trace[k].name: f for f, k, _ in hits}, **fix_data}
     return [Finding("saturation", severity, layer.name, msg, fix, data)]
 
 
@@ -214,7 +310,7 @@ def rule_overflow_risk(trace: Trace, ctx: RuleContext) -> list[Finding]:
     """overflow_risk: a layer's output (or its gradient) within ``overflow_margin`` x of the dtype's largest
     finite value (float16: 65504; bfloat16: 3.4e38)."""
     margin = ctx.thresholds["overflow_margin"]
-    for layer in trace:
+    for i, layer in enumerate(trace):
         try:
             info = torch.finfo(getattr(torch, layer.dtype))
         except (AttributeError, TypeError):
@@ -231,7 +327,7 @@ def rule_overflow_risk(trace: Trace, ctx: RuleContext) -> list[Finding]:
                     f"{label(layer)}: {what} absmax {g(s.absmax)} is within {g(info.max / s.absmax)}x of "
                     f"{layer.dtype}'s largest value {g(float(info.max))}; a slightly larger input overflows to inf.",
                     f"keep this layer in float32 (torch.autocast excludes it with enabled=False), or rescale "
-                    f"the weights before it: {init_fix(layer, following_activation(trace, trace.names.index(layer.name)))}"
+                    f"the weights before it: {planned_fix(ctx, layer, following_activation(trace, i))[0]}"
                     if layer.weight_layer
                     else "keep this part of the model in float32, or rescale the weights before it",
                     {"absmax": s.absmax, "dtype": layer.dtype, "limit": float(info.max), "backward": attr == "bwd"},

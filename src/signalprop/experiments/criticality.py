@@ -116,7 +116,7 @@ class Result(Outcome):
     weight_vars: list[float]
     bias_vars: list[float]
     xi_c: list[list[float]]
-    """xi_c[i][j] at bias_vars[i], weight_vars[j] (inf on the critical line)."""
+    """``xi_c[i][j]`` at ``bias_vars[i]``, ``weight_vars[j]`` (inf on the critical line)."""
     critical_line: list[float]
     """sigma_w^2 with chi1 = 1 at each of bias_vars."""
     points: list[PointResult]

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .._errors import SignalpropError
 from .._inputs import Inputs as Inputs
 
 # Layers that carry a weight but take no signal to mix (an index lookup): LSUV and the fan-based schemes
@@ -23,13 +24,13 @@ _CONV_TYPES = (nn.modules.conv._ConvNd,)
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every weight layer that mixes its inputs, in ``named_modules`` order.
 
-    Uses :func:`signalprop.init.weight_layers` (the one definition of "weight layer": Linear, ConvNd and
-    transposed convolutions, transformers' Conv1D, ...) and drops lookup tables (``nn.Embedding``), which
-    have no fan-in and no input signal to keep in range.
+    Uses :func:`signalprop.layers.is_weight_layer` (the one definition of "weight layer": Linear, ConvNd and
+    transposed convolutions, transformers' Conv1D, RNN/LSTM/GRU, parametrized and custom layers, ...) and
+    drops lookup tables (``nn.Embedding``), which have no fan-in and no input signal to keep in range.
     """
-    from ..init import weight_layers as _init_weight_layers
+    from ..layers import is_weight_layer
 
-    return [(n, m) for n, m in _init_weight_layers(model) if not isinstance(m, _NOT_MIXING)]
+    return [(n, m) for n, m in model.named_modules() if is_weight_layer(m) and not isinstance(m, _NOT_MIXING)]
 
 
 def channel_dim(layer: nn.Module, out: torch.Tensor) -> int | None:
@@ -63,15 +64,29 @@ def mha_fastpath_disabled() -> Iterator[None]:
 
 
 def snapshot(layers: list[tuple[str, nn.Module]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of each layer's weight and bias (for restoring them when a fix fails half-way)."""
+    """Copies of every parameter of these layers, their parametrizations' originals included, each once
+    (for restoring them when a fix fails half-way)."""
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: set[int] = set()
     with torch.no_grad():
         for _, m in layers:
-            for attr in ("weight", "bias"):
-                p = getattr(m, attr, None)
-                if isinstance(p, torch.Tensor):
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
                     out.append((p, p.detach().clone()))
     return out
+
+
+def refuse_meta(model: nn.Module, what: str) -> None:
+    """Raise when ``model`` has tensors on the meta device: they have no values to measure or write."""
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise SignalpropError(
+            f"{what}: {len(meta)} tensor(s) of {type(model).__name__} are on the meta device ({', '.join(meta[:3])}"
+            f"{', ...' if len(meta) > 3 else ''}), with no storage to measure or write. Allocate and initialize "
+            "them first: sp.init.materialize_(model, device='cpu') (or 'cuda'), then call "
+            f"{what.split(':')[0]} again"
+        )
 
 
 def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -18,10 +18,13 @@ __all__ = ["LayerPlan", "Plan"]
 class LayerPlan:
     """One action on one module.
 
-    For a weight layer: draw the weight from N(0, ``std``^2) (``scheme`` says why that std) and the bias
-    from N(0, ``bias_std``^2) (zero when 0). ``factor`` is the residual multiplier already included in
-    ``std``. For a normalization layer (``scheme == "norm_gain"``) the gain is set to the constant ``gain``.
-    ``keep`` steps leave the layer as it is. ``lsuv``: an LSUV pass rescales this layer afterwards.
+    For a weight layer: draw the weight with entries of standard deviation ``std`` (``scheme`` says why that
+    std; ``distribution``: ``normal``, or ``orthogonal``, a scaled orthogonal matrix of that root mean square
+    entry) and the bias from N(0, ``bias_std``^2) (zero when 0). ``factor`` is the residual multiplier
+    already included in ``std``. ``recurrent`` (RNN/LSTM/GRU): :func:`signalprop.init.recurrent_`, ``std``
+    being the first input weight's. For a normalization layer (``scheme == "norm_gain"``) the gain is set to
+    the constant ``gain``. ``keep`` steps leave the layer as it is; ``lsuv`` steps are only rescaled by the
+    LSUV pass. ``lsuv``: an LSUV pass rescales this layer afterwards, to output std ``target_std``.
     """
 
     layer: str
@@ -35,6 +38,8 @@ class LayerPlan:
     factor: float = 1.0
     gain: float | None = None
     lsuv: bool = False
+    distribution: str = "normal"
+    target_std: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -89,10 +94,10 @@ class Plan(Sequence[LayerPlan]):
                 s.kind,
                 s.activation,
                 s.scheme,
-                f"gain={s.gain:g}" if s.gain is not None else ("-" if s.scheme == "keep" else f"{s.std:.4g}"),
-                f"{s.bias_std:.4g}" if s.scheme not in ("keep", "norm_gain") else "-",
+                f"gain={s.gain:g}" if s.gain is not None else ("-" if math.isnan(s.std) else f"{s.std:.4g}"),
+                f"{s.bias_std:.4g}" if s.scheme not in ("keep", "norm_gain") and not math.isnan(s.bias_std) else "-",
                 f"{s.factor:.4g}",
-                "yes" if s.lsuv else "",
+                f"std {s.target_std:.3g}" if s.lsuv else "",
             )
             for s in self.steps
         ]

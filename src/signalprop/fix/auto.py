@@ -3,8 +3,8 @@
 Plan, then apply: :func:`signalprop.fix.plan` reads the model's structure (the captured graph when
 example inputs or an input shape are given, module order otherwise) and computes one
 :class:`~signalprop.fix.plan.LayerPlan` per layer; :func:`~signalprop.fix.plan.apply_plan` writes it; and
-when some layers are GELU-like and example inputs are given, an LSUV pass (:func:`signalprop.fix.lsuv_`,
-``orthogonal=False``) pins those layers' output std at 1.
+when some layers are GELU-like or custom and example inputs are given, an LSUV pass
+(:func:`signalprop.fix.lsuv_`, ``orthogonal=False``) pins those layers' output std at the plan's targets.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._common import Inputs
-from .lsuv import lsuv_
+from .._errors import SignalpropError
+from ._common import Inputs, refuse_meta
+from .lsuv import run, warn_result
 from .plan import Plan, apply_plan, plan
 
 __all__ = ["auto_init_"]
@@ -32,13 +33,18 @@ def auto_init_(
     """Initialize ``model`` in place, one scheme per weight layer from the activation that follows it.
 
     ReLU family: He (gain sqrt(2/(1+a^2)), He et al. 2015); tanh, sigmoid and other saturating activations:
-    weight and bias variances on the mean-field critical line chi1 = 1 chosen for the chain's depth, the
-    first layer set so the pre-activation variance starts at the fixed point q* (Poole et al. 2016;
-    Schoenholz et al. 2017); SELU: LeCun normal; GELU, SiLU, ...: their second-moment gain and, with
-    ``example_inputs``, an LSUV pass on those layers (Mishkin & Matas 2016); layers without an activation:
-    Var[w] = 1/sqrt(fan_in fan_out), which splits a fan mismatch evenly between forward and backward. Residual branches (found from the graph's additions): ``residual="fixup"`` scales each
-    branch by L^(-1/2) (Zhang et al. 2019), ``"zero"`` starts each branch at zero (Goyal et al. 2017), None
-    leaves them. See :mod:`signalprop.fix.plan` and :mod:`signalprop.fix.residual` for every formula.
+    orthogonal weights and biases at the mean-field variances chosen for the chain's depth, width and
+    biases (on the critical line chi1 = 1 with biases; sigma_b^2 = 0 and sigma_w^2 just above 1 without),
+    the first layer set so the pre-activation variance starts at the fixed point q* (Poole et al. 2016;
+    Schoenholz et al. 2017; Pennington et al. 2017); SELU: LeCun normal; GELU, SiLU, ...: their
+    second-moment gain and, with ``example_inputs``, an LSUV pass on those layers (Mishkin & Matas 2016) to
+    the output std that keeps their chain's gradient in range; RNN/LSTM/GRU: :func:`signalprop.init.recurrent_`
+    (orthogonal recurrent weights, forget-gate bias 1); layers without an activation: Var[w] = 1/sqrt(fan_in
+    fan_out), which splits a fan mismatch evenly between forward and backward. A weight shared by several
+    layers is planned once; ``weight_norm`` layers are drawn through their parametrization. Residual
+    branches (found from the graph's additions): ``residual="fixup"`` scales each branch by L^(-1/2) (Zhang
+    et al. 2019), ``"zero"`` starts each branch at zero (Goyal et al. 2017), None leaves them. See
+    :mod:`signalprop.fix.plan` and :mod:`signalprop.fix.residual` for every formula.
 
     Parameters
     ----------
@@ -53,14 +59,27 @@ def auto_init_(
     generator:
         A ``torch.Generator`` for the random draws (the global RNG otherwise).
 
-    Returns the model. Print ``signalprop.fix.plan(model, ...)`` to see what it will do, and why.
+    Returns
+    -------
+    nn.Module
+        The model. Print ``signalprop.fix.plan(model, ...)`` to see what it will do, and why. A model on
+        the meta device is refused (there is nothing to write into): ``sp.init.materialize_`` it first.
 
+    Examples
+    --------
     >>> import torch, signalprop as sp
     >>> net = sp.models.mlp(40, 64, "tanh")
     >>> _ = sp.fix.auto_init_(net)
     """
+    if not isinstance(model, nn.Module):
+        raise SignalpropError(f"auto_init_ needs an nn.Module, got {type(model).__name__}")
+    refuse_meta(model, "auto_init_")
     p: Plan = plan(model, example_inputs=example_inputs, input_shape=input_shape, residual=residual)
     apply_plan(model, p, generator=generator)
     if p.needs_lsuv and example_inputs is not None:
-        lsuv_(model, example_inputs, orthogonal=False, layers=[s.layer for s in p if s.lsuv])
+        modules = dict(model.named_modules())
+        steps = [s for s in p if s.lsuv]
+        result = run(model, example_inputs, [(s.layer, modules[s.layer]) for s in steps],
+                     {s.layer: s.target_std for s in steps}, orthogonal=False)
+        warn_result(result, "auto_init_")
     return model

@@ -1,5 +1,6 @@
 """Layer-sequential unit-variance initialization (Mishkin & Matas 2016, "All you need is a good init"),
-in about one forward pass plus one verifying pass, on any model, traceable or not.
+in about one forward pass plus one verifying pass, on any model, traceable or not, with targets that keep
+the gradient in range.
 
 Why one pass is enough: a weight layer's output is linear in its weight, y = s * (W x) + b, so one
 measurement of its output gives the exact scale s that puts std(y) on the target. A forward hook may return
@@ -8,11 +9,19 @@ returns the rescaled output, every layer downstream already sees the corrected i
 thus fixed in execution order in a single forward, where the original procedure (and the ``lsuv`` package)
 runs one full forward per layer and attempt. A second, measuring pass proves the result; any layer still
 outside the tolerance (a model whose forward is not a function of its weights alone, a weight tied to an
-earlier layer) is corrected again in the same way, up to ``max_iters`` passes.
+earlier layer) is corrected again in the same way, up to ``max_iters`` passes. The arithmetic (bias
+included) is in :mod:`signalprop.fix._lsuv_math`.
 
-With a bias b (broadcast along the channel dimension), std(y)^2 = s^2 var(a) + 2 s cov(a, b) + var(b)
-with a = W x: a quadratic in s, solved exactly for its positive root. When the bias alone carries more
-variance than the target (no positive root), weight and bias are scaled together, y -> s y.
+Why not always std 1: pinning every pre-activation at variance q makes a chain of L layers of activation phi
+multiply its gradient by r(q)^((L-1)/2), r(q) = q E[phi'^2]/E[phi^2] (1 for the ReLU family only; tanh
+1.18 at q = 1: a 50-layer tanh net gets gradients 60x larger at its first layer than at its last). With
+``keep_gradient`` (the default) each layer's target is the std nearest ``target_std`` at which its chain's
+predicted gradient drift stays within 2x (:func:`signalprop.fix.lsuv_target`; the chains are read from the
+model's graph in one extra forward).
+
+Recurrent layers (RNN/LSTM/GRU) are not rescaled (their output is a bounded nonlinear function of their
+weights): the orthogonal pre-init gives them :func:`signalprop.init.recurrent_`. A custom layer without a
+fan rule is rescaled when its output is W x + b in its one weight (checked on its own inputs).
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ from torch import nn
 from .._errors import SignalpropError
 from .._inputs import call_model
 from .._state import eval_mode, forked_rng, preserved
-from ._common import Inputs, channel_dim, mha_fastpath_disabled, restore, snapshot, weight_layers
+from ._common import Inputs, channel_dim, mha_fastpath_disabled, refuse_meta, restore, snapshot, weight_layers
+from ._lsuv_math import moments, scales
 
 __all__ = ["LSUVResult", "lsuv_", "lsuv_run", "output_stds"]
 
@@ -39,9 +49,11 @@ class LSUVResult:
     """What :func:`lsuv_run` did.
 
     ``layers``: the weight layers it rescaled, in the order of their first call; ``stds``: each one's output
-    std measured in the last pass (the verifying one when ``converged``); ``passes``: forward passes run;
-    ``skipped``: layer name -> why it was left alone (never called as a module, non-tensor output, output
-    without variance).
+    std measured in the last pass (the verifying one when ``converged``); ``targets``: each one's target
+    (``target_std``, or the std that keeps its chain's gradient in range); ``passes``: forward passes run;
+    ``skipped``: layer name -> why it was not rescaled (never called as a module, non-tensor output,
+    output without variance, a recurrent layer, a parametrization that fixes the scale); ``notes``: why
+    targets moved.
     """
 
     layers: tuple[str, ...]
@@ -51,11 +63,14 @@ class LSUVResult:
     target_std: float
     tol: float
     skipped: dict[str, str] = field(default_factory=dict)
+    targets: tuple[float, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def worst(self) -> float:
-        """max over layers of |std - target_std| (0 when there were no layers)."""
-        return max((abs(s - self.target_std) for s in self.stds), default=0.0)
+        """max over layers of |std - target| (0 when there were no layers)."""
+        targets = self.targets or (self.target_std,) * len(self.stds)
+        return max((abs(s - t) for s, t in zip(self.stds, targets)), default=0.0)
 
 
 def lsuv_(
@@ -67,31 +82,39 @@ def lsuv_(
     max_iters: int = 10,
     orthogonal: bool = True,
     layers: Sequence[str] | None = None,
+    keep_gradient: bool = True,
 ) -> nn.Module:
-    """Rescale every weight layer so its output std on ``inputs`` is ``target_std`` (LSUV), in place.
+    """Rescale every weight layer so its output std on ``inputs`` is on target (LSUV), in place.
 
     Mishkin & Matas (2016), Algorithm 1: pre-initialize with orthonormal matrices (Saxe et al. 2014), then,
-    layer by layer in execution order, scale W by ``target_std / std(W x + b)``. Here every layer is fixed
+    layer by layer in execution order, scale W by ``target / std(W x + b)``. Here every layer is fixed
     within one forward (see the module docstring) and a second forward verifies; the cost is about three
     forward-pass times on a 50-layer CNN, against one forward per layer and attempt for the ``lsuv`` package.
 
     Parameters
     ----------
     model:
-        Any ``nn.Module``; its weight layers are those of :func:`signalprop.init.weight_layers` (Linear,
-        convolutions, transformers' Conv1D, ...), embeddings excepted (they have no input to normalize).
+        Any ``nn.Module``; its weight layers are those of :func:`signalprop.layers.is_weight_layer` (Linear,
+        convolutions, transformers' Conv1D, custom layers, ...), embeddings excepted (they have no input to
+        normalize) and RNNs only pre-initialized (see the module docstring).
     inputs:
         One batch: a tensor (``model(x)``), a tuple (``model(*inputs)``) or a dict (``model(**inputs)``).
         The std is taken over every element of a layer's output on this batch.
     target_std, tol:
-        The target and the absolute tolerance: afterwards |std - target_std| <= tol at every layer.
+        The target and the tolerance: afterwards |std - target| <= tol * target / target_std at every
+        layer, target being ``target_std`` or, with ``keep_gradient``, the std its chain needs.
     max_iters:
         At most this many correcting passes (one usually suffices), each followed by a verifying pass.
     orthogonal:
         Re-initialize each weight layer orthogonally (:func:`signalprop.init.orthogonal_`) with a zero bias
-        first, as the paper does; ``False`` keeps the current weights and biases and only rescales weights.
+        first, as the paper does (recurrent layers: :func:`signalprop.init.recurrent_`); ``False`` keeps the
+        current weights and biases and only rescales weights.
     layers:
         Only these weight layers (qualified names from ``named_modules``); default all of them.
+    keep_gradient:
+        Move a layer's target off ``target_std`` where pinning it there would make the gradient drift by
+        more than 2x over its chain (tanh, sigmoid, GELU, SELU, softplus chains; :func:`lsuv_target`);
+        ``False`` is the original LSUV, every layer at ``target_std``.
 
     Notes
     -----
@@ -101,24 +124,42 @@ def lsuv_(
     weights) is rescaled on its first call only: the first call decides, later calls see the new weight.
     When a layer's output feeds an in-place activation (``ReLU(inplace=True)``), the hook has measured it
     before the activation runs. On an exception the weights are restored.
-    Warns (and returns the model) when some layer is still outside ``tol`` after ``max_iters`` passes.
+    Warns (and returns the model) when some layer is still outside ``tol`` after ``max_iters`` passes, and
+    when a recurrent layer is left as it is (``orthogonal=False``), and when no target keeps a chain's
+    gradient in range (LSUV does not suit that chain).
 
+    Examples
+    --------
     >>> import torch, signalprop as sp
     >>> net = sp.models.mlp(20, 64, "tanh")
-    >>> _ = sp.fix.lsuv_(net, torch.randn(256, 64))
+    >>> r = sp.fix.lsuv_run(net, torch.randn(256, 64))
+    >>> round(r.targets[0], 2), round(r.targets[-1], 2)  # the tanh chain's std; the readout keeps it
+    (0.56, 0.56)
     """
     result = lsuv_run(model, inputs, target_std=target_std, tol=tol, max_iters=max_iters, orthogonal=orthogonal,
-                      layers=layers)
-    if not result.converged:
-        bad = [f"{n} (std {s:.4g})" for n, s in zip(result.layers, result.stds) if abs(s - target_std) > tol]
-        warnings.warn(
-            f"lsuv_: after {result.passes} passes {len(bad)} layer(s) are still outside target_std "
-            f"{target_std:g} +- {tol:g}: {', '.join(bad[:5])}. The model's forward is not a fixed function "
-            "of its weights on these inputs (randomness in eval mode, weights tied across layers); raise "
-            "max_iters or tol, or check those layers.",
-            stacklevel=2,
-        )
+                      layers=layers, keep_gradient=keep_gradient)
+    warn_result(result, "lsuv_")
     return model
+
+
+def warn_result(result: LSUVResult, what: str) -> None:
+    """The warnings of an LSUV run: layers still off target, recurrent layers left as they are."""
+    if not result.converged:
+        bad = [f"{n} (std {s:.4g}, target {t:.4g})" for n, s, t in zip(result.layers, result.stds, result.targets)
+               if abs(s - t) > result.tol * t / result.target_std]
+        warnings.warn(
+            f"{what}: after {result.passes} passes {len(bad)} layer(s) are still outside their target +- "
+            f"tol: {', '.join(bad[:5])}. The model's forward is not a fixed function of its weights on "
+            "these inputs (randomness in eval mode, weights tied across layers); raise max_iters or tol, or "
+            "check those layers.",
+            stacklevel=3,
+        )
+    from ._critical import NOT_SUITED
+
+    kept = [f"{n}: {why}" for n, why in result.skipped.items() if why.startswith("recurrent, left as it is")]
+    kept += [note for note in result.notes if NOT_SUITED in note]
+    if kept:
+        warnings.warn(f"{what}: " + "; ".join(kept), UserWarning, stacklevel=3)
 
 
 def lsuv_run(
@@ -130,37 +171,65 @@ def lsuv_run(
     max_iters: int = 10,
     orthogonal: bool = True,
     layers: Sequence[str] | None = None,
+    keep_gradient: bool = True,
 ) -> LSUVResult:
-    """:func:`lsuv_` that returns an :class:`LSUVResult` (per-layer stds, passes, skipped layers)."""
+    """:func:`lsuv_` that returns an :class:`LSUVResult` (per-layer stds and targets, passes, skipped layers)."""
     _check_args(target_std, tol, max_iters)
-    all_layers = weight_layers(model)
-    if layers is None:
-        chosen = all_layers
-    else:
-        names = [layers] if isinstance(layers, str) else list(layers)
-        known = {n for n, _ in all_layers}
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise SignalpropError(
-                f"lsuv_: layers {unknown[:5]} are not weight layers of {type(model).__name__}; weight layers "
-                f"are: {', '.join(sorted(known)[:20])}"
+    if not isinstance(model, nn.Module):
+        raise SignalpropError(f"lsuv_ needs an nn.Module, got {type(model).__name__}")
+    refuse_meta(model, "lsuv_")
+    chosen = _choose(model, layers)
+    with preserved(model) as state, state.run(eval=True), mha_fastpath_disabled(), torch.no_grad():
+        targets, notes = (_targets(model, inputs, chosen, target_std) if keep_gradient
+                          else ({n: target_std for n, _ in chosen}, []))
+    return run(model, inputs, chosen, targets, target_std=target_std, tol=tol, max_iters=max_iters,
+               orthogonal=orthogonal, notes=notes)
+
+
+def run(
+    model: nn.Module,
+    inputs: Inputs,
+    chosen: list[tuple[str, nn.Module]],
+    targets: dict[str, float],
+    *,
+    target_std: float = 1.0,
+    tol: float = 0.01,
+    max_iters: int = 10,
+    orthogonal: bool = True,
+    notes: Sequence[str] = (),
+) -> LSUVResult:
+    """The LSUV passes on ``chosen`` layers, each to its own target (``auto_init_`` passes its plan's)."""
+    from ..init._parametrized import scale_fixed
+    from ..layers import weight_names
+
+    skipped: dict[str, str] = {}
+    scaled: list[tuple[str, nn.Module]] = []
+    for name, m in chosen:
+        fixed = next((why for k in weight_names(m) if (why := scale_fixed(m, k)) is not None), None)
+        if isinstance(m, nn.RNNBase):
+            why = "its output is a bounded nonlinear function of its weights, which no weight scale puts on a target"
+            skipped[name] = (
+                f"recurrent: {why}; given sp.init.recurrent_ instead (LeCun input weights and orthogonal "
+                "recurrent weights per gate, forget-gate bias 1)" if orthogonal else
+                f"recurrent, left as it is: {why}, and orthogonal=False keeps its weights; "
+                "sp.init.recurrent_(model) gives it the standard init"
             )
-        chosen = [(n, m) for n, m in all_layers if n in set(names)]
-    if not chosen:
-        raise SignalpropError(
-            f"lsuv_ found no weight layer in {type(model).__name__}: it rescales Linear, convolution and "
-            "other layers that signalprop.init.weight_layers lists; register a custom layer type with "
-            "signalprop.init.register_fans"
-        )
+        elif fixed is not None:
+            skipped[name] = f"{fixed}, so no rescaling sets its output std"
+        else:
+            scaled.append((name, m))
     saved = snapshot(chosen)
     try:
         with forked_rng(model), eval_mode(model), mha_fastpath_disabled(), torch.no_grad():
             if orthogonal:
-                _orthogonal_(chosen)
-            return _passes(model, inputs, chosen, target_std, tol, max_iters)
+                _pre_init(chosen, skipped)
+            result = _passes(model, inputs, scaled, targets, tol / target_std, max_iters, orthogonal)
     except BaseException:
         restore(saved)
         raise
+    stds = result.stds
+    return LSUVResult(result.layers, stds, result.passes, result.converged, target_std, tol,
+                      {**skipped, **result.skipped}, tuple(targets[n] for n in result.layers), tuple(notes))
 
 
 def output_stds(model: nn.Module, inputs: Inputs) -> dict[str, float]:
@@ -175,7 +244,7 @@ def output_stds(model: nn.Module, inputs: Inputs) -> dict[str, float]:
 
     def make(name: str) -> Callable[..., None]:
         def hook(m: nn.Module, args: Any, out: Any) -> None:
-            if isinstance(m, nn.MultiheadAttention) and isinstance(out, tuple):
+            if isinstance(out, tuple) and (isinstance(m, nn.MultiheadAttention | nn.RNNBase)):
                 out = out[0]
             if name not in stds and isinstance(out, torch.Tensor) and out.is_floating_point():
                 o = out.detach().to(torch.float64)
@@ -206,11 +275,73 @@ def _check_args(target_std: float, tol: float, max_iters: int) -> None:
         raise SignalpropError(f"max_iters must be an integer >= 1, got {max_iters!r}; one pass usually suffices")
 
 
-def _orthogonal_(layers: list[tuple[str, nn.Module]]) -> None:
+def _choose(model: nn.Module, layers: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
+    all_layers = weight_layers(model)
+    if layers is None:
+        chosen = all_layers
+    else:
+        names = [layers] if isinstance(layers, str) else list(layers)
+        known = {n for n, _ in all_layers}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise SignalpropError(
+                f"lsuv_: layers {unknown[:5]} are not weight layers of {type(model).__name__}; weight layers "
+                f"are: {', '.join(sorted(known)[:20])}"
+            )
+        chosen = [(n, m) for n, m in all_layers if n in set(names)]
+    if not chosen:
+        raise SignalpropError(
+            f"lsuv_ found no weight layer in {type(model).__name__}: it rescales Linear, convolution and "
+            "other layers that hold a weight matrix (signalprop.layers.is_weight_layer)"
+        )
+    return chosen
+
+
+def _targets(
+    model: nn.Module, inputs: Inputs, chosen: list[tuple[str, nn.Module]], target_std: float
+) -> tuple[dict[str, float], list[str]]:
+    """Each layer's target: ``target_std``, or the std at which its chain keeps the gradient (one capture)."""
+    from ._critical import lsuv_target
+    from ._structure import chain_depths, label, structure, units
+
+    targets = {n: target_std for n, _ in chosen}
+    try:
+        st = structure(model, inputs, None, methods=("hooks",), what="lsuv_")
+    except SignalpropError as exc:
+        return targets, [f"the activations after each layer could not be read ({exc}); every layer's target "
+                         f"is {target_std:g}"]
+    acts = {n: a for n, _, a in st.layers}
+    mods = dict(chosen)
+    names = [(n, label(acts.get(n))) for n, m in chosen if n in acts and not isinstance(m, nn.RNNBase)]
+    depths = chain_depths(names, st.branch_of())
+    notes: list[str] = []
+    carried = target_std  # a layer with no activation after it keeps the scale of the chain before it
+    for n, lab in names:
+        if lab == "none":
+            targets[n] = carried
+            continue
+        t = lsuv_target(acts[n], depths[n], units(mods[n]), target_std)
+        targets[n] = carried = t.std
+        if t.note and t.note not in notes:
+            notes.append(t.note)
+    return targets, notes
+
+
+def _pre_init(layers: list[tuple[str, nn.Module]], skipped: dict[str, str]) -> None:
+    """The paper's orthonormal pre-init with zero biases; recurrent layers get their standard init."""
     from ..init import orthogonal_
+    from ..init.fans import has_fan_rule
+    from ..init.recurrent import recurrent_
 
     for name, m in layers:
+        if name in skipped and not isinstance(m, nn.RNNBase):
+            continue
         try:
+            if isinstance(m, nn.RNNBase):
+                recurrent_(m)
+                continue
+            if not has_fan_rule(m):
+                continue  # a custom layer: pre-initialized in the pass, once its output is known to be W x + b
             orthogonal_(m)
         except SignalpropError as exc:
             raise SignalpropError(f"lsuv_: orthogonal pre-init of layer {name!r} failed: {exc}") from exc
@@ -222,9 +353,12 @@ def _orthogonal_(layers: list[tuple[str, nn.Module]]) -> None:
 class _Pass:
     """One forward in which each weight layer's hook measures (and, when asked, corrects) its output."""
 
-    def __init__(self, target: float, tol: float, rescale_all: bool, may_rescale: bool) -> None:
-        self.target = target
-        self.tol = tol
+    def __init__(self, targets: dict[str, float], rel_tol: float, rescale_all: bool, may_rescale: bool,
+                 affine: dict[str, str | None], orthogonal: bool) -> None:
+        self.targets = targets
+        self.affine = affine  # layer -> why its output is not W x + b (None: it is), checked once per run
+        self.orthogonal = orthogonal  # pre-initialize custom layers when their check passes
+        self.rel_tol = rel_tol
         self.rescale_all = rescale_all
         self.may_rescale = may_rescale
         self.order: list[str] = []
@@ -234,7 +368,7 @@ class _Pass:
         self.touched: set[int] = set()  # ids of weights already rescaled in this pass (tied weights)
 
     def hook(self, name: str) -> Callable[..., Any]:
-        def fn(m: nn.Module, args: Any, out: Any) -> Any:
+        def fn(m: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
             if name in self.stds or name in self.skipped:
                 return None  # a shared layer: the first call decided
             # nn.MultiheadAttention returns (output, weights) and applies its out_proj functionally:
@@ -244,41 +378,64 @@ class _Pass:
             if not isinstance(y, torch.Tensor) or not y.is_floating_point():
                 self.skipped[name] = f"its output is a {type(out).__name__}, not a floating-point tensor"
                 return None
-            new = self._visit(name, scaled, y)
+            new = self._visit(name, scaled, y, args, kwargs)
             if new is None or y is out:
                 return new
             return (new, *out[1:])
 
         return fn
 
-    def _visit(self, name: str, m: nn.Module, y: torch.Tensor) -> torch.Tensor | None:
-        weight = getattr(m, "weight", None)
-        layer_bias = getattr(m, "bias", None)
-        if not isinstance(weight, torch.Tensor):
-            self.skipped[name] = "it has no weight tensor to scale"
+    def _visit(self, name: str, m: nn.Module, y: torch.Tensor, args: Any, kwargs: Any) -> torch.Tensor | None:
+        from ..init.fans import has_fan_rule
+
+        wname = _weight_name(m)
+        if wname is None:
+            self.skipped[name] = "it has no single weight tensor to scale"
             return None
-        layer_bias = layer_bias if isinstance(layer_bias, torch.Tensor) else None
         dim = channel_dim(m, y)
+        if name not in self.affine:
+            self.affine[name] = _not_affine(m, wname, y, dim, args, kwargs)
+            if self.affine[name] is None and self.orthogonal and not has_fan_rule(m):
+                y = _orthogonal_custom(m, wname, args, kwargs)  # a new output: passed on even unscaled
+                new = self._rescale(name, m, y, wname, dim)
+                return y if new is None else new
+        why = self.affine[name]
+        if why is not None:
+            self.skipped[name] = why
+            return None
+        return self._rescale(name, m, y, wname, dim)
+
+    def _rescale(self, name: str, m: nn.Module, y: torch.Tensor, wname: str, dim: int | None) -> torch.Tensor | None:
+        """Measure ``y`` and, when asked, scale the weight so the output is on target; the new output or None."""
+        from ..init._parametrized import assign_, is_parametrized, storage
+
+        layer_bias = getattr(m, "bias", None)
+        layer_bias = layer_bias if isinstance(layer_bias, torch.Tensor) else None
         # The bias enters the quadratic only where it broadcasts along a known dimension and is not zero;
         # otherwise weight and bias are scaled together (exact: the output is then s * y).
         bias = layer_bias if dim is not None else None
         if bias is not None and not bool(bias.detach().any()):
             bias = None  # a zero bias changes nothing: skip the per-channel sums
-        mom = _moments(y, None if bias is None else dim, None if bias is None else bias.detach(), name)
+        mom = moments(y, None if bias is None else dim, None if bias is None else bias.detach(), name)
         std = math.sqrt(max(mom.var_y, 0.0))
+        target = self.targets[name]
         self.order.append(name)
         self.stds[name] = std
         if mom.var_a <= 0.0:
             self.skipped[name] = "its output has no variance from the weight (the input carries no signal)"
             return None
-        if not self.may_rescale or (not self.rescale_all and abs(std - self.target) <= self.tol):
+        if not self.may_rescale or (not self.rescale_all and abs(std - target) <= self.rel_tol * target):
             return None
-        if id(weight) in self.touched:
+        key = id(storage(m, wname))
+        if key in self.touched:
             return None  # a weight shared with a layer fixed earlier in this pass: that layer decided
-        self.touched.add(id(weight))
-        sw, sb = _scales(mom, self.target) if bias is not None else (self.target / std,) * 2
+        self.touched.add(key)
+        sw, sb = scales(mom, target) if bias is not None else (target / std,) * 2
         self.rescaled += 1
-        weight.mul_(sw)
+        if is_parametrized(m, wname):
+            assign_(m, wname, getattr(m, wname).detach() * sw, f"lsuv_ on layer {name!r}")
+        else:
+            getattr(m, wname).mul_(sw)
         if sb == sw:
             if layer_bias is not None:
                 layer_bias.mul_(sb)
@@ -289,94 +446,81 @@ class _Pass:
         return torch.add(y * sw, bias.detach().reshape(shape), alpha=1.0 - sw)
 
 
-@dataclass(frozen=True)
-class _Moments:
-    var_y: float  # var(y), y = a + b
-    var_a: float  # var(W x)
-    var_b: float  # var of the broadcast bias
-    cov: float  # cov(a, b)
+def _orthogonal_custom(m: nn.Module, wname: str, args: Any, kwargs: Any) -> torch.Tensor:
+    """The paper's pre-init for a custom layer (its weight orthogonal as PyTorch reads its shape, its bias
+    zero), and its output on the same inputs."""
+    from ..init.schemes import orthogonal_
+
+    w = m._parameters[wname]
+    assert w is not None
+    orthogonal_(w)
+    bias = getattr(m, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.zero_()
+    out = m.forward(*args, **kwargs)
+    assert isinstance(out, torch.Tensor)
+    return out
 
 
-def _moments(y: torch.Tensor, dim: int | None, bias: torch.Tensor | None, name: str) -> _Moments:
-    """Population moments over all elements of y from one sum (per channel when a bias is present) and one
-    dot product, reduced in the tensor's dtype on its device, combined in float64 on the host."""
-    n = y.numel()
-    if n == 0:
-        raise SignalpropError(f"lsuv_: layer {name!r} produced an empty output (shape {tuple(y.shape)})")
-    flat = y.reshape(-1)
-    if dim is None or bias is None:
-        sums = y.sum().reshape(1)
-    else:
-        sums = y.sum(dim=[d for d in range(y.dim()) if d != dim])
-    packed = torch.cat([sums.to(torch.float64), torch.dot(flat, flat).reshape(1).to(torch.float64)])
-    vals = packed.tolist()  # the one host sync of this layer
-    q = vals[-1]
-    if not math.isfinite(q) or not all(math.isfinite(v) for v in vals[:-1]):
-        if not bool(torch.isfinite(y).all()):
-            raise SignalpropError(
-                f"lsuv_: the output of layer {name!r} contains inf or nan before it could be rescaled: its "
-                "input or its weights are already non-finite. Check the inputs, or pass orthogonal=True to "
-                "start from orthogonal weights"
-            )
-        y64 = y.detach().to(torch.float64)  # finite but the float32 squares overflowed: redo in float64
-        sums = y64.sum().reshape(1) if dim is None or bias is None else y64.sum(
-            dim=[d for d in range(y.dim()) if d != dim]
-        )
-        vals = sums.tolist() + [float(torch.dot(y64.reshape(-1), y64.reshape(-1)))]
-        q = vals[-1]
-    s_c = vals[:-1]
-    mean_y = math.fsum(s_c) / n
-    var_y = q / n - mean_y * mean_y
-    if var_y < 1e-4 * mean_y * mean_y:  # cancellation: a large mean over a small spread; two-pass in float64
-        var_y = float(y.detach().to(torch.float64).var(correction=0))
-    if bias is None:
-        return _Moments(var_y=var_y, var_a=var_y, var_b=0.0, cov=0.0)
-    b = bias.to(torch.float64).reshape(-1).tolist()
-    n_c = n / len(b)
-    sum_bs = math.fsum(bi * si for bi, si in zip(b, s_c))
-    sum_b = math.fsum(b)
-    sum_b2 = math.fsum(bi * bi for bi in b)
-    mean_b = sum_b / len(b)
-    var_b = sum_b2 / len(b) - mean_b * mean_b
-    mean_a = mean_y - mean_b
-    e_ab = (sum_bs - n_c * sum_b2) / n
-    cov = e_ab - mean_a * mean_b
-    var_a = var_y - var_b - 2.0 * cov
-    return _Moments(var_y=var_y, var_a=max(var_a, 0.0), var_b=max(var_b, 0.0), cov=cov)
+def _weight_name(m: nn.Module) -> str | None:
+    """The weight LSUV scales: ``weight`` (Linear, convolutions, Conv1D), else the layer's only weight."""
+    from ..layers import weight_names
+
+    if isinstance(getattr(m, "weight", None), torch.Tensor):
+        return "weight"
+    names = weight_names(m)
+    return names[0] if len(names) == 1 else None
 
 
-def _scales(mom: _Moments, target: float) -> tuple[float, float]:
-    """(weight scale, bias scale) that put std(s_w a + s_b b) on ``target``.
+def _not_affine(m: nn.Module, wname: str, y: torch.Tensor, dim: int | None, args: Any, kwargs: Any) -> str | None:
+    """For a layer without a fan rule: why its output is not W x + b in its weight (None when it is), from
+    its forward at weights 0 and 2 W on the same inputs (the layer types with a fan rule are affine)."""
+    from ..init.fans import has_fan_rule
 
-    s_b = 1 and s_w the positive root of var_a s^2 + 2 cov s + var_b = target^2 when there is one;
-    otherwise both scaled together by target / std(y).
-    """
-    t2 = target * target
-    if mom.var_b > 0.0:
-        disc = mom.cov * mom.cov - mom.var_a * (mom.var_b - t2)
-        if disc >= 0.0:
-            s = (-mom.cov + math.sqrt(disc)) / mom.var_a
-            if s > 0.0 and math.isfinite(s):
-                return s, 1.0
-        s = target / math.sqrt(mom.var_y)
-        return s, s
-    s = target / math.sqrt(mom.var_a)
-    return s, s
+    if has_fan_rule(m) or isinstance(m, nn.MultiheadAttention):
+        return None
+    w = m._parameters.get(wname)
+    if not isinstance(w, torch.Tensor):
+        return f"its {wname} is not a parameter of its own"
+    saved = w.detach().clone()
+    try:
+        w.zero_()
+        y0 = m.forward(*args, **kwargs)
+        w.copy_(saved * 2)
+        y2 = m.forward(*args, **kwargs)
+    finally:
+        w.copy_(saved)
+    if not (isinstance(y0, torch.Tensor) and isinstance(y2, torch.Tensor) and y0.shape == y.shape == y2.shape):
+        return f"its forward at other {wname} values does not give an output like its own"
+    bias = getattr(m, "bias", None)
+    c = torch.zeros_like(y)
+    if isinstance(bias, torch.Tensor) and dim is not None:
+        shape = [1] * y.dim()
+        shape[dim] = -1
+        c = c + bias.detach().reshape(shape)
+    scale = float(y.detach().abs().max()) or 1.0
+    if float((y0 - c).abs().max()) > 1e-4 * scale or float((y2 - (2 * y - c)).abs().max()) > 1e-3 * scale:
+        return (f"its output is not W x + b in its {wname} (checked at {wname} = 0 and 2 {wname}), so no scale "
+                "of it puts the output std on target")
+    return None
 
 
 def _passes(
     model: nn.Module,
     inputs: Inputs,
     layers: list[tuple[str, nn.Module]],
-    target: float,
-    tol: float,
+    targets: dict[str, float],
+    rel_tol: float,
     max_iters: int,
+    orthogonal: bool,
 ) -> LSUVResult:
     p: _Pass | None = None
     passes = 0
+    affine: dict[str, str | None] = {}
     for i in range(max_iters + 1):
-        p = _Pass(target, tol, rescale_all=i == 0, may_rescale=i < max_iters)
-        handles = [m.register_forward_hook(p.hook(name), prepend=True) for name, m in layers]
+        p = _Pass(targets, rel_tol, rescale_all=i == 0, may_rescale=i < max_iters, affine=affine,
+                  orthogonal=orthogonal)
+        handles = [m.register_forward_hook(p.hook(name), prepend=True, with_kwargs=True) for name, m in layers]
         try:
             call_model(model, inputs)
         finally:
@@ -394,13 +538,6 @@ def _passes(
             skipped[name] = "never called as a module in the forward (its weight may be used functionally)"
     names = tuple(n for n in p.order if n not in skipped)
     stds = tuple(p.stds[n] for n in names)
-    converged = all(abs(s - target) <= tol for s in stds)
-    return LSUVResult(
-        layers=names,
-        stds=stds,
-        passes=passes,
-        converged=converged,
-        target_std=target,
-        tol=tol,
-        skipped=skipped,
-    )
+    converged = all(abs(s - targets[n]) <= rel_tol * targets[n] for n, s in zip(names, stds))
+    return LSUVResult(layers=names, stds=stds, passes=passes, converged=converged, target_std=1.0,
+                      tol=rel_tol, skipped=skipped)

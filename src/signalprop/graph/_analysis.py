@@ -14,12 +14,13 @@ skip (identity or projection). Attention-mask additions broadcast (different sha
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
 from .. import theory
-from ..layers import is_norm, is_weight_layer
+from ..layers import is_norm, is_norm_kind, is_weight_layer
 from ..theory import ActLike
 from ._ir import Node, Ref
 from ._types import Call, Graph, Residual
@@ -47,8 +48,50 @@ ACTIVATION_OPS = frozenset(n for n in theory.known_activations() if n not in ("l
 
 
 def activation_module(m: nn.Module) -> bool:
+    """True for a module that applies a nonlinearity theory knows (ReLU, Tanh, transformers' GELUActivation)."""
     key = theory.activation_key(m)
     return key is not None and key != "linear"
+
+
+Step = tuple[str, ActLike]
+"""How a module met after a weight layer bears on the activation that follows it: ``("activation", act)``,
+``("pass", None)`` (transparent: the search goes on) or ``("stop", None)`` (another weight layer, or a
+module the search does not know: nothing follows)."""
+
+
+def module_step(m: nn.Module) -> Step:
+    """:data:`Step` of a module: an activation; a transparent module (pooling, flatten, dropout, identity,
+    padding, normalization); else a stop (a weight layer, anything else)."""
+    if activation_module(m):
+        return "activation", m
+    if not is_weight_layer(m) and (type(m).__name__ in TRANSPARENT_MODULES or is_norm(m)):
+        return "pass", None
+    return "stop", None
+
+
+def kind_step(kind: str, *, weight_layer: bool = False, act_key: str | None = None) -> Step:
+    """:data:`Step` of a module known only by its class name (a Trace row): the same rule as
+    :func:`module_step`; ``act_key`` (the activation registry name recorded for the row) wins over the
+    class name, so a parametrized activation keeps its name."""
+    key = act_key if act_key is not None else theory._MODULE_NAMES.get(kind)
+    if key is not None and key not in ("linear", "identity"):
+        return "activation", key
+    if not weight_layer and (kind in TRANSPARENT_MODULES or is_norm_kind(kind)):
+        return "pass", None
+    return "stop", None
+
+
+def activation_in_order(steps: Iterable[Step]) -> ActLike:
+    """The activation that follows a weight layer, from the :data:`Step` of each module after it in call
+    order: the first activation reached through transparent modules, or None (a linear layer) when a stop
+    or the end comes first. Module order (``fix.plan`` without inputs) and trace order (diagnose on a saved
+    trace) both use it; the captured graph walks the same rule along its data path."""
+    for what, act in steps:
+        if what == "activation":
+            return act
+        if what == "stop":
+            return None
+    return None
 
 
 def fn_activation(node: Node, nodes: list[Node]) -> ActLike:
@@ -97,7 +140,11 @@ def build(model: nn.Module, nodes: list[Node], call_idx: list[int], outputs: lis
     graph = Graph(nodes=nodes, calls=calls, outputs=outputs, method=method, failures=dict(failures))
     for c in calls:
         if c.weight_layer:
-            graph.activations[c.name] = _activation_after(c.node, nodes, consumers, modules)
+            # A module with children (a parametrized layer: its weight comes from parametrizations.weight)
+            # is an alias of the op that made its output: the activation follows that op.
+            n = nodes[c.node]
+            start = n.inputs[0] if n.op == "alias" and n.inputs and n.inputs[0] is not None else c.node
+            graph.activations[c.name] = _activation_after(start, nodes, consumers, modules)
     graph.residuals = _residuals(nodes, calls, modules)
     return graph
 
@@ -113,10 +160,10 @@ def _activation_after(start: int, nodes: list[Node], consumers: list[list[int]],
         seen.add(i)
         n = nodes[i]
         if n.op == "call":
-            m = modules[n.module or ""]
-            if activation_module(m):
-                return m
-            if is_weight_layer(m) or not (n.kind in TRANSPARENT_MODULES or is_norm(m)):
+            what, act = module_step(modules[n.module or ""])
+            if what == "activation":
+                return act
+            if what == "stop":
                 continue
         elif n.op == "fn":
             if n.name in ACTIVATION_OPS:

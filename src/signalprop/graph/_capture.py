@@ -8,6 +8,10 @@
 * ``hooks``: one real forward with forward hooks on every recorded module and a ``TorchFunctionMode`` that
   records every torch function and tensor method called outside them (``F.relu``, ``x + y``, ``view``);
   the data flow follows tensor identity. It sees only the path this input took, which is why it is last.
+
+Export and fx run inside :func:`~signalprop.graph._quiet.quiet_torch`: what torch prints or logs while they
+fail (a failed export prints its partial FX graph, about 90 lines) goes to the ``signalprop.graph`` logger
+at DEBUG level; the user sees the one line of the ``CaptureWarning``.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from torch.overrides import TorchFunctionMode
 
 from .._inputs import first_tensor
 from ._ir import Node, Ref, call_name, canonical_op, is_leaf, map_refs, recorded_modules, refs_in
+from ._quiet import quiet_torch
 
 Captured = tuple[list[Node], list[int], list[int]]  # nodes, call node indices in call order, output indices
-
 
 def _shape(v: Any) -> tuple[tuple[int, ...] | None, str | None]:
     if isinstance(v, torch.Tensor):
@@ -83,6 +87,11 @@ class _Builder:
         self.ir_of: dict[Any, int] = {}  # backend node -> IR index
         self.leaf_queue: dict[str, deque[int]] = defaultdict(deque)  # module path -> call nodes in order
         self.owner_last: dict[str, dict[str, int]] = defaultdict(dict)  # path -> key -> last IR node
+        self.body_count = 0  # body nodes are numbered -1, -2, ... (see ``_ir``)
+
+    def body_index(self) -> int:
+        self.body_count += 1
+        return -self.body_count
 
     def add(self, node: Node) -> int:
         node.index = len(self.nodes)
@@ -114,7 +123,8 @@ def from_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
             stream.append((path, _tensors(inp), first_tensor(out)))
         handles.append(m.register_forward_hook(hook))
     try:
-        ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+        with quiet_torch(f"exporting {type(model).__name__}"):
+            ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
     finally:
         for h in handles:
             h.remove()
@@ -123,6 +133,7 @@ def from_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     buffers = dict(sig.inputs_to_buffers)
     consts = dict(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
     user_inputs = list(sig.user_inputs)
+    user_values = _flat_inputs(ep, args, kwargs, len(user_inputs))
     graph_nodes = list(ep.graph.nodes)
 
     # group consecutive ops of one leaf call
@@ -156,7 +167,9 @@ def from_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
                 cvalue: torch.Tensor | None = raw if isinstance(raw, torch.Tensor) else None
                 b.ir_of[n] = b.add(Node(0, "const", n.name, "const", shape=shape, dtype=dtype, value=cvalue))
             else:
-                b.ir_of[n] = b.add(Node(0, "input", n.name, "input", shape=shape, dtype=dtype))
+                v = user_values[user_inputs.index(n.name)] if n.name in user_inputs else None
+                b.ir_of[n] = b.add(Node(0, "input", n.name, "input", shape=shape, dtype=dtype,
+                                        value=v if isinstance(v, torch.Tensor) else None))
         elif n.op == "call_function":
             key = group_of.get(n)
             _, owners = _scopes(n.meta.get("nn_module_stack"), b.recorded)
@@ -184,6 +197,66 @@ def from_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     return b.nodes, calls, outputs
 
 
+def _flat_inputs(ep: Any, args: tuple[Any, ...], kwargs: dict[str, Any], n: int) -> list[Any]:
+    """The example inputs in the order of the exported program's user inputs (its input tree spec)."""
+    import torch.fx._pytree as fx_pytree
+
+    try:
+        flat = list(fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), ep.call_spec.in_spec))
+    except Exception:  # noqa: BLE001 - an input tree the spec does not take: no values kept
+        flat = []
+    return flat if len(flat) == n else [None] * n
+
+
+def _body(b: _Builder, ops: list[Any], ref: Callable[[Any], Any]) -> tuple[tuple[Node, ...], dict[Any, int]]:
+    """The ops of one call as body nodes (negative indices), refs to body nodes or to main nodes."""
+    local: dict[Any, int] = {}
+
+    def bref(x: Any) -> Any:
+        if isinstance(x, torch.fx.Node) and x in local:
+            return Ref(local[x])
+        return ref(x)
+
+    nodes = []
+    for op in ops:
+        a, kw = map_refs(tuple(op.args), bref), map_refs(dict(op.kwargs), bref)
+        target = op.target if op.op == "call_function" else getattr(torch.Tensor, str(op.target), None)
+        shape, dtype = _op_shape(op)
+        name = canonical_op(op.target)
+        idx = b.body_index()
+        nodes.append(Node(idx, "fn", name, name, inputs=tuple(refs_in((a, kw))), shape=shape, dtype=dtype,
+                          fn=target, args=a, kwargs=kw))
+        local[op] = idx
+    return tuple(nodes), local
+
+
+def _op_shape(n: Any) -> tuple[tuple[int, ...] | None, str | None]:
+    """Shape and dtype of an exported op (``meta["val"]``) or a traced one (``meta["tensor_meta"]``)."""
+    val = n.meta.get("val")
+    if val is not None:
+        return _shape(val)
+    tm = n.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(int(s) for s in tm.shape), str(tm.dtype).replace("torch.", "")
+    return None, None
+
+
+_PASSTHROUGH = frozenset({"to", "contiguous", "alias", "detach", "clone", "type_as", "lift_fresh_copy"})
+
+
+def _passthrough(op: Any, inside: set[Any]) -> Any:
+    """The outside input of an op that returns it unchanged (same shape and dtype: ``x.to(torch.float32)``
+    on float32, ``contiguous``), else None: later uses of its result are uses of that input."""
+    if canonical_op(op.target) not in _PASSTHROUGH or not op.args or not isinstance(op.args[0], torch.fx.Node):
+        return None
+    src = op.args[0]
+    if src in inside:
+        return None
+    if _op_shape(op) != _op_shape(src):
+        return None
+    return src
+
+
 def _export_group(b: _Builder, ops: list[Any], path: str, ref: Callable[[Any], Any], grouped: set[Any]) -> int:
     inside = set(ops)
     inputs: list[int] = []
@@ -195,15 +268,27 @@ def _export_group(b: _Builder, ops: list[Any], path: str, ref: Callable[[Any], A
             if isinstance(r, Ref) and b.nodes[r.index].op != "const" and r.index not in inputs:
                 inputs.append(r.index)
     out = ops[-1]
-    for op in ops:
-        if any(u not in inside for u in op.users):
-            out = op
-    shape, dtype = _shape(out.meta.get("val"))
+    used_outside = [op for op in ops if any(u not in inside for u in op.users)]
+    passed = {op: src for op in used_outside if (src := _passthrough(op, inside)) is not None}
+    for op, src in passed.items():  # x.to(x.dtype) inside a module, used outside: the module's input itself
+        if isinstance(ref(src), Ref):
+            b.ir_of[op] = ref(src).index
+    used_outside = [op for op in used_outside if op not in passed] or used_outside
+    if used_outside:  # a module returning several tensors returns the first one made first (cos, sin)
+        out = used_outside[0]
+    shape, dtype = _op_shape(out)
     module = b.recorded[path]
+    body, local = _body(b, ops, ref)
     idx = b.add(Node(0, "call", path, type(module).__name__, inputs=tuple(inputs), module=path,
-                     shape=shape, dtype=dtype))
+                     shape=shape, dtype=dtype, body=body, body_out=local[out]))
     for op in ops:
-        b.ir_of[op] = idx
+        if op not in passed or not isinstance(ref(passed[op]), Ref):
+            b.ir_of[op] = idx
+    for op in used_outside:
+        oshape, odtype = _op_shape(op)
+        if op is not out and oshape is not None:
+            b.ir_of[op] = b.add(Node(0, "fn", "output", "output", inputs=(idx,), shape=oshape, dtype=odtype,
+                                     args=(Ref(idx), local[op])))
     b.leaf_queue[path].append(idx)
     return idx
 
@@ -263,12 +348,14 @@ def _positional(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
 def from_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Captured:
     from torch.fx.passes.shape_prop import ShapeProp
 
-    gm = torch.fx.symbolic_trace(model)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*_positional(model, args, kwargs))
+    with quiet_torch(f"tracing {type(model).__name__} with fx"):
+        gm = torch.fx.symbolic_trace(model)
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*_positional(model, args, kwargs))
     b = _Builder(model)
     graph_nodes = list(gm.graph.nodes)
     order: list[tuple[float, int]] = []
+    values = _positional(model, args, kwargs)
 
     def ref(x: Any) -> Any:
         if isinstance(x, torch.fx.Node):
@@ -294,7 +381,10 @@ def from_fx(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     for n in graph_nodes:
         shape, dtype = meta_shape(n)
         if n.op == "placeholder":
-            b.ir_of[n] = b.add(Node(0, "input", n.name, "input", shape=shape, dtype=dtype))
+            k = sum(1 for m in b.nodes if m.op == "input")
+            v = values[k] if k < len(values) else None
+            b.ir_of[n] = b.add(Node(0, "input", n.name, "input", shape=shape, dtype=dtype,
+                                    value=v if isinstance(v, torch.Tensor) else None))
         elif n.op == "get_attr":
             value = _get_attr(model, str(n.target))
             b.ir_of[n] = b.add(Node(0, "const", str(n.target), "const", shape=shape, dtype=dtype, value=value))
@@ -409,7 +499,7 @@ def from_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     rec = _Recorder(b)
     for i, t in enumerate(_tensors((args, kwargs))):
         shape, dtype = _shape(t)
-        rec.producer[id(t)] = b.add(Node(0, "input", f"input{i}", "input", shape=shape, dtype=dtype))
+        rec.producer[id(t)] = b.add(Node(0, "input", f"input{i}", "input", shape=shape, dtype=dtype, value=t))
         rec.keep.append(t)
     calls: list[int] = []
     handles = []

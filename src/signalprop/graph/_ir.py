@@ -7,6 +7,14 @@ a call that ran no op of its own (``nn.Identity``; a module that owns parameters
 result of its children's ops), whose value is its input's. Nodes are in topological (execution) order and
 refer to their tensor inputs by position, so everything downstream (activation search, residual detection,
 ``predict``) is plain data plus, for functions, the callable to replay on moment tensors.
+
+Input nodes keep the example tensor they stand for in ``value`` (``predict`` reads integer inputs, token
+ids and masks, from it). A call captured by export or fx also keeps its *body*: the ops that ran inside the
+module, as function nodes with negative indices (their own namespace, never in the main list) whose refs
+point at body nodes or at main nodes; ``body_out`` is the body node the call returns. ``predict`` walks the
+body of a module it has no rule for (a rotary embedding, a layer calling ``F.linear`` on its own
+parameter). When a module returns several tensors that are used outside it (``cos, sin``), each one but
+the first gets a main node ``fn`` named ``"output"`` whose args are ``(Ref(call), body index)``.
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ class Node:
     fn: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
     args: tuple[Any, ...] = field(default=(), repr=False)
     kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
-    value: torch.Tensor | None = field(default=None, repr=False, compare=False)  # const nodes
+    value: torch.Tensor | None = field(default=None, repr=False, compare=False)  # const and input nodes
+    body: tuple[Node, ...] = field(default=(), repr=False, compare=False)  # ops inside a call (see above)
+    body_out: int | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,7 +1,8 @@
 """Initializers that know each layer's effective fans: ``sp.init.he_(model)`` and friends.
 
 Module-level functions (a layer or a whole model): :func:`he_`, :func:`glorot_`, :func:`lecun_`,
-:func:`variance_scaling_`, :func:`orthogonal_`, :func:`delta_orthogonal_`; :func:`materialize_` for models
+:func:`variance_scaling_`, :func:`orthogonal_`, :func:`delta_orthogonal_`; :func:`recurrent_` for RNN/LSTM/GRU
+(LeCun input weights, orthogonal recurrent weights, forget-gate bias 1); :func:`materialize_` for models
 built on the meta device. The plan as data: :func:`plan`, :func:`target_std`. Fans: :func:`fans`,
 :func:`weight_blocks`, :func:`weight_layers`, :func:`register_fans`. Tensor-level functions with the
 ``torch.nn.init`` contract live in :mod:`signalprop.init.schemes` (``he_normal_``, ``glorot_uniform_``, ...).
@@ -27,6 +28,7 @@ from .fans import has_fan_rule as has_fan_rule
 from .fans import register_fans as register_fans
 from .fans import weight_blocks as weight_blocks
 from .fans import weight_layers as weight_layers
+from .recurrent import recurrent_ as recurrent_
 from .schemes import glorot_normal_ as glorot_normal_
 from .schemes import glorot_uniform_ as glorot_uniform_
 from .schemes import he_normal_ as he_normal_
@@ -55,6 +57,7 @@ __all__ = [
     "materialize_",
     "orthogonal_",
     "plan",
+    "recurrent_",
     "register_fans",
     "schemes",
     "target_std",

@@ -24,12 +24,21 @@ from torch import nn
 
 from .._errors import SignalpropError
 from ..theory import ActLike
+from . import _parametrized as _P
 from . import schemes as S
 from .fans import WeightBlock, _check_layer, _rule_for, has_fan_rule, weight_blocks, weight_layers
 
 M = TypeVar("M", bound=nn.Module)
 
 _BIAS_NAMES = ("bias", "in_proj_bias", "bias_k", "bias_v")
+
+
+def bias_names(layer: nn.Module) -> list[str]:
+    """The bias parameters a weight layer's initializer writes: ``bias`` (attention: ``in_proj_bias``,
+    ``bias_k``, ``bias_v``), and an RNN's ``bias_ih_l*`` / ``bias_hh_l*``."""
+    rnn = isinstance(layer, nn.RNNBase)
+    return [k for k, v in layer._parameters.items()
+            if v is not None and (k in _BIAS_NAMES or (rnn and k.startswith("bias_")))]
 
 
 @dataclass(frozen=True)
@@ -227,7 +236,10 @@ def _plan_layers(
                     f"{what}: layer {name or '<given>'!r} ({type(layer).__name__}) has a non-floating-point "
                     f"{b.param} (dtype {p.dtype}); initializers need float16/bfloat16/float32/float64"
                 )
-            key = (id(p), b.rows)
+            fixed = _P.scale_fixed(layer, b.param)
+            if fixed is not None:
+                raise SignalpropError(f"{what}: layer {name or '<given>'!r}: {fixed}; no init sets its scale")
+            key = (id(_P.storage(layer, b.param) if _P.is_parametrized(layer, b.param) else p), b.rows)
             if key in seen:
                 continue
             seen.add(key)
@@ -242,6 +254,8 @@ def plan(model: nn.Module, scheme: str, *, fans: tuple[float, float] | None = No
     ``orthogonal``, ``delta_orthogonal``; ``settings`` are that initializer's keywords (``mode``,
     ``nonlinearity``, ``distribution``, ``gain``, ``scale``).
 
+    Examples
+    --------
     >>> [round(s.std, 4) for s in plan(nn.Linear(512, 256), "he")]
     [0.0625]
     """
@@ -292,6 +306,15 @@ def _write(
                 continue
             layer = group[0][1]
             param = getattr(layer, key[1])
+            if _P.is_parametrized(layer, key[1]):
+                # the effective weight is drawn whole, then set through the parametrization's right_inverse
+                dev = generator.device if generator is not None else param.device
+                dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+                full = param.detach().to(device=dev, dtype=dtype).clone()
+                for st, _ in group:
+                    _write_block(full[st.rows[0] : st.rows[1]] if st.rows is not None else full, st, generator)
+                _P.assign_(layer, key[1], full, f"{group[0][0].scheme} init of layer {group[0][0].layer!r}")
+                continue
             with S.writable(param, generator) as full:
                 for st, _ in group:
                     view = full[st.rows[0] : st.rows[1]] if st.rows is not None else full
@@ -317,10 +340,9 @@ def _init_biases(
     zero_bias: bool,
     only: set[tuple[int, str]] | None,
 ) -> None:
-    for bname in _BIAS_NAMES:
-        b = layer._parameters.get(bname)
-        if not isinstance(b, torch.Tensor):
-            continue
+    for bname in bias_names(layer):
+        b = layer._parameters[bname]
+        assert b is not None
         if only is not None and (id(layer), bname) not in only:
             continue
         if zero_bias:
@@ -328,8 +350,9 @@ def _init_biases(
                 if not full.is_meta:
                     full.zero_()
         elif only is not None:
-            # A freshly materialized bias has no values yet: PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-            fan_in = weight_blocks(layer)[0].fan_in
+            # A freshly materialized bias has no values yet: PyTorch's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            # (an RNN's: U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))).
+            fan_in = int(layer.hidden_size) if isinstance(layer, nn.RNNBase) else weight_blocks(layer)[0].fan_in
             with S.writable(b, generator) as full:
                 S._sample(full, 1.0 / math.sqrt(3.0 * fan_in), "uniform", generator)
 
@@ -381,6 +404,46 @@ def _init_layers(
     spec = _make_spec(scheme, kwargs)
     steps = _plan_layers(layers, spec, None, scheme + "_")
     _write(steps, [layer for _, layer in layers], generator, zero_bias, only=only)
+
+
+def _constant(std: float) -> Callable[[float, float], float]:
+    return lambda fan_in, fan_out: std
+
+
+def draw_std_(
+    layer: nn.Module,
+    std: float,
+    *,
+    distribution: str = "normal",
+    generator: torch.Generator | None = None,
+    zero_bias: bool = True,
+    fan_in: float | None = None,
+) -> nn.Module:
+    """Give every weight block of ``layer`` entries of standard deviation ``std`` (the fix planner's writer).
+
+    ``distribution``: normal, uniform, truncated_normal, or orthogonal: a Haar-orthogonal matrix (Saxe et al.
+    2014) scaled so its mean square entry is ``std^2`` (gain ``std * sqrt(max(rows, cols))``), which gives the
+    same pre-activation variance ``fan_in * std^2 * E[x^2]`` as a normal draw, without the normal draw's
+    spread of singular values. With ``fan_in``, ``std`` is meant for a block of that fan-in and a block of
+    another fan-in gets ``std * sqrt(fan_in / its fan_in)`` (attention's k and v with their own kdim, vdim).
+    Goes through a parametrization like every initializer here.
+    """
+    if not (math.isfinite(std) and std > 0):
+        raise SignalpropError(f"draw_std_ needs a positive finite std, got {std!r}")
+    steps = []
+    for b in weight_blocks(layer):
+        fixed = _P.scale_fixed(layer, b.param)
+        if fixed is not None:
+            raise SignalpropError(f"{type(layer).__name__}: {fixed}; no init sets its scale")
+        sb = std * math.sqrt(fan_in / b.fan_in) if fan_in is not None and math.isfinite(fan_in) else std
+        if distribution == "orthogonal":
+            rows, cols, _ = _block_dims(layer, b)
+            spec = _Spec("orthogonal", "orthogonal", gain=sb * math.sqrt(max(rows, cols)))
+        else:
+            spec = _Spec("std", _dist(distribution), _constant(sb))
+        steps.append((_step("", layer, b, spec), layer))
+    _write(steps, [layer], generator, zero_bias)
+    return layer
 
 
 # ---- public initializers ----------------------------------------------------------------------

@@ -29,6 +29,12 @@ right for Linear and stride-1 convolutions and wrong for strided ones:
   head*; initialize such a head through the head layer, not the embedding.)
 * transformers' ``Conv1D`` (GPT-2; weight ``[in, out]``): fans swapped against Linear. It is recognised by
   class name, so transformers is never imported.
+* ``nn.RNN``, ``nn.LSTM``, ``nn.GRU``: each layer and direction stacks its gates' matrices in rows (LSTM:
+  input, forget, cell, output; GRU: reset, update, new), so every gate is a block of its own of ``H``
+  rows: ``weight_ih_l{k}`` blocks have ``fan_in`` = that layer's input size (``input_size`` for layer 0,
+  ``H`` or ``2H`` above it), ``weight_hh_l{k}`` blocks ``fan_in`` = ``H`` (``proj_size`` with a
+  projection), both ``fan_out = H``; an LSTM's projection ``weight_hr_l{k}`` is one ``proj_size x H``
+  block. PyTorch's shape rule would read a ``[4H, in]`` matrix as one layer of fan_out ``4H``.
 
 Anything else raises :class:`~signalprop.SignalpropError` that says how to pass fans; add a layer type with
 :func:`register_fans`.
@@ -126,12 +132,30 @@ def _hf_conv1d(m: nn.Module) -> list[WeightBlock]:
     return [WeightBlock("weight", int(w.shape[0]), int(w.shape[1]), out_dim=1)]
 
 
+def _rnn(m: nn.Module) -> list[WeightBlock]:
+    assert isinstance(m, nn.RNNBase)
+    gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
+    h = int(m.hidden_size)
+    blocks: list[WeightBlock] = []
+    for name in m._flat_weights_names:
+        w = getattr(m, name, None)
+        if not name.startswith("weight_") or not isinstance(w, torch.Tensor) or w.ndim != 2:
+            continue
+        cols = int(w.shape[1])
+        if name.startswith("weight_hr_"):
+            blocks.append(WeightBlock(name, cols, int(w.shape[0])))
+        else:
+            blocks += [WeightBlock(name, cols, h, rows=(g * h, (g + 1) * h)) for g in range(gates)]
+    return blocks
+
+
 _TYPE_RULES: dict[type, Callable[[nn.Module], list[WeightBlock]]] = {
     nn.Linear: _linear,
     nn.modules.conv._ConvNd: _conv,
     nn.MultiheadAttention: _mha,
     nn.Embedding: _embedding,
     nn.EmbeddingBag: _embedding,
+    nn.RNNBase: _rnn,
 }
 """Layer type -> rule. Looked up along the class's MRO, so subclasses (``NonDynamicallyQuantizableLinear``,
 a user's ``MyConv(nn.Conv2d)``) inherit their parent's rule."""
@@ -142,22 +166,34 @@ _NAME_RULES: dict[str, Callable[[nn.Module], list[WeightBlock]]] = {
 """Class name -> rule, for layer types of libraries that are not imported here."""
 
 
-def register_fans(layer_type: type | str, rule: FanRule) -> None:
-    """Teach signalprop the fans of a layer type whose parameter ``weight`` has rows = output units.
+def register_fans(layer_type: type | str, rule: FanRule, *, param: str = "weight") -> None:
+    """Teach signalprop the fans of a layer type whose tensor ``param`` has rows = output units.
 
     ``layer_type`` is a class (subclasses inherit the rule) or a class name (matched exactly, for types of
-    libraries you do not want to import). ``rule(layer) -> (fan_in, fan_out)``. A registration replaces the
-    built-in rule for that type.
+    libraries you do not want to import). ``rule(layer) -> (fan_in, fan_out)``. ``param`` names the tensor
+    the initializers draw (``"weight"`` by default; a custom layer used through ``F.linear`` may call it
+    ``w``); its first dimension must index the output units, as in ``nn.Linear`` (``[out, in]``) and
+    ``nn.Conv2d`` (``[out, in, *kernel]``). A registration replaces the built-in rule for that type.
 
     >>> class Scale(nn.Module):
     ...     def __init__(self): super().__init__(); self.weight = nn.Parameter(torch.empty(8, 4))
     >>> register_fans(Scale, lambda m: (4, 8))
     >>> fans(Scale())
     (4, 8)
+    >>> class MyLinear(nn.Module):
+    ...     def __init__(self): super().__init__(); self.w = nn.Parameter(torch.empty(8, 4))
+    >>> register_fans(MyLinear, lambda m: (m.w.shape[1], m.w.shape[0]), param="w")
+    >>> weight_blocks(MyLinear())[0].param
+    'w'
     """
     if not callable(rule):
         raise SignalpropError(
             f"register_fans needs a callable rule(layer) -> (fan_in, fan_out); got {type(rule).__name__}"
+        )
+    if not isinstance(param, str) or not param.isidentifier():
+        raise SignalpropError(
+            f"register_fans: param must name the layer's weight tensor (an attribute name such as 'weight' "
+            f"or 'w'), got {param!r}"
         )
 
     def blocks(m: nn.Module) -> list[WeightBlock]:
@@ -170,7 +206,7 @@ def register_fans(layer_type: type | str, rule: FanRule) -> None:
                 f"the fan rule registered for {type(m).__name__} returned {out!r}; it must return a pair "
                 "of positive numbers (fan_in, fan_out)"
             ) from exc
-        return [WeightBlock("weight", _num(fi), _num(fo))]
+        return [WeightBlock(param, _num(fi), _num(fo))]
 
     if isinstance(layer_type, str):
         _NAME_RULES[layer_type] = blocks
@@ -180,6 +216,11 @@ def register_fans(layer_type: type | str, rule: FanRule) -> None:
         raise SignalpropError(
             f"register_fans needs an nn.Module subclass or a class name, got {layer_type!r}"
         )
+    _RULE_PARAMS[blocks] = param
+
+
+_RULE_PARAMS: dict[Callable[[nn.Module], list[WeightBlock]], str] = {}
+"""Registered rule -> the tensor it describes, when that is not ``weight``."""
 
 
 def _rule_for(m: nn.Module) -> Callable[[nn.Module], list[WeightBlock]] | None:
@@ -200,7 +241,9 @@ def has_fan_rule(m: nn.Module) -> bool:
         return False
     if isinstance(m, nn.MultiheadAttention):
         return m.in_proj_weight is not None or m.q_proj_weight is not None
-    return isinstance(getattr(m, "weight", None), torch.Tensor)
+    if isinstance(m, nn.RNNBase):
+        return True  # its weight_ih_l* / weight_hh_l* always exist
+    return isinstance(getattr(m, _RULE_PARAMS.get(rule, "weight"), None), torch.Tensor)
 
 
 def _unknown(m: nn.Module) -> SignalpropError:
@@ -208,11 +251,11 @@ def _unknown(m: nn.Module) -> SignalpropError:
     w = getattr(m, names[0], None) if names else getattr(m, "weight", None)
     what = "weight" if not names or names[0] == "weight" else f"weight {names[0]!r}"
     shape = f"{what} shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else "no weight"
+    how = register_call(m) if names else f"sp.init.register_fans({type(m).__name__}, lambda m: (fan_in, fan_out))"
     return SignalpropError(
         f"cannot find fans for {type(m).__name__} ({shape}); known layer types are Linear, Conv1d/2d/3d, "
-        "ConvTranspose1d/2d/3d, MultiheadAttention, Embedding, EmbeddingBag and transformers' Conv1D. "
-        "Pass fans=(fan_in, fan_out) or register the type with "
-        "signalprop.init.register_fans(MyLayer, lambda m: (fan_in, fan_out))."
+        "ConvTranspose1d/2d/3d, MultiheadAttention, Embedding, EmbeddingBag, RNN/LSTM/GRU and transformers' "
+        f"Conv1D. Pass fans=(fan_in, fan_out) or register the type: {how}{_rows_note(m) if names else ''}."
     )
 
 
@@ -232,18 +275,19 @@ def _check_layer(m: object, what: str) -> nn.Module:
 def weight_blocks(layer: nn.Module) -> list[WeightBlock]:
     """The independently initialized blocks of ``layer``'s weight, each with its effective fans.
 
-    One block for most layers; three (q, k, v) for ``nn.MultiheadAttention``. Raises for a layer type
-    without a rule and for a layer without its weight.
+    One block for most layers; three (q, k, v) for ``nn.MultiheadAttention``; one per gate and weight
+    matrix for RNN/LSTM/GRU. Raises for a layer type without a rule and for a layer without its weight.
     """
     layer = _check_layer(layer, "weight_blocks")
     rule = _rule_for(layer)
     if rule is None:
         raise _unknown(layer)
+    param = _RULE_PARAMS.get(rule, "weight")
     if not has_fan_rule(layer):
         raise SignalpropError(
-            f"{type(layer).__name__} has no weight to initialize (its weight is None); nothing to compute"
+            f"{type(layer).__name__} has no weight to initialize (its {param} is None); nothing to compute"
         )
-    for name in ("weight", "in_proj_weight", "q_proj_weight"):
+    for name in (param, "in_proj_weight", "q_proj_weight"):
         if isinstance(getattr(layer, name, None), nn.parameter.UninitializedParameter):
             raise SignalpropError(
                 f"{type(layer).__name__} is a lazy layer whose {name} has no shape yet; run one forward pass "
@@ -306,8 +350,47 @@ class UnplannedLayerWarning(UserWarning):
 
 
 def unplanned(name: str, m: nn.Module) -> str:
-    """One sentence: which tensors of ``m`` no initializer draws, and the ``register_fans`` call that would."""
+    """One sentence: which tensors of ``m`` no initializer draws, and the exact ``register_fans`` call that would.
+
+    The call reads the fans off the first such tensor's shape as ``nn.Linear`` and ``nn.Conv2d`` do (rows
+    = output units: fan_in = one row's size, fan_out = rows x kernel size) and names it with ``param=``
+    when it is not called ``weight``.
+
+    >>> class MyLinear(nn.Module):
+    ...     def __init__(self): super().__init__(); self.w = nn.Parameter(torch.empty(8, 4))
+    >>> print(unplanned("fc", MyLinear()))  # doctest: +NORMALIZE_WHITESPACE
+    fc (MyLinear: w (8, 4)) left as it is: no fan rule for MyLinear;
+    sp.init.register_fans(MyLinear, lambda m: (m.w.shape[1], m.w.shape[0]), param="w") to draw it
+    (rows of w = output units)
+    """
+    return f"{name or '<model>'} ({_tensors(m)}) left as it is: no fan rule for {type(m).__name__}; " \
+        f"{register_call(m)} to draw it{_rows_note(m)}"
+
+
+def register_call(m: nn.Module) -> str:
+    """The ``sp.init.register_fans(...)`` call that teaches signalprop the fans of ``m``'s type.
+
+    The rule reads the fans off ``m``'s first weight tensor (:func:`signalprop.layers.weight_names`) the way
+    PyTorch reads a Linear or Conv weight ``[out, in, *kernel]``; ``param=`` names the tensor when it is not
+    called ``weight``.
+    """
     kind = type(m).__name__
-    tensors = ", ".join(f"{k} {tuple(getattr(m, k).shape)}" for k in weight_names(m))
-    return (f"{name or '<model>'} ({kind}: {tensors}) left as it is: no fan rule for {kind}; "
-            f"sp.init.register_fans({kind}, lambda m: (fan_in, fan_out)) to draw it")
+    names = weight_names(m)
+    t = names[0] if names else "weight"
+    w = getattr(m, t, None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2:
+        rule = f"lambda m: (m.{t}.shape[1], m.{t}.shape[0])"
+    else:
+        rule = f"lambda m: (m.{t}[0].numel(), m.{t}.shape[0] * m.{t}[0, 0].numel())"
+    extra = "" if t == "weight" else f', param="{t}"'
+    return f"sp.init.register_fans({kind}, {rule}{extra})"
+
+
+def _tensors(m: nn.Module) -> str:
+    return f"{type(m).__name__}: " + ", ".join(f"{k} {tuple(getattr(m, k).shape)}" for k in weight_names(m))
+
+
+def _rows_note(m: nn.Module) -> str:
+    names = weight_names(m)
+    t = names[0] if names else "weight"
+    return f" (rows of {t} = output units)"

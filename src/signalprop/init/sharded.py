@@ -26,11 +26,10 @@ from torch import nn
 
 from .._errors import SignalpropError
 from ._dtensor import is_dtensor, shared_seed
-from .apply import SCHEMES, _block_params, _init_layers
+from .apply import SCHEMES, _block_params, _init_layers, bias_names
 from .fans import has_fan_rule
 
 # ---- meta-device materialization ------------------------------------------------------------------
-_BIAS_NAMES = ("bias", "in_proj_bias", "bias_k", "bias_v")
 
 
 def _is_meta(t: torch.Tensor | None) -> bool:
@@ -68,7 +67,7 @@ def _plan_materialize(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], li
         covered: set[str] = set()
         if has_fan_rule(m):
             weight_layers.append((name, m))
-            covered = set(_block_params(m)) | set(_BIAS_NAMES)
+            covered = set(_block_params(m)) | set(bias_names(m))
         rest = [k for k in meta if k not in covered]
         if rest:
             if callable(getattr(m, "reset_parameters", None)):

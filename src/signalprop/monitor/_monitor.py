@@ -184,6 +184,10 @@ class _Pending:
 class Monitor:
     """Record per-layer forward/gradient statistics and per-parameter norms every ``every`` training steps.
 
+    Use it as a context manager and call :meth:`step` once per training step, after ``optimizer.step()``
+    and before gradients are zeroed (so that gradient norms and the update are seen). ``history`` holds one
+    :class:`Record` per recorded step; :meth:`plot` draws them; ``events`` lists what was warned about.
+
     Parameters
     ----------
     model:
@@ -216,10 +220,6 @@ class Monitor:
         SignalpropError from ``step()``, to stop the run) or ``"ignore"``.
     distributed:
         ``None``: combine ranks when a process group is initialized; ``False``: this process only.
-
-    Use it as a context manager and call :meth:`step` once per training step, after ``optimizer.step()``
-    and before gradients are zeroed (so that gradient norms and the update are seen). ``history`` holds one
-    :class:`Record` per recorded step; :meth:`plot` draws them; ``events`` lists what was warned about.
     """
 
     def __init__(

@@ -10,15 +10,13 @@ from). This module computes, per element:
 * ``E[phi(u)]``, ``E[phi(u)^2]``, ``E[phi(u)^4]``, ``E[phi'(u)^2]``: closed forms for the piecewise-linear
   activations (ReLU, leaky ReLU, identity: truncated Gaussian moments), quadrature otherwise;
 * the covariance the output passes on to another element of its channel,
-  ``E[phi(u_a) phi(u_b)] - E[phi(u)]^2``, by Mehler's formula: with ``c_k = E[phi(m + sqrt(v) z) h_k(z)]``
-  for the normalized Hermite polynomials ``h_k = He_k / sqrt(k!)``,
+  ``E[phi(u_a) phi(u_b)] - E[phi(u)]^2``: for the piecewise-linear activations in closed form from the
+  truncated moments of the bivariate normal (``_relu_pair``); otherwise by Mehler's formula: with
+  ``c_k = E[phi(m + sqrt(v) z) h_k(z)]`` for the normalized Hermite polynomials ``h_k = He_k / sqrt(k!)``,
   ``E[phi(u_a) phi(u_b)] = sum_k c_k^2 rho^k`` (Mehler 1866; the Hermite form of the correlation map of
   Poole et al. 2016). The sum stops at ``K = 64``; the tail is bounded by ``D rho^(K+1)`` with
   ``D = E[phi^2] - sum_{k<=K} c_k^2`` (every term is non-negative), which is added, so the result is
-  exact at ``rho = 0`` and ``rho = 1`` and off by at most ``D rho^(K+1) (1 - rho)``-ish in between
-  (ReLU: ``D ~ 1e-4 v``). For ReLU ``c_k`` is closed form: ``c_0 = E[relu]``, ``c_1 = sigma Phi(t)``,
-  ``c_k = sigma phi(t) h_{k-2}(-t) / sqrt(k (k - 1))`` for ``k >= 2`` (``t = m / sigma``; Stein's lemma
-  ``E[f(z) He_k(z)] = E[f'(z) He_{k-1}(z)]`` twice);
+  exact at ``rho = 0`` and ``rho = 1`` and off by at most ``D rho^(K+1) (1 - rho)``-ish in between;
 * the maximum of ``k`` elements of one channel (max pooling): equicorrelated Gaussians are
   ``m + sqrt(s) g0 + sqrt(v - s) g_i``, so their maximum is ``m + sqrt(s) g0 + sqrt(v - s) M_k`` with
   ``M_k`` the maximum of ``k`` i.i.d. standard normals (density ``k Phi^(k-1) phi``), and for a
@@ -33,6 +31,7 @@ import math
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import theory
@@ -59,14 +58,6 @@ def _hermite(z: torch.Tensor, order: int) -> torch.Tensor:
     return torch.stack(cols[: order + 1], dim=-1)
 
 
-def _ndtr(x: torch.Tensor) -> torch.Tensor:
-    return torch.special.ndtr(x)
-
-
-def _pdf(x: torch.Tensor) -> torch.Tensor:
-    return torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-
-
 def piecewise_slope(act: Any) -> float | None:
     """The negative-side slope of a piecewise-linear activation (ReLU 0, leaky ReLU a, identity 1), else None."""
     if type(act).__name__ == "PReLU":
@@ -85,65 +76,61 @@ def piecewise_slope(act: Any) -> float | None:
     return None
 
 
-def _relu_closed(m: torch.Tensor, v: torch.Tensor, order: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """E[r], E[r^2], E[r^4], P(u > 0) and Hermite coefficients c_k (k <= order) of r = relu(u), u ~ N(m, v).
+def _ndtr(x: np.ndarray) -> np.ndarray:
+    return torch.special.ndtr(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+
+def _npdf(x: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _relu_closed(m: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """E[r], E[r^2], E[r^4] and P(u > 0) of r = relu(u), u ~ N(m, v) (float64 arrays).
 
     Truncated moments M_j = E[z^j; z > a], a = -m / sigma: M_0 = Phi(-a), M_1 = phi(a),
     M_j = a^(j-1) phi(a) + (j - 1) M_(j-2); then E[r^p] = sum_j C(p, j) m^(p-j) sigma^j M_j.
     A zero variance is the deterministic relu(m).
     """
-    sig = v.clamp_min(0).sqrt()
+    sig = np.sqrt(np.maximum(v, 0.0))
     pos = sig > 0
-    safe = torch.where(pos, sig, torch.ones_like(sig))
-    a = torch.where(pos, -m / safe, torch.where(m > 0, -torch.inf, torch.inf))
-    a_c = a.clamp(-_Z_CLAMP, _Z_CLAMP)
-    p = torch.where(a.abs() < _Z_CLAMP, _pdf(a_c), torch.zeros_like(a))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(pos, -m / np.where(pos, sig, 1.0), np.where(m > 0, -np.inf, np.inf))
+    a_c = np.clip(a, -_Z_CLAMP, _Z_CLAMP)
+    p = np.where(np.abs(a) < _Z_CLAMP, _npdf(a_c), 0.0)
     big_p = _ndtr(-a)
-    mom = [big_p, p]
-    for j in range(2, 5):
-        mom.append(a_c ** (j - 1) * p + (j - 1) * mom[j - 2])
-    s0 = torch.where(pos, sig, torch.zeros_like(sig))
-    e1 = m * mom[0] + s0 * mom[1]
-    e2 = m * m * mom[0] + 2 * m * s0 * mom[1] + s0 * s0 * mom[2]
-    e4 = sum(math.comb(4, j) * m ** (4 - j) * s0**j * mom[j] for j in range(5))
-    r = m.clamp_min(0)
-    e1 = torch.where(pos, e1, r).clamp_min(0)
-    e2 = torch.where(pos, e2, r * r).clamp_min(0)
-    e4 = torch.where(pos, e4, r**4).clamp_min(0)  # type: ignore[arg-type]
-    coef = torch.zeros((*m.shape, order + 1), dtype=m.dtype)
-    coef[..., 0] = e1
-    if order >= 1:
-        coef[..., 1] = s0 * big_p
-    if order >= 2:
-        h = _hermite(a_c, order - 2)
-        k = torch.arange(2, order + 1, dtype=m.dtype)
-        coef[..., 2:] = (s0 * p)[..., None] * h / torch.sqrt(k * (k - 1))
-    return e1, e2, e4, big_p, coef
+    m2 = a_c * p + big_p
+    m3 = a_c * a_c * p + 2 * p
+    m4 = a_c**3 * p + 3 * m2
+    s0 = np.where(pos, sig, 0.0)
+    e1 = m * big_p + s0 * p
+    e2 = m * m * big_p + 2 * m * s0 * p + s0 * s0 * m2
+    e4 = m**4 * big_p + 4 * m**3 * s0 * p + 6 * m * m * s0 * s0 * m2 + 4 * m * s0**3 * m3 + s0**4 * m4
+    r = np.maximum(m, 0.0)
+    return (np.maximum(np.where(pos, e1, r), 0.0), np.maximum(np.where(pos, e2, r * r), 0.0),
+            np.maximum(np.where(pos, e4, r**4), 0.0), big_p)
 
 
-def _piecewise(slope: float, m: torch.Tensor, v: torch.Tensor, order: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _piecewise(slope: float, m: np.ndarray, v: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """phi(u) = slope u + (1 - slope) relu(u): u relu(u) = relu(u)^2 gives E[phi^2] = a^2 E[u^2] +
-    (1 - a^2) E[r^2], E[phi^4] = a^4 E[u^4] + (1 - a^4) E[r^4]; Hermite coefficients are linear in phi."""
-    e1, e2, e4, big_p, coef = _relu_closed(m, v, order)
+    (1 - a^2) E[r^2], E[phi^4] = a^4 E[u^4] + (1 - a^4) E[r^4], E[phi'^2] = P + a^2 (1 - P)."""
+    e1, e2, e4, big_p = _relu_closed(m, v)
     if slope == 0.0:
-        return e1, e2, e4, big_p, coef
+        return e1, e2, e4, big_p
     a = slope
     u2 = m * m + v
     u4 = m**4 + 6 * m * m * v + 3 * v * v
-    coef = coef * (1 - a)
-    coef[..., 0] += a * m
-    if order >= 1:
-        coef[..., 1] += a * v.clamp_min(0).sqrt()
     return (a * m + (1 - a) * e1, a * a * u2 + (1 - a * a) * e2, a**4 * u4 + (1 - a**4) * e4,
-            big_p + a * a * (1 - big_p), coef)
+            big_p + a * a * (1 - big_p))
 
 
 def act_moments(act: Any, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per element of u ~ N(m, v) sharing covariance s within its channel: E[phi], E[phi^2], E[phi^4],
-    E[phi'^2] and the covariance phi passes on (None when s is None). See the module docstring."""
+    E[phi'^2] and the covariance phi passes on (None when s is None). See the module docstring.
+
+    Elements are computed once per distinct (m, v, rho) when there are many (a full spatial map); the
+    piecewise-linear activations use closed forms throughout (:func:`_piecewise_cov` for the covariance)."""
     m, v = torch.broadcast_tensors(m, v)
     shared = s is not None and bool((s > 0).any())
     if shared:
@@ -152,26 +139,89 @@ def act_moments(act: Any, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | No
         rho = torch.where(v > 0, s / v.clamp_min(1e-300), torch.zeros_like(v)).clamp(0, 1)
     else:
         rho = torch.zeros_like(v)
-    uniq, inv = unique_rows(m.reshape(-1), v.reshape(-1), rho.reshape(-1))
+    flat = (m.reshape(-1), v.reshape(-1), rho.reshape(-1))
+    inv: torch.Tensor | None = None
+    if flat[0].numel() > 4096:
+        uniq, inv = unique_rows(*flat)
+        flat = (uniq[:, 0], uniq[:, 1], uniq[:, 2])
     slope = piecewise_slope(act)
-    order = K_HERMITE if shared else 0
-    outs = []
-    for chunk in torch.split(uniq, 4096):
-        cm, cv, cr = chunk[:, 0], chunk[:, 1], chunk[:, 2]
-        if slope is not None:
-            e1, e2, e4, d2, coef = _piecewise(slope, cm, cv, order)
-        else:
+    if slope is not None:
+        res = _piecewise_rows(slope, *flat, shared)
+    else:
+        order = K_HERMITE if shared else 0
+        outs = []
+        for chunk in torch.split(torch.stack(flat, 1), 4096):
+            cm, cv, cr = chunk[:, 0], chunk[:, 1], chunk[:, 2]
             e1, e2, e4, d2, coef = _quadrature(act, cm, cv, order)
-        cols = [e1, e2, e4, d2]
-        if shared:
-            c2 = coef * coef
-            tail = (e2 - c2.sum(-1)).clamp_min(0)
-            powers = cr[:, None] ** torch.arange(1, order + 1, dtype=cr.dtype)
-            cols.append((c2[:, 1:] * powers).sum(-1) + tail * cr ** (order + 1))
-        outs.append(torch.stack(cols, 1))
-    res = torch.cat(outs)[inv].reshape(*m.shape, -1)
+            cols = [e1, e2, e4, d2]
+            if shared:
+                c2 = coef * coef
+                tail = (e2 - c2.sum(-1)).clamp_min(0)
+                powers = cr[:, None] ** torch.arange(1, order + 1, dtype=cr.dtype)
+                cols.append((c2[:, 1:] * powers).sum(-1) + tail * cr ** (order + 1))
+            outs.append(torch.stack(cols, 1))
+        res = torch.cat(outs)
+    if inv is not None:
+        res = res[inv]
+    res = res.reshape(*m.shape, -1)
     return res[..., 0], res[..., 1], res[..., 2], res[..., 3], (res[..., 4] if shared else
                                                                   (torch.zeros_like(m) if s is not None else None))
+
+
+def _piecewise_rows(slope: float, m: torch.Tensor, v: torch.Tensor, rho: torch.Tensor, shared: bool
+                    ) -> torch.Tensor:
+    """Columns E[phi], E[phi^2], E[phi^4], E[phi'^2] (and the covariance when ``shared``) of a
+    piecewise-linear activation, in closed form on numpy arrays (a few dozen array ops per layer)."""
+    cm, cv, cr = (t.detach().to(torch.float64).contiguous().numpy() for t in (m, v, rho))
+    e1, e2, e4, d2 = _piecewise(slope, cm, cv)
+    cols = [e1, e2, e4, d2] + ([_piecewise_cov(slope, cm, cv, cr, e1)] if shared else [])
+    return torch.from_numpy(np.stack(cols, 1))
+
+
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(16)
+
+
+def _relu_pair(m: np.ndarray, v: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """``E[relu(u_a) relu(u_b)]`` for u_a, u_b ~ N(m, v) with correlation rho, in closed form.
+
+    With ``u = m + sigma X``, ``relu(u) = sigma (X - a)^+``, ``a = -m / sigma``, and the truncated moments of
+    the standard bivariate normal above (a, a) (Rosenbaum 1961): ``L = P(X > a, Y > a) = Phi(-a)^2 +
+    1/(2 pi) int_0^{asin rho} exp(-a^2 / (1 + sin t)) dt`` (Plackett's formula, 16-point Gauss-Legendre in
+    t), ``E[X; .] = (1 + rho) phi(a) Q``, ``E[XY; .] = rho L + 2 rho a phi(a) Q + sqrt(1 - rho^2) / sqrt(2 pi)
+    phi(a sqrt(2 / (1 + rho)))``, ``Q = Phi(-a sqrt((1 - rho) / (1 + rho)))``; then
+    ``E[(X - a)^+ (Y - a)^+] = E[XY; .] - 2 a E[X; .] + a^2 L`` (checked against Monte Carlo)."""
+    sig = np.sqrt(np.maximum(v, 0.0))
+    pos = sig > 0
+    a = np.clip(-m / np.where(pos, sig, 1.0), -_Z_CLAMP, _Z_CLAMP)
+    r = np.clip(rho, 0.0, 1.0 - 1e-12)
+    t_max = np.arcsin(r)
+    t = (_GL_X + 1)[None, :] / 2 * t_max[:, None]
+    weights = _GL_W[None, :] * t_max[:, None] / 2
+    big_l = _ndtr(-a) ** 2 + (weights * np.exp(-(a * a)[:, None] / (1 + np.sin(t)))).sum(1) / (2 * math.pi)
+    q = _ndtr(-a * np.sqrt((1 - r) / (1 + r)))
+    pa = _npdf(a)
+    ex = (1 + r) * pa * q
+    exy = r * big_l + 2 * r * a * pa * q + np.sqrt(1 - r * r) / math.sqrt(2 * math.pi) * _npdf(
+        a * np.sqrt(2 / (1 + r)))
+    out = sig * sig * (exy - 2 * a * ex + a * a * big_l)
+    return np.where(pos, np.maximum(out, 0.0), np.maximum(m, 0.0) ** 2)
+
+
+def _piecewise_cov(slope: float, m: np.ndarray, v: np.ndarray, rho: np.ndarray, e1: np.ndarray) -> np.ndarray:
+    """Covariance of ``phi = slope u + (1 - slope) relu(u)`` at two elements of correlation rho:
+    ``E[phi_a phi_b] = s^2 E[u_a u_b] + 2 s (1 - s) E[u_a r_b] + (1 - s)^2 E[r_a r_b] - E[phi]^2`` with
+    ``E[u_a u_b] = m^2 + rho v`` and ``E[u_a r_b] = m E[r] + rho v Phi(m / sigma)`` (Stein's lemma)."""
+    rr = _relu_pair(m, v, rho)
+    if slope == 0.0:
+        return np.maximum(rr - e1 * e1, 0.0)
+    sig = np.sqrt(np.maximum(v, 0.0))
+    pos = sig > 0
+    er = (e1 - slope * m) / (1 - slope) if slope != 1.0 else np.maximum(m, 0.0)
+    p_pos = np.where(pos, _ndtr(m / np.where(pos, sig, 1.0)), (m > 0).astype(np.float64))
+    ur = m * er + rho * v * p_pos
+    uu = m * m + rho * v
+    pair = slope * slope * uu + 2 * slope * (1 - slope) * ur + (1 - slope) ** 2 * rr
+    return np.maximum(pair - e1 * e1, 0.0)
 
 
 def _quadrature(act: Any, m: torch.Tensor, v: torch.Tensor, order: int

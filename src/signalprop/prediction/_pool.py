@@ -59,11 +59,11 @@ def max_pool(x: Moments, k: int, pool: Pool, avg: Pool, same_channel: bool = Tru
     shared = torch.minimum(cov.clamp_min(0), var)
     out_shape = tuple(pool(torch.zeros(x.shape)).shape)  # type: ignore[arg-type]
     if _spatially_constant(mean, second, fourth, shared):
-        out = Moments(mean, var, fourth, None, x.lv, x.rnd, out_shape, shared, x.chan)
+        out = Moments(mean, var, fourth, None, x.lv, x.rnd, out_shape, shared, x.chan, corr=x.corr)
         c = math.prod(out_shape) * k / math.prod(x.shape or ())  # windows holding one input
         return out, lambda g2: [g2 * (c / k)]
     out = Moments(pool(x.full(mean)), pool(x.full(var)), pool(x.full(fourth)), None, x.lv, x.rnd,
-                  None, pool(x.full(shared)), x.chan)
+                  None, pool(x.full(shared)), x.chan, corr=x.corr)
     return out, lambda g2: [_adjoint(avg, x.full(x.mean), g2.expand(out_shape))]
 
 
@@ -78,12 +78,12 @@ def avg_pool(x: Moments, k: float, pool: Pool, same_channel: bool = True) -> tup
     else:
         var, s_out = x.var / k, sh / k
     if _spatially_constant(x.mean, var, s_out):
-        out = Moments(x.mean, var, None, None, x.lv, x.rnd, out_shape, clamp_shared(s_out, var), x.chan)
+        out = Moments(x.mean, var, None, None, x.lv, x.rnd, out_shape, clamp_shared(s_out, var), x.chan, corr=x.corr)
         c = math.prod(out_shape) * k / math.prod(x.shape or ())  # windows holding one input
         return out, lambda g2: [g2 * (c / (k * k))]
     pv = pool(x.full(var))
     out = Moments(pool(x.full(x.mean)), pv, None, None, x.lv, x.rnd, None, clamp_shared(pool(x.full(s_out)), pv),
-                  x.chan)
+                  x.chan, corr=x.corr)
     return out, lambda g2: [_adjoint(pool, x.full(x.mean), g2.expand(out_shape)) / k]
 
 
@@ -121,7 +121,8 @@ def mean_reduce(node: Node, x: Moments) -> tuple[Moments, Back]:
         new_chan = chan if keep else chan - sum(1 for d in dims if d < chan)
     s_out = red(sh / cr)
     v_out = red(var)
-    out = Moments(red(x.mean), v_out, None, None, x.lv, x.rnd, out_shape, clamp_shared(s_out, v_out), new_chan)
+    out = Moments(red(x.mean), v_out, None, None, x.lv, x.rnd, out_shape, clamp_shared(s_out, v_out), new_chan,
+                  corr=x.corr)
 
     def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
         g = g2.reshape(g2.shape if keep or g2.dim() == nd else
@@ -196,8 +197,11 @@ def replay(node: Node, values: dict[int, Any]) -> Any:
 
 def view_moments(f: Callable[[dict[int, torch.Tensor]], torch.Tensor], ins: dict[int, Moments]
                  ) -> tuple[Moments, Back]:
-    """A view-like map ``f`` (view, flatten, permute, cat, slicing, padding) applied to each moment tensor
-    alike; the channel dim follows the elements (:func:`_follow_channel`)."""
+    """A view-like map ``f`` (view, flatten, permute, cat, slicing, padding, indexing with known indices,
+    nearest upsampling) applied to each moment tensor alike; the channel dim follows the elements
+    (:func:`_follow_channel`). Each output element is one input element (or zero), so its moments are
+    that element's; the backward is the map's adjoint (a gather's is a scatter-add: gradients of one
+    input element reached by several outputs add, their second moments too, being independent)."""
     keys = list(ins)
 
     def each(get: Callable[[Moments], torch.Tensor]) -> torch.Tensor:
@@ -222,13 +226,21 @@ def view_moments(f: Callable[[dict[int, torch.Tensor]], torch.Tensor], ins: dict
         return list(grads)
 
     out = Moments(mean, var, m4, src, lv, any(x.rnd for x in ins.values()), out_shape, clamp_shared(shared, var),
-                  chan)
+                  chan, corr=max(x.corr for x in ins.values()))
     return out, back
 
 
-def shape_op(node: Node, ins: dict[int, Moments]) -> tuple[Moments, Back]:
-    """A view-like function node, replayed on each moment tensor (:func:`view_moments`)."""
-    return view_moments(lambda vals: replay(node, vals), ins)
+def shape_op(node: Node, ins: dict[int, Moments]) -> tuple[Moments, Back, list[int]]:
+    """A view-like function node, replayed on each moment tensor (:func:`view_moments`); known integer or
+    boolean inputs (indices, masks) are passed as they are. Returns the data inputs the backward covers."""
+    fixed = {k: v.value for k, v in ins.items() if v.known and not _floating(v.value)}
+    data = {k: v for k, v in ins.items() if k not in fixed}
+    out, back = view_moments(lambda vals: replay(node, {**fixed, **vals}), data)
+    return out, back, list(data)
+
+
+def _floating(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
 
 
 def _follow_channel(f: Callable[[dict[int, torch.Tensor]], torch.Tensor], ins: dict[int, Moments],
@@ -270,4 +282,19 @@ def _follow_channel(f: Callable[[dict[int, torch.Tensor]], torch.Tensor], ins: d
         hi = probe.amax(others) if others else probe
         if torch.equal(lo, hi) and bool((lo > 0).all()) and not bool((lo == lo[0]).all()):
             return d
-    return None
+    return _split_channel(probe)
+
+
+def _split_channel(probe: torch.Tensor) -> int | None:
+    """The channel dim split into adjacent dims (features into heads x head size): the innermost of them.
+
+    Elements that agree on it and on the outer parts (one head) are one channel; the matrix products of
+    attention compare elements of one head only, so the innermost part plays the channel's role there."""
+    vary = [d for d in range(probe.dim()) if probe.shape[d] > 1 and not torch.equal(
+        probe.amin(d, keepdim=True).expand_as(probe), probe)]
+    if len(vary) < 2 or vary != list(range(vary[0], vary[-1] + 1)) or not bool((probe > 0).all()):
+        return None
+    rest = [e for e in range(probe.dim()) if e not in vary]
+    if rest and not torch.equal(probe.amin(rest), probe.amax(rest)):
+        return None
+    return vary[-1]

@@ -1,42 +1,48 @@
 """Data-free prediction of every layer's forward and gradient statistics, from the weights and the theory.
 
-``sp.predict(model, input_shape)`` captures the model's graph (:func:`signalprop.graph.capture`) and walks
-it once forward and once backward with mean-field moments instead of tensors (Poole et al. 2016;
-Schoenholz et al. 2017). The input is i.i.d. with mean 0 and variance ``input_var``. For each element it
-tracks the mean and the variance over weight draws:
+``sp.predict(model, input_shape)`` (or ``inputs=``) captures the model's graph
+(:func:`signalprop.graph.capture`) and walks it once forward and once backward with mean-field moments
+instead of tensors (Poole et al. 2016; Schoenholz et al. 2017). Floating inputs are i.i.d. with mean 0 and
+variance ``input_var``; integer inputs (token ids, attention masks) are taken as given. For each element
+it tracks the mean and the variance over weight draws:
 
-* weight layers (Linear, ConvNd, ConvTransposeNd, transformers' Conv1D): ``Var[y] = fan_in * mean(w^2) *
-  E[x^2]``, mean = bias, from the layer's actual weights (He et al. 2015, Eq. 7: the *second moment*
-  E[x^2] of the input, which for a ReLU output is ``Var[y_prev] / 2``). On a chain of ReLU layers without
-  bias this is He's product ``Var[y_L] = Var[y_1] prod_{l=2..L} (n_l mean(w_l^2) / 2)``, exactly.
-  Convolutions are predicted for interior positions (zero padding lowers the border outputs' variance);
+* weight layers (Linear, ConvNd, ConvTransposeNd, transformers' Conv1D, and ``F.linear`` / ``F.conv1d`` /
+  ``matmul`` on a known weight, such as a ``weight_norm`` parametrization or a custom layer's own
+  parameter): ``Var[y] = fan_in * mean(w^2) * E[x^2]``, mean = bias, from the layer's actual weights
+  (He et al. 2015, Eq. 7: the *second moment* E[x^2] of the input, which for a ReLU output is
+  ``Var[y_prev] / 2``). On a chain of ReLU layers without bias this is He's product
+  ``Var[y_L] = Var[y_1] prod_{l=2..L} (n_l mean(w_l^2) / 2)``, exactly. Convolutions are predicted for
+  interior positions (zero padding lowers the border outputs' variance);
+* embeddings: token ids are data, so the output's per-feature mean and variance are the table's over
+  the vocabulary (uniformly random tokens); known ids (positions) select their exact rows;
 * activations (any: name, callable, module or functional op): E[phi], E[phi^2], E[phi'^2] by quadrature
   over each element's Gaussian pre-activation N(bias, var);
 * channels share a random offset: besides each element's mean and variance, the covariance ``s`` of two
   distinct elements of one channel, ``fan_in * mean(w^2) * (s_in + m_in^2)`` after a weight layer (1/pi of
   the variance after a ReLU). Per-element E[x^2] and He's formula are unchanged; pooling keeps ``s``
   (average: ``(v - s)/k + s``; max: the maximum of k equicorrelated Gaussians), training-mode BatchNorm
-  normalizes by the within-channel ``v - s`` and removes it (derivation in ``_predict_rules``);
-* flatten and views move the moments; dropout: identity in eval, E[x^2] / (1 - p) in training; BatchNorm:
-  running statistics in eval; LayerNorm, GroupNorm, RMSNorm; residual additions add the branches' means,
-  variances and shared parts (a branch ending in zero-mean weights is uncorrelated with its skip);
-  products of independent values multiply second moments.
+  normalizes by the within-channel ``v - s`` and removes it (derivation in ``_rules``);
+* flatten, views, indexing and gathering with known indices, masking (``where``, ``masked_fill``) and
+  nearest upsampling move the moments; bilinear (linear, bicubic, trilinear) upsampling averages
+  neighbours with the interpolation weights a_k: ``Var = sum a_k^2 (v - s) + s`` per output position;
+  dropout: identity in eval, E[x^2] / (1 - p) in training; BatchNorm: running statistics in eval;
+  LayerNorm, GroupNorm, RMSNorm; residual additions add the branches' means, variances and shared parts;
+  products of independent values multiply second moments; the product of two activations (``matmul``)
+  sums the products of their second moments over the contracted size;
+* attention (``scaled_dot_product_attention``, or ``matmul`` + ``softmax`` + ``matmul``): the scores'
+  spread within a row gives ``W = E[sum_j P_j^2]`` exactly for i.i.d. Gaussian scores, and the output's
+  variance is ``W (v - s) + s`` of the values (uniform attention: W = 1/n); see ``_attention``;
+* modules with no rule of their own are predicted from the ops inside them (their captured body);
 * gradients: the cotangent at the output is N(0, 1) per element (as ``sp.measure`` draws it) and goes
   back with ``fan_out * mean(w^2)`` through weight layers and ``E[phi'^2]`` through activations (chi1 of
   Poole et al. 2016), the adjoint of each pooling and view.
 
-**Finite width.** The mean-field value is the expectation over weight draws. One network of width n
-multiplies its variance at each layer by a random factor of relative variance beta / n with
-``beta = E[x^4] / E[x^2]^2 - 1`` of the layer's input units (5 after ReLU, 2 for a Gaussian; Hanin 2018,
-Hanin & Nica 2019), so one network's log-variance at a layer has standard deviation
-``s = sqrt(sum_l beta_l / n_l)`` over the weight layers up to it whose input is itself random (not the
-first). ``Stats.var_band = (var e^{-1.645 s}, var e^{1.645 s})`` holds one network 90% of the time;
-normalization (BatchNorm in training, LayerNorm) removes the accumulated fluctuation. n is the layer's
-input features (Linear) or input channels (convolutions). One network also misses the spread of its G
-channel offsets: the band is centred on ``var - mean(s) / G`` (``meta["expected_var"]``) and widened by
-``2 (s / var)^2 / G`` in log-variance; ``fwd.var`` stays the mean-field value.
+**Bands.** The mean-field value is the expectation over weight draws and inputs; ``Stats.var_band`` is
+the 90% range of what one network measures on one batch (``_band``): the finite-width fluctuation that
+compounds over layers (Hanin & Nica 2019), the spread of the G channel offsets, the first layer's own
+finite fan-in and the sampling noise of a variance taken over ``batch`` samples.
 
-Module types with no rule are passed through unchanged when they keep the shape (one
+Module types and ops with no rule are passed through unchanged when they keep the shape (one
 :class:`PredictWarning` names them all) and raise :class:`~signalprop.SignalpropError` when they change
 it; add a rule with :func:`register_rule`.
 """
@@ -54,26 +60,40 @@ from torch import nn
 from .._errors import SignalpropError
 from .._state import preserving
 from ..graph._analysis import ACTIVATION_OPS, activation_module, fn_activation
-from ..graph._graph import capture
+from ..graph._graph import capture, example_inputs
 from ..graph._ir import Node, Ref
 from ..graph._types import Graph
 from ..init.fans import has_fan_rule
 from ..layers import is_norm
 from ..trace import LayerStats, Stats, Trace
+from . import _attention as A
+from . import _band as B
+from . import _ops as O
 from . import _pool as P
 from . import _rules as R
 
-Z90 = 1.6448536269514722  # the standard normal's 95% quantile: a two-sided 90% band
 Rule = Callable[[nn.Module, "R.Moments", Node], "tuple[R.Moments, R.Back]"]
+Step = tuple["R.Moments", "R.Back | None", list[int]]
 
 MODULE_RULES: dict[str, Rule] = {}
 """Module class name -> rule(module, input moments, node) -> (output moments, backward). One line to add."""
 
 IDENTITY_OPS = frozenset({"to", "type", "float", "half", "double", "bfloat16", "detach", "alias", "clone",
-                          "contiguous", "identity", "lift_fresh_copy"})
+                          "contiguous", "identity", "lift_fresh_copy", "type_as", "copy"})
 SHAPE_OPS = frozenset({"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "unsqueeze",
                        "squeeze", "expand", "getitem", "narrow", "slice", "select", "cat", "concat", "pad",
-                       "constant_pad_nd", "repeat", "stack", "movedim", "split", "chunk"})
+                       "constant_pad_nd", "repeat", "stack", "movedim", "expand_as", "view_as", "reshape_as",
+                       "index", "index_select", "gather", "take_along_dim", "take", "masked_select", "flip",
+                       "roll", "tril", "triu", "diagonal", "repeat_interleave", "tile", "broadcast_to",
+                       "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+                       "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d",
+                       "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "unfold", "swapaxes"})
+MULTI_OPS = frozenset({"split", "chunk", "unbind", "split_with_sizes", "tensor_split", "unsafe_split"})
+VALUE_FREE_OPS = frozenset({"ones_like", "zeros_like", "full_like", "empty_like", "new_ones", "new_zeros",
+                            "new_full", "new_empty", "size", "sym_size", "dim", "numel", "sym_numel"})
+"""Ops whose result depends on their input's shape and dtype only: computed exactly."""
+NO_OPS = frozenset({"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_async",
+                    "sym_constrain_range_for_size", "sym_constrain_range", "_check_is_size"})
 SHAPE_MODULES = frozenset({"Flatten", "Unflatten", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d"})
 
 
@@ -92,18 +112,27 @@ def register_rule(kind: str, rule: Rule) -> None:
 @preserving  # the capture and the weight reads leave the model as found (spectral norm's u, v included)
 def predict(
     model: nn.Module,
-    input_shape: Sequence[int] | torch.Size,
+    input_shape: Sequence[int] | torch.Size | None = None,
     *,
-    input_var: float = 1.0,
+    inputs: Any = None,
+    input_var: float | Sequence[float] | None = None,
     graph: Graph | None = None,
+    batch: int | None = None,
 ) -> Trace:
     """Predict per-layer forward and gradient statistics of ``model`` without data (see module docstring).
 
-    ``input_shape`` is the shape of one sample without the batch dimension (``(3, 224, 224)``, ``(784,)``),
-    a tuple, list or ``torch.Size``; ``input_var`` the variance of its i.i.d. zero-mean elements. A graph
-    captured before (:func:`signalprop.graph.capture` with the same shape) can be passed to skip capture.
+    Give either ``input_shape``, the shape of one sample without the batch dimension (``(3, 224, 224)``,
+    ``(784,)``), or ``inputs``: example inputs as ``sp.measure`` takes them (a tensor, a tuple of positional
+    inputs, a dict of keyword inputs), which is how models with token ids (``{"input_ids": ids}``) or
+    several inputs are predicted: integer inputs are used as given, floating ones only for their shape.
+    ``input_var`` is the variance of the i.i.d. zero-mean floating inputs: one number for all, one per
+    floating input in order, or None for each example input's mean square (1.0 with ``input_shape``).
+    ``batch``: the batch one measurement averages over, for the finite-batch part of the band (default:
+    the first dimension of ``inputs``; with ``input_shape``, None: the band of an infinite batch). A graph
+    captured before from the same inputs can be passed to skip capture.
+
     Returns a :class:`~signalprop.Trace` with ``source="predicted"`` and one entry per module call, named
-    as ``sp.measure`` names them; ``fwd.var_band`` is the 90% finite-width band of one network.
+    as ``sp.measure`` names them; ``fwd.var_band`` is the 90% band of one network on one batch.
 
     >>> import signalprop as sp
     >>> t = sp.predict(sp.models.mlp(3, 64, bias=False), (64,))
@@ -112,47 +141,110 @@ def predict(
     """
     if not isinstance(model, nn.Module):
         raise SignalpropError(f"predict needs an nn.Module, got {type(model).__name__}")
-    if not (isinstance(input_var, int | float) and math.isfinite(input_var) and input_var > 0):
-        raise SignalpropError(f"input_var must be a positive finite number, got {input_var!r}")
-    g = graph if graph is not None else capture(model, input_shape=input_shape)
+    if (input_shape is None) == (inputs is None):
+        raise SignalpropError("predict needs either input_shape (one sample's shape, without the batch "
+                              "dimension, e.g. (3, 224, 224)) or inputs (example inputs: a tensor, a tuple or "
+                              "a dict such as {'input_ids': ids}), not both")
+    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise SignalpropError(f"batch must be a positive int or None, got {batch!r}")
+    cond = 0.0
+    if inputs is not None:
+        args, kwargs = example_inputs(model, inputs)
+        flat = [t for t in _tensors((args, kwargs)) if t.is_floating_point()]
+        batch = batch if batch is not None else _batch_of(args, kwargs)
+        if input_var is None and flat and batch:
+            cond = _input_relvar(flat[0], batch)
+    else:
+        args, kwargs = example_inputs(model, input_shape=input_shape)
+        flat = []
+    variances = _input_vars(input_var, flat, inputs is not None)
+    g = graph if graph is not None else capture(model, _capture_inputs(args, kwargs))
+    shape = list(input_shape) if input_shape is not None else [list(t.shape[1:]) for t in _tensors((args, kwargs))]
     with torch.no_grad():
-        return _Predictor(model, g, float(input_var)).run(input_shape)
+        p = _Predictor(model, g, variances, batch)
+        p.cond = cond
+        return p.run(shape)
+
+
+def _capture_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The example inputs in the form capture takes: a tuple of positional inputs or a dict of keywords."""
+    if kwargs and args:
+        raise SignalpropError("predict takes inputs as a tensor, a tuple (positional) or a dict (keyword)")
+    return dict(kwargs) if kwargs else tuple(args)
+
+
+def _input_relvar(x: torch.Tensor, batch: int) -> float:
+    """Relative variance of a batch's input mean square, ``kappa_x / (B n_x)`` (``_band``)."""
+    t = x.detach().double()
+    q = float(t.pow(2).mean())
+    if not (q > 0 and math.isfinite(q)):
+        return 0.0
+    kappa = max(float(t.pow(4).mean()) / (q * q) - 1.0, 0.0)
+    return kappa / (batch * max(t[0].numel() if t.dim() else 1, 1))
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    from ..graph._ir import map_refs
+
+    found: list[torch.Tensor] = []
+    map_refs(obj, lambda o: found.append(o) if isinstance(o, torch.Tensor) else None)
+    return found
+
+
+def _batch_of(args: Any, kwargs: Any) -> int | None:
+    ts = [t for t in _tensors((args, kwargs)) if t.dim() >= 1]
+    return int(ts[0].shape[0]) if ts else None
+
+
+def _input_vars(input_var: Any, flat: list[torch.Tensor], given: bool) -> list[float] | float:
+    """One variance per floating input (a list) or one for all (a float), checked."""
+    if input_var is None:
+        if not given:
+            return 1.0
+        out = [float(t.detach().double().pow(2).mean()) if t.numel() else 1.0 for t in flat]
+        bad = [v for v in out if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise SignalpropError("an example input's mean square is not a positive finite number; pass "
+                                  "input_var= explicitly")
+        return out
+    vals = list(input_var) if isinstance(input_var, list | tuple) else [input_var]
+    for v in vals:
+        if isinstance(v, bool) or not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+            raise SignalpropError(f"input_var must be a positive finite number (or one per floating input), "
+                                  f"got {input_var!r}")
+    if isinstance(input_var, list | tuple):
+        if given and len(vals) != len(flat):
+            raise SignalpropError(f"input_var has {len(vals)} values for {len(flat)} floating inputs")
+        return [float(v) for v in vals]
+    return float(vals[0])
 
 
 class _Predictor:
-    def __init__(self, model: nn.Module, graph: Graph, input_var: float) -> None:
+    def __init__(self, model: nn.Module, graph: Graph, input_var: list[float] | float, batch: int | None
+                 ) -> None:
         self.model = model
         self.graph = graph
         self.input_var = input_var
+        self.batch = batch
         self.modules = dict(model.named_modules())
         self.unknown: dict[str, int] = {}
+        self.node_of: dict[int, Node] = {n.index: n for n in graph.nodes}
+        self.vals: dict[int, R.Moments] = {}
+        self.backs: dict[int, R.Back] = {}
+        self.data_in: dict[int, list[int]] = {}
+        self.n_float = 0
+        self.cond = 0.0  # the input-second-moment part of the batch band already in the prediction
+        self.context: list[str] = []  # the modules whose bodies are being walked (for messages)
 
     def run(self, input_shape: Any) -> Trace:
         nodes = self.graph.nodes
-        vals: dict[int, R.Moments] = {}
-        backs: dict[int, R.Back] = {}
-        data_in: dict[int, list[int]] = {}
-        wanted = {j for n in nodes if n.op == "fn" for j in n.inputs}
-        for n in nodes:
-            if n.op == "alias" or (n.op == "const" and n.index not in wanted):
-                continue
-            out, back, used = self._forward(n, vals)
-            vals[n.index] = out
-            if back is not None:
-                backs[n.index] = back
-                data_in[n.index] = used
+        self._walk(nodes)
         g2: dict[int, torch.Tensor] = {}
         for o in self.graph.outputs[:1]:
-            g2[o] = torch.ones((1,) * len(vals[o].shape or ()), dtype=torch.float64)
-        for n in reversed(nodes):
-            if n.index not in g2 or n.index not in backs:
-                continue
-            for j, gin in zip(data_in[n.index], backs[n.index](g2[n.index])):
-                if gin is None or nodes[j].op in ("const", "input"):
-                    continue
-                if n.op == "fn" and n.name in ("add", "sub", "rsub", "mul", "div"):
-                    gin = _sum_to(gin, vals[n.index].shape or (), vals[j].shape or ())
-                g2[j] = g2[j] + gin if j in g2 else gin
+            out = self.val(o)
+            if not out.known:
+                g2[o] = torch.ones((1,) * len(out.shape or ()), dtype=torch.float64)
+        self._backward(nodes, g2)
         if self.unknown:
             warnings.warn(
                 "predict has no rule for " + ", ".join(f"{k} (x{v})" for k, v in self.unknown.items())
@@ -160,101 +252,223 @@ class _Predictor:
                 "signalprop.predict.register_rule(kind, rule)",
                 PredictWarning, stacklevel=3,
             )
-        return self._trace(vals, g2, input_shape)
+        return self._trace(g2, input_shape)
 
-    # ---- forward -----------------------------------------------------------------------------------------
-    def _forward(self, n: Node, vals: dict[int, R.Moments]) -> tuple[R.Moments, R.Back | None, list[int]]:
-        shape = n.shape or ()
+    # ---- walking ---------------------------------------------------------------------------------------
+    def val(self, i: int) -> R.Moments:
+        """The moments of node ``i``; constants are made when first read."""
+        v = self.vals.get(i)
+        if v is None:
+            n = self.node_of[i]
+            if n.op == "const":
+                v = R.const(n.value if n.value is not None else torch.zeros(n.shape or ()))
+            elif n.op == "alias" and n.inputs:
+                v = self.val(n.inputs[0])
+            else:
+                v = R.const(None)
+            self.vals[i] = v
+        return v
+
+    def _walk(self, nodes: Sequence[Node]) -> None:
+        for n in nodes:
+            if n.op in ("alias", "const"):
+                continue
+            out, back, used = self._forward(n)
+            self.vals[n.index] = out
+            if back is not None and not out.known:
+                self.backs[n.index] = back
+                self.data_in[n.index] = used
+
+    def _backward(self, nodes: Sequence[Node], g2: dict[int, torch.Tensor]) -> None:
+        """Push E[g^2] from each node to its data inputs, in reverse order, accumulating in ``g2``."""
+        for n in reversed(nodes):
+            if n.index not in g2 or n.index not in self.backs:
+                continue
+            for j, gin in zip(self.data_in[n.index], self.backs[n.index](g2[n.index])):
+                if gin is None or j not in self.node_of or self.node_of[j].op in ("const", "input"):
+                    continue
+                if self.val(j).known:
+                    continue
+                if n.op == "fn" and n.name in O.BROADCAST_OPS:
+                    gin = _sum_to(gin, self.val(n.index).shape or (), self.val(j).shape or ())
+                g2[j] = g2[j] + gin if j in g2 else gin
+
+    def _forward(self, n: Node) -> Step:
         if n.op == "input":
-            if n.dtype is not None and not n.dtype.startswith(("float", "bfloat", "complex")):
-                z = torch.zeros((1,) * len(shape), dtype=torch.float64)
-                return R.Moments(z, z.clone(), shape=shape), None, []
-            var = torch.full((1,) * len(shape), self.input_var, dtype=torch.float64)
-            return R.Moments(torch.zeros_like(var), var, shape=shape), None, []
-        if n.op == "const":
-            if n.value is not None and n.value.is_floating_point():
-                return R.const(n.value), None, []
-            z = torch.zeros(shape, dtype=torch.float64) if n.value is None else n.value.to(torch.float64)
-            return R.const(z), None, []
+            return self._input(n), None, []
         if n.op == "call":
-            return self._call(n, vals)
-        return self._fn(n, vals)
+            return self._call(n)
+        return self._fn(n)
 
-    def _call(self, n: Node, vals: dict[int, R.Moments]) -> tuple[R.Moments, R.Back | None, list[int]]:
+    def _input(self, n: Node) -> R.Moments:
+        shape = n.shape or ()
+        if n.shape is None and n.dtype is None:
+            return R.const(n.value)
+        if n.dtype is not None and not n.dtype.startswith(("float", "bfloat", "complex")):
+            if n.value is None:
+                raise SignalpropError(
+                    f"predict needs the values of the integer input {n.name!r} (token ids, a mask): pass "
+                    "them with predict(model, inputs={...}) instead of input_shape")
+            return R.const(n.value, tokens=True)
+        if isinstance(self.input_var, list):
+            if self.n_float >= len(self.input_var):
+                raise SignalpropError(f"input_var has {len(self.input_var)} values but the graph has more "
+                                      "floating inputs; capture the graph from the same inputs")
+            v = self.input_var[self.n_float]
+        else:
+            v = self.input_var
+        self.n_float += 1
+        var = torch.full((1,) * len(shape), v, dtype=torch.float64)
+        return R.Moments(torch.zeros_like(var), var, shape=tuple(shape))
+
+    # ---- module calls ------------------------------------------------------------------------------------
+    def _call(self, n: Node) -> Step:
         m = self.modules[n.module or ""]
         shape = n.shape or ()
-        data = [i for i in n.inputs if self.graph.nodes[i].op != "const"]
+        data = [i for i in n.inputs if self.node_of[i].op != "const"]
         if not data:
             data = list(n.inputs[:1])
-        x = vals[data[0]] if data else R.const(torch.zeros(shape))
         kind = type(m).__name__
-        if kind in MODULE_RULES:
-            out, back = MODULE_RULES[kind](m, x, n)
-        elif isinstance(m, nn.Embedding):
-            out, back = R.embedding(m, shape)
-        elif has_fan_rule(m) and not isinstance(m, nn.MultiheadAttention):
-            out, back = R.weight_layer(m, x, shape)
-        elif activation_module(m):
-            out, back = R.activation(m, x)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            out, back = R.batch_norm(m, x)
-        elif isinstance(m, nn.GroupNorm):
-            out, back = R.group_norm(m, x)
-        elif isinstance(m, nn.LayerNorm) or (is_norm(m) and "RMS" not in kind and "Layer" in kind):
-            out, back = R.layer_norm(m, x)
-        elif "RMSNorm" in kind:
-            out, back = R.layer_norm(m, x, rms=True)
-        elif isinstance(m, nn.modules.dropout._DropoutNd):
-            out, back = R.dropout(x, float(m.p), m.training)
-        elif "Pool" in kind:
-            out, back = _pool(n, m, x)
-        elif kind in SHAPE_MODULES:
-            key = data[0]
-            out, back = P.view_moments(lambda vals: m(vals[key]), {key: x})
-        elif kind == "Identity":
-            out, back = x, _identity_back
-        else:
+        rule = self._module_rule(m, kind, n, data)
+        if n.body and (rule is None or self._body_known(n)):
+            return self._body_call(n)
+        if rule is None:
+            x = self.val(data[0]) if data else R.const(torch.zeros(shape))
             out, back = self._unknown(kind, n, x)
+            return out, back, data[:1]
+        x = self.val(data[0]) if data else R.const(torch.zeros(shape))
+        out, back = rule(x)
         return out, back, data[:1]
 
+    def _module_rule(self, m: nn.Module, kind: str, n: Node, data: list[int]
+                     ) -> Callable[[R.Moments], tuple[R.Moments, R.Back]] | None:
+        """The rule for this module call, or None when only its body (or nothing) can predict it."""
+        shape = n.shape or ()
+        if kind in MODULE_RULES:
+            return lambda x: MODULE_RULES[kind](m, x, n)
+        if isinstance(m, nn.Embedding):
+            return None if n.body else (lambda x: R.embedding(m.weight, x if data else None, shape))
+        if has_fan_rule(m) and not isinstance(m, nn.MultiheadAttention | nn.RNNBase):
+            return lambda x: R.weight_layer(m, x, shape)
+        if activation_module(m):
+            return lambda x: R.activation(m, x)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return lambda x: R.batch_norm(m, x)
+        if isinstance(m, nn.GroupNorm):
+            return lambda x: R.group_norm(m, x)
+        if isinstance(m, nn.LayerNorm) or (is_norm(m) and "RMS" not in kind and "Layer" in kind):
+            return lambda x: R.layer_norm(m, x)
+        if "RMSNorm" in kind:
+            return lambda x: R.layer_norm(m, x, rms=True)
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            return lambda x: R.dropout(x, float(m.p), m.training)
+        if isinstance(m, nn.Softmax | nn.Softmin | nn.LogSoftmax):
+            return None
+        if "Pool" in kind:
+            return lambda x: _pool(n, m, x)
+        if kind in SHAPE_MODULES:
+            key = data[0]
+            return lambda x: P.view_moments(lambda vals: m(vals[key]), {key: x})
+        if kind == "Identity":
+            return lambda x: (x, _identity_back)
+        return None
+
+    def _body_known(self, n: Node) -> bool:
+        """True when every value the body reads from outside is known: the call is computed exactly."""
+        return all(self.val(j).known for b in n.body for j in b.inputs if j >= 0)
+
+    def _body_call(self, n: Node) -> Step:
+        """A module predicted from the ops inside it: walk its body, and go back through it. An op inside
+        that cannot be followed (its rule fails on these arguments) makes the module pass its input
+        through, with the reason in the warning, when it keeps the shape."""
+        for b in n.body:
+            self.node_of[b.index] = b
+        self.context.append(n.kind)
+        try:
+            self._walk(n.body)
+        except Exception as exc:  # noqa: BLE001 - one module predict cannot follow; the rest goes on
+            self.context.pop()
+            data = [i for i in n.inputs if self.node_of[i].op != "const"]
+            x = self.val(data[0]) if data else R.const(torch.zeros(n.shape or ()))
+            if n.shape is None or tuple(x.shape or ()) != tuple(n.shape):
+                raise
+            why = str(exc) if isinstance(exc, SignalpropError) else f"{type(exc).__name__}: {exc}"
+            passed, ident = self._unknown(f"{n.kind} ({why.split('; add one')[0]})", n, x)
+            return passed, ident, data[:1]
+        self.context.pop()
+        out = self.val(n.body_out if n.body_out is not None else n.body[-1].index)
+        used = sorted({j for b in n.body for j in b.inputs if j >= 0 and not self.val(j).known})
+        body = n.body
+        out_index = n.body_out if n.body_out is not None else body[-1].index
+
+        def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
+            acc: dict[int, torch.Tensor] = {out_index: g2}
+            self._backward(body, acc)
+            return [acc.get(j) for j in used]
+
+        return out, back, used
+
     def _unknown(self, kind: str, n: Node, x: R.Moments) -> tuple[R.Moments, R.Back]:
+        """Pass the input through (shape kept: counted for the warning) or raise (shape changed). Inside a
+        module's body the rule to add is the module's."""
+        owner = self.context[-1] if self.context else kind
+        label = f"{kind} in {owner}" if self.context else kind
         if n.shape is not None and tuple(x.shape or ()) != tuple(n.shape):
             raise SignalpropError(
-                f"predict has no rule for {kind} ({n.name}), which changes the shape from "
+                f"predict has no rule for {label} ({n.name}), which changes the shape from "
                 f"{x.shape} to {n.shape}; add one with signalprop.predict.register_rule("
-                f"{kind!r}, rule), where rule(module, moments, node) returns (moments, backward)"
+                f"{owner!r}, rule), where rule(module, moments, node) returns (moments, backward)"
             )
-        self.unknown[kind] = self.unknown.get(kind, 0) + 1
+        self.unknown[label] = self.unknown.get(label, 0) + 1
         return x, _identity_back
 
-    def _fn(self, n: Node, vals: dict[int, R.Moments]) -> tuple[R.Moments, R.Back | None, list[int]]:
-        ins = {i: vals[i] for i in n.inputs}
-        data = list(ins)
+    # ---- functions ---------------------------------------------------------------------------------------
+    def _fn(self, n: Node) -> Step:
         name = n.name
-        if not data:  # a tensor built from nothing (arange, ones): its value is known
-            value = P.replay(n, {})
-            return R.const(value if isinstance(value, torch.Tensor) else torch.tensor(float(value))), None, []
+        if name == "output":  # a module's second (third, ...) output: read from its body, no gradient
+            call, k = n.args[0], n.args[1]
+            return self.vals.get(k, self.val(call.index)), None, []
+        if name in NO_OPS:
+            return R.const(None), None, []
+        ins = {i: self.val(i) for i in n.inputs}
+        if name == "embedding":
+            emb = O.embedding_fn(n, ins)
+            if emb is not None:
+                return emb
+        if not ins:  # a tensor built from nothing (arange, ones): its value is known
+            return R.const(P.replay(n, {})), None, []
+        if all(v.known for v in ins.values()):
+            return R.const(P.replay(n, {i: v.value for i, v in ins.items()}),
+                           tokens=any(v.tokens for v in ins.values())), None, []
+        if name in VALUE_FREE_OPS:
+            return R.const(P.replay(n, {i: v.value if v.known else _placeholder(self.node_of[i], v)
+                                        for i, v in ins.items()})), None, []
+        data = [i for i in ins if not ins[i].known]
         x = ins[data[0]]
+        if name == "getitem" and x.lazy is not None:
+            return _lazy_item(n, x)
+        if name in MULTI_OPS:
+            return R.Moments(x.mean, x.var, shape=x.shape, lazy=(n, ins)), None, []
         if name in ACTIVATION_OPS:
             out, back = R.activation(fn_activation(n, self.graph.nodes), x)
             return out, back, data[:1]
         if name in IDENTITY_OPS:
             return x, _identity_back, data[:1]
         if name in SHAPE_OPS:
-            out, back = P.shape_op(n, ins)
-            return out, back, data
+            return P.shape_op(n, ins)
+        rule = O.FN_RULES.get(name) or A.FN_RULES.get(name)
+        step = rule(n, ins) if rule is not None else None
+        if step is not None:
+            return step
         if name == "dropout":
             p = _arg(n, 1, "p", 0.5)
             train = _arg(n, 2, "train", _arg(n, 2, "training", True))
             out, back = R.dropout(x, float(p), bool(train))
             return out, back, data[:1]
         if name in ("add", "sub", "rsub"):
-            return _add(n, ins, vals)
+            return _add(n, ins)
         if name in ("mul", "div", "neg"):
             return _mul(n, ins)
-        if name == "mean":
-            out, back = P.mean_reduce(n, x)
-            return out, back, data[:1]
         if "pool" in name:
             out, back = _pool(n, None, x)
             return out, back, data[:1]
@@ -262,63 +476,42 @@ class _Predictor:
         return out, back, data[:1]
 
     # ---- trace -----------------------------------------------------------------------------------------
-    def _trace(self, vals: dict[int, R.Moments], g2: dict[int, torch.Tensor], input_shape: Any) -> Trace:
+    def _trace(self, g2: dict[int, torch.Tensor], input_shape: Any) -> Trace:
         nodes = self.graph.nodes
         layers = []
         for c in self.graph.calls:
             i = c.node
             while nodes[i].op == "alias" and nodes[i].inputs:
                 i = nodes[i].inputs[0]
-            x = vals.get(i)
+            x = self.vals.get(i)
             meta: dict[str, Any] = {"log_var_std": None}
-            if x is None:
+            if x is None or x.lazy is not None or (x.known and not isinstance(x.value, torch.Tensor)):
                 fwd = Stats()
                 bwd = None
             else:
-                fwd, meta = _stats(x)
-                gg = g2.get(i)
-                bwd = Stats.from_moments(0.0, float(gg.mean()) if gg is not None else 0.0, numel=fwd.numel)
+                fwd, meta = B.stats(x, self.batch, self.cond)
+                bwd = B.grad_stats(g2.get(i), fwd.numel)
             layers.append(LayerStats(c.name, c.kind, fwd, bwd, tuple(c.shape or ()),
                                      str(nodes[c.node].dtype or "float32"), c.weight_layer, meta))
-        meta_t = {"input_shape": list(input_shape), "input_var": self.input_var, "graph": self.graph.method,
-                  "capture_failures": dict(self.graph.failures), "batch": 2}
+        meta_t = {"input_shape": input_shape, "input_var": self.input_var, "graph": self.graph.method,
+                  "capture_failures": dict(self.graph.failures), "batch": self.batch}
         return Trace(layers, source="predicted", meta=meta_t)
 
 
-def _stats(x: R.Moments) -> tuple[Stats, dict[str, Any]]:
-    """Stats of one predicted value: the mean-field mean and variance, the band of one finite network.
+def _placeholder(node: Node, x: R.Moments) -> torch.Tensor:
+    """A zero tensor of the node's shape and dtype, for ops that read only those."""
+    dtype = getattr(torch, node.dtype or "float32", torch.float32)
+    return torch.zeros(tuple(node.shape or x.shape or ()), dtype=dtype if isinstance(dtype, torch.dtype) else None)
 
-    ``var`` is the per-element variance ``mean(q) - mean^2`` (He's formula). One network measures the
-    population variance over its whole tensor, from which the spread of its G channel offsets is missing:
-    ``E[measured var] = var - mean(s) / G`` (``meta["expected_var"]``, the band's centre), and those G
-    offsets add a relative variance ``2 (s / var)^2 / G`` (a chi-square with G degrees of freedom) to the
-    Hanin-Nica log-variance. ``chan_sq_mean`` and ``chan_var`` follow ``sp.measure``'s channels (dim 1):
-    a channel's mean carries its offset, ``chan_sq_mean = mean_c(m_c^2 + s_c / G_c)``,
-    ``chan_var = mean(q) - chan_sq_mean`` (Brock et al. 2021).
-    """
-    shape = tuple(x.shape or ())
-    nd = len(shape)
-    numel = math.prod(shape)
-    mean = float(x.mean.mean())
-    q = float(x.q.mean())
-    var = max(q - mean * mean, 0.0)
-    s_bar = float(x.shared.mean())
-    chan = None if x.chan is None or nd == 0 else x.chan % nd
-    groups = float(shape[chan]) if chan is not None else float(math.prod(shape[1:]) or 1)
-    expected = max(var - s_bar / groups, 0.0)
-    lv = max(x.lv, 0.0) + (2.0 * (s_bar / var) ** 2 / groups if var > 0 else 0.0)
-    sd = math.sqrt(lv)
-    band = (expected * math.exp(-Z90 * sd), expected * math.exp(Z90 * sd))
-    extra: dict[str, float] = {}
-    if nd >= 2:
-        dims = [d for d in range(nd) if d != 1]
-        m_c = R._mean_over(x.mean, nd, dims)
-        s_c = R._mean_over(x.shared, nd, dims)
-        g_c = 1.0 if chan == 1 else (float(shape[chan]) if chan is not None else float(math.prod(shape[2:]) or 1))
-        extra["chan_sq_mean"] = float((m_c * m_c + s_c / g_c).mean())
-        extra["chan_var"] = max(q - extra["chan_sq_mean"], 0.0)
-    fwd = Stats.from_moments(mean, var, var_band=band, numel=numel, **extra)
-    return fwd, {"log_var_std": sd, "expected_var": expected, "shared_var": s_bar}
+
+def _lazy_item(n: Node, x: R.Moments) -> Step:
+    """``split(...)[k]`` on data: the split replayed and indexed, as one view of the split's inputs."""
+    node, ins = x.lazy
+    k = n.args[1]
+    fixed = {i: v.value for i, v in ins.items() if v.known and not P._floating(v.value)}
+    data = {i: v for i, v in ins.items() if i not in fixed}
+    out, back = P.view_moments(lambda vals: P.replay(node, {**fixed, **vals})[k], data)
+    return out, back, list(data)
 
 
 def _pool(n: Node, m: nn.Module | None, x: R.Moments) -> tuple[R.Moments, R.Back]:
@@ -345,17 +538,10 @@ def _sum_to(g: torch.Tensor, out_shape: tuple[int, ...], in_shape: tuple[int, ..
     return g.expand(out_shape).sum_to_size(in_shape)
 
 
-def _operand(n: Node, pos: int, ins: dict[int, R.Moments], key: str = "other") -> tuple[R.Moments, int | None]:
-    v = n.args[pos] if len(n.args) > pos else n.kwargs.get(key, 0.0)
-    if isinstance(v, Ref):
-        return ins[v.index], v.index
-    return R.const(float(v) if not isinstance(v, torch.Tensor) else v), None
-
-
-def _add(n: Node, ins: dict[int, R.Moments], vals: dict[int, R.Moments]) -> tuple[R.Moments, R.Back, list[int]]:
+def _add(n: Node, ins: dict[int, R.Moments]) -> Step:
     """Sum (or difference) of independent values: means add (subtract), variances and shared parts add."""
-    a, ia = _operand(n, 0, ins, "input")
-    b, ib = _operand(n, 1, ins, "other")
+    a, ia = O.operand(n, 0, ins, "input")
+    b, ib = O.operand(n, 1, ins, "other")
     alpha = float(_arg(n, 2, "alpha", 1.0))
     sign = -1.0 if n.name == "sub" else 1.0
     if n.name == "rsub":
@@ -367,30 +553,24 @@ def _add(n: Node, ins: dict[int, R.Moments], vals: dict[int, R.Moments]) -> tupl
     va, vb = float(a.var.mean()), float(b.var.mean())
     lv = (va * va * a.lv + (s * s * vb) ** 2 * b.lv) / ((va + s * s * vb) ** 2) if va + vb > 0 else 0.0
     chan = a.chan if a.chan is not None else b.chan
-    out = R.Moments(mean, var, None, None, lv, a.rnd or b.rnd, _bshape(a, b), R.clamp_shared(shared, var), chan)
-    used = [i for i in (ia, ib) if i is not None]
+    out = R.Moments(mean, var, None, None, lv, a.rnd or b.rnd, O.bshape(a, b), R.clamp_shared(shared, var), chan,
+                    corr=max(a.corr, b.corr))
+    used = [i for i, v in ((ia, a), (ib, b)) if i is not None and not v.known]
 
     def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
-        res: list[torch.Tensor | None] = []
-        for i in (ia, ib):
-            if i is not None:
-                res.append(g2 if i == ia else g2 * s * s)
-        return res
+        return [g2 if i == ia else g2 * s * s for i in used]
 
     return out, back, used
 
 
-def _bshape(a: R.Moments, b: R.Moments) -> tuple[int, ...]:
-    return tuple(torch.broadcast_shapes(a.shape or (), b.shape or ()))
-
-
-def _mul(n: Node, ins: dict[int, R.Moments]) -> tuple[R.Moments, R.Back, list[int]]:
-    """Product of independent values: E[ab] = E[a]E[b], E[(ab)^2] = E[a^2]E[b^2]; division by a constant."""
-    a, ia = _operand(n, 0, ins, "input")
+def _mul(n: Node, ins: dict[int, R.Moments]) -> Step:
+    """Product of independent values: E[ab] = E[a]E[b], E[(ab)^2] = E[a^2]E[b^2]; division by a known value
+    multiplies by its reciprocal."""
+    a, ia = O.operand(n, 0, ins, "input")
     if n.name == "neg":
         b, ib = R.const(-1.0), None
     else:
-        b, ib = _operand(n, 1, ins, "other")
+        b, ib = O.operand(n, 1, ins, "other")
         if n.name == "div":
             b = R.const(1.0 / b.mean)
             ib = None
@@ -400,16 +580,11 @@ def _mul(n: Node, ins: dict[int, R.Moments]) -> tuple[R.Moments, R.Back, list[in
     if a.s is not None or b.s is not None:  # E[(ab)_1 (ab)_2] = E[a_1 a_2] E[b_1 b_2] for independent a, b
         shared = a.cross * b.cross - mean * mean
     chan = a.chan if a.chan is not None else b.chan
-    out = R.Moments(mean, var, None, None, max(a.lv, b.lv), a.rnd or b.rnd, _bshape(a, b),
-                    R.clamp_shared(shared, var), chan)
-    used = [i for i in (ia, ib) if i is not None]
+    out = R.Moments(mean, var, None, None, max(a.lv, b.lv), a.rnd or b.rnd, O.bshape(a, b),
+                    R.clamp_shared(shared, var), chan, corr=max(a.corr, b.corr))
+    used = [i for i, v in ((ia, a), (ib, b)) if i is not None and not v.known]
 
     def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
-        res: list[torch.Tensor | None] = []
-        if ia is not None:
-            res.append(g2 * b.q)
-        if ib is not None:
-            res.append(g2 * a.q)
-        return res
+        return [g2 * (b.q if i == ia else a.q) for i in used]
 
     return out, back, used

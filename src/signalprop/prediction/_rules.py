@@ -10,6 +10,12 @@ after a linear layer; None when unknown). ``lv`` is the variance of the log-vari
 network adds (Hanin & Nica 2019). Each rule returns the output :class:`Moments` and a backward function
 mapping E[g^2] at the output to E[g^2] at each input.
 
+A value can also be *known*: a parameter, buffer or literal, an integer model input (token ids, masks),
+or any op applied to known values only (positions from ``arange``, an additive attention mask, rotary
+tables), which is then computed exactly by running the op. ``tokens`` marks a known value that came from
+a model input: an embedding reads such ids as data (uniformly random tokens), other ids (positions) as
+the exact rows they select.
+
 **Where the shared part comes from.** A layer ``y_c = sum_j w_cj x_j + b_c`` with zero-mean i.i.d. weights
 of mean square ``sigma_w^2`` gives, for two distinct elements a, b of output channel c,
 ``E[y_a y_b] = sum_j sigma_w^2 E[x_ja x_jb] + b_c^2``: only products sharing a weight survive, and they
@@ -58,6 +64,7 @@ from torch import nn
 from . import _gauss as G
 
 Back = Callable[[torch.Tensor], list[torch.Tensor | None]]
+Z90 = 1.6448536269514722  # the standard normal's 95% quantile: a two-sided 90% band
 
 
 @dataclass
@@ -74,6 +81,12 @@ class Moments:
     shape: tuple[int, ...] | None = None
     s: torch.Tensor | None = None  # covariance with another element of the channel; None is 0
     chan: int | None = None
+    known: bool = False  # the exact value is known (module docstring)
+    value: Any = None  # that value, in its own dtype (a tuple for an op with several outputs)
+    tokens: bool = False  # the known value came from a model input
+    lazy: Any = None  # (node, input moments) of an op with several outputs on data, read by getitem
+    simplex: torch.Tensor | None = None  # softmax output over the last dim: E[sum_j P_j^2] per row
+    corr: float = 0.0  # sum over the other elements of one sample of their squared correlation with one (band)
 
     def __post_init__(self) -> None:
         if self.shape is None:
@@ -103,9 +116,17 @@ class Moments:
         return m**4 + 6 * m * m * v + 3 * v * v  # Gaussian
 
 
-def const(value: torch.Tensor | float, shape: tuple[int, ...] | None = None) -> Moments:
-    t = torch.as_tensor(value).detach().to(torch.float64)
-    return Moments(t, torch.zeros_like(t), shape=tuple(t.shape) if shape is None else shape)
+def const(value: Any, shape: tuple[int, ...] | None = None, tokens: bool = False) -> Moments:
+    """A known value: its moments are the value itself (mean) and zero variance; non-tensors (None, a
+    tuple of tensors, a size) are carried in ``value`` only."""
+    if isinstance(value, torch.Tensor | float | int | bool) and not (
+            isinstance(value, torch.Tensor) and value.is_complex()):
+        raw = torch.as_tensor(value).detach()
+        t = raw.to(torch.float64)
+        return Moments(t, torch.zeros_like(t), shape=tuple(t.shape) if shape is None else shape, known=True,
+                       value=raw, tokens=tokens)
+    z = torch.zeros((), dtype=torch.float64)
+    return Moments(z, z, shape=() if shape is None else shape, known=True, value=value, tokens=tokens)
 
 
 def clamp_shared(s: torch.Tensor | None, var: torch.Tensor) -> torch.Tensor | None:
@@ -134,7 +155,7 @@ def activation(act: Any, x: Moments) -> tuple[Moments, Back]:
     mean, second, fourth, d2, shared = G.act_moments(act, x.mean, x.var, x.s)
     var = (second - mean * mean).clamp_min(0)
     out = Moments(mean, var, fourth, (act, x.mean, x.var, x.s), x.lv, x.rnd, x.shape,
-                  clamp_shared(shared, var), x.chan)
+                  clamp_shared(shared, var), x.chan, corr=x.corr)
     return out, lambda g2: [g2 * d2]
 
 
@@ -171,21 +192,44 @@ def weight_layer(m: Any, x: Moments, shape: tuple[int, ...]) -> tuple[Moments, B
     """
     from ..init.fans import fans
 
-    w2 = mean_square(m.weight)
     fan_in, fan_out = (float(f) for f in fans(m))
+    bias = getattr(m, "bias", None)
+    conv = isinstance(m, nn.modules.conv._ConvNd)
+    extra = 0.0
+    if conv:
+        transposed = bool(getattr(m, "transposed", False))
+        extra = overlap_corr(m.out_channels, m.in_channels, math.prod(m.kernel_size),
+                             1 if transposed else math.prod(m.stride))
+    return weight_op(mean_square(m.weight), fan_in, fan_out, _independent_inputs(m, fan_in),
+                     bias if isinstance(bias, torch.Tensor) else None, x, shape, conv, extra)
+
+
+def overlap_corr(c_out: int, c_in: int, taps: int, stride: int) -> float:
+    """Squared correlations a convolution's output element has with the outputs at *other* positions whose
+    receptive fields overlap its own, summed: two outputs sharing o input taps (of n = c_in * taps) have
+    correlation of mean square o / n^2 over random weights, and the overlaps of one position with all others
+    sum to ``c_in taps (taps / stride - 1)``, over c_out channels each: ``c_out / c_in (1 / stride - 1 /
+    taps)`` (0 for a 1x1 or non-overlapping convolution)."""
+    return max(c_out / max(c_in, 1) * (1.0 / max(stride, 1) - 1.0 / max(taps, 1)), 0.0)
+
+
+def weight_op(w2: float, fan_in: float, fan_out: float, n_in: float, bias: torch.Tensor | None, x: Moments,
+              shape: tuple[int, ...], conv: bool, overlap: float = 0.0) -> tuple[Moments, Back]:
+    """The rule of :func:`weight_layer` from the numbers it needs: mean(w^2), the fans, the count of i.i.d.
+    input units ``n_in`` (Hanin-Nica), the bias, whether channels are dim 1 (convolutions) or the last
+    dim, and a convolution's :func:`overlap_corr`; functional ops (``F.linear``, ``F.conv1d`` on a
+    parametrized weight) call it directly. Two outputs at one position correlate through the weights'
+    rows, ``w_i . w_j / |w_i||w_j|`` of mean square 1 / fan_in: ``corr = (C - 1) / fan_in + overlap``."""
     q_in = float(x.q.mean())
     gain = fan_in * w2
     compact = (1,) * len(shape)
     var = torch.full(compact, gain * q_in, dtype=torch.float64)
-    shared = torch.full(compact, gain * float(x.cross.mean()), dtype=torch.float64)
-    bias = getattr(m, "bias", None)
+    shared = torch.full(compact, gain * between(x), dtype=torch.float64)
     mean = torch.zeros(compact, dtype=torch.float64)
-    conv = isinstance(m, nn.modules.conv._ConvNd)
     chan = 1 if conv else len(shape) - 1
     if isinstance(bias, torch.Tensor):
         b = bias.detach().to(torch.float64)
         mean = mean + b.reshape([-1] + [1] * (len(shape) - 1 - chan))
-    n_in = _independent_inputs(m, fan_in)
     lv = x.lv
     if x.rnd:
         q = x.q.reshape(-1)
@@ -196,7 +240,46 @@ def weight_layer(m: Any, x: Moments, shape: tuple[int, ...]) -> tuple[Moments, B
     def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
         return [torch.full(in_compact, fan_out * w2 * float(g2.mean()), dtype=torch.float64)]
 
-    return Moments(mean, var, None, None, lv, True, tuple(shape), clamp_shared(shared, var), chan), back
+    c_out = shape[chan] if shape else 1
+    corr = (c_out - 1) / max(fan_in, 1.0) + overlap
+    return Moments(mean, var, None, None, lv, True, tuple(shape), clamp_shared(shared, var), chan, corr=corr), back
+
+
+def between(x: Moments) -> float:
+    """``E[x_a x_b]`` for two distinct elements of one channel in one sample, averaged: ``s + m_a m_b``.
+
+    The mean product over the P(P - 1) ordered pairs of positions is ``((sum_p m_p)^2 - sum_p m_p^2) /
+    (P (P - 1))``: the square of the channel's mean when its means are equal (a bias), about zero for
+    known means that vary with position and average out (position embeddings). Without positions (a
+    vector per sample) the pairs are two samples: the square of the mean.
+    """
+    shape = tuple(x.shape or ())
+    nd = len(shape)
+    if nd == 0:
+        return float(x.cross.mean())
+    chan = nd - 1 if x.chan is None else x.chan % nd
+    pos = [d for d in range(1, nd) if d != chan]
+    n_pos = math.prod(shape[d] for d in pos)
+    m = x.mean.reshape((1,) * (nd - x.mean.dim()) + tuple(x.mean.shape)) if x.mean.dim() < nd else x.mean
+    if n_pos <= 1:
+        m_c = _mean_over(m, nd, [d for d in range(nd) if d != chan])
+        return float(x.shared.mean()) + float((m_c * m_c).mean())
+    s1 = _sum_full(m, pos, shape)
+    s2 = _sum_full(m * m, pos, shape)
+    pair = (s1 * s1 - s2) / (n_pos * (n_pos - 1))
+    return float(x.shared.mean()) + float(pair.mean())
+
+
+def _sum_full(t: torch.Tensor, dims: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """Sum over ``dims`` of a compact tensor as if expanded to ``shape`` (a size-1 dim counts its copies)."""
+    factor = 1.0
+    eff = []
+    for d in dims:
+        if t.shape[d] == 1:
+            factor *= shape[d]
+        else:
+            eff.append(d)
+    return (t.sum(eff, keepdim=True) if eff else t) * factor
 
 
 def _independent_inputs(m: Any, fan_in: float) -> float:
@@ -210,10 +293,14 @@ def _independent_inputs(m: Any, fan_in: float) -> float:
     return fan_in
 
 
-def embedding(m: Any, shape: tuple[int, ...]) -> tuple[Moments, Back]:
-    """Rows of the table for uniformly random tokens: per-feature mean and variance over the vocabulary;
-    two tokens are drawn independently, so nothing is shared beyond the known mean."""
-    w = m.weight.detach().to(torch.float64)
+def embedding(weight: torch.Tensor, idx: Moments | None, shape: tuple[int, ...]) -> tuple[Moments, Back]:
+    """Rows of the table. Ids that came from a model input (token ids) are data: uniformly random tokens,
+    so each feature's mean and variance are its column's over the vocabulary (the output's variance is
+    the weight's); two tokens are drawn independently, so nothing is shared beyond the known mean. Known
+    ids that are not data (positions from ``arange``, a buffer) select their exact rows: a known value."""
+    if idx is not None and idx.known and not idx.tokens and isinstance(idx.value, torch.Tensor):
+        return const(torch.nn.functional.embedding(idx.value.long(), weight.detach())), lambda g2: [None]
+    w = weight.detach().to(torch.float64)
     mean = w.mean(0)
     var = w.var(0, unbiased=False)
     return (Moments(mean, var, None, None, 0.0, True, tuple(shape), torch.zeros_like(var), len(shape) - 1),
@@ -227,11 +314,12 @@ def dropout(x: Moments, p: float, train: bool) -> tuple[Moments, Back]:
         return x, lambda g2: [g2]
     if p >= 1:
         z = torch.zeros_like(x.mean)
-        return (Moments(z, z.clone(), z.clone(), None, x.lv, x.rnd, x.shape, None, x.chan),
+        return (Moments(z, z.clone(), z.clone(), None, x.lv, x.rnd, x.shape, None, x.chan, corr=x.corr),
                 lambda g2: [torch.zeros_like(g2)])
     s = 1.0 / (1.0 - p)
     var = x.q * s - x.mean * x.mean
-    return (Moments(x.mean, var, x.fourth() * s**3, None, x.lv, x.rnd, x.shape, clamp_shared(x.s, var), x.chan),
+    return (Moments(x.mean, var, x.fourth() * s**3, None, x.lv, x.rnd, x.shape, clamp_shared(x.s, var), x.chan,
+                    corr=x.corr),
             lambda g2: [g2 * s])
 
 
@@ -273,7 +361,7 @@ def batch_norm(m: Any, x: Moments) -> tuple[Moments, Back]:
     a = gamma / torch.sqrt(var + float(m.eps))  # type: ignore[arg-type]
     ov = out_var * a * a
     out = Moments((x.mean - mu) * a + beta, ov, None, None, 0.0 if train else x.lv, x.rnd, x.shape,
-                  clamp_shared(out_s * a * a, ov), x.chan)
+                  clamp_shared(out_s * a * a, ov), x.chan, corr=x.corr)
     return out, lambda g2: [g2 * a * a]
 
 
@@ -315,7 +403,7 @@ def layer_norm(m: nn.Module, x: Moments, rms: bool = False) -> tuple[Moments, Ba
     a = gamma / torch.sqrt(var + eps)
     ov = (x.var - x.shared * cg_inv).clamp_min(0) * a * a
     out = Moments((x.mean - mu) * a + beta, ov, None, None, 0.0, x.rnd, x.shape,
-                  clamp_shared(x.shared * (1 - cg_inv) * a * a, ov), x.chan)
+                  clamp_shared(x.shared * (1 - cg_inv) * a * a, ov), x.chan, corr=x.corr)
     return out, lambda g2: [g2 * a * a]
 
 
@@ -336,5 +424,5 @@ def group_norm(m: nn.GroupNorm, x: Moments) -> tuple[Moments, Back]:
     a = a_g.reshape(mean.shape) * gamma
     ov = (var - sh * cg_inv).clamp_min(0) * a * a
     out = Moments((mean_g - mu).reshape(mean.shape) * a + beta, ov, None, None, 0.0, x.rnd, x.shape,
-                  clamp_shared(sh * (1 - cg_inv) * a * a, ov), x.chan)
+                  clamp_shared(sh * (1 - cg_inv) * a * a, ov), x.chan, corr=x.corr)
     return out, lambda g2: [g2 * a * a]
