@@ -248,3 +248,24 @@ def test_a_pass_whose_weights_move_runs_again_on_private_copies() -> None:
             sp.measure(model, x)
     finally:
         handle.remove()
+
+
+def test_fused_dropout_kernel_draws_from_the_runs_stream() -> None:
+    """``aten.native_dropout`` (the fused kernel CUDA's dropout calls; it takes no generator) gets the same
+    (output, mask) from the run's own generator: the mask keeps each element with probability 1 - p, the
+    kept ones are scaled by 1 / (1 - p), the same seed gives the same mask, the backward works."""
+    x = torch.randn(64, 64, requires_grad=True)
+    lin = nn.Linear(2, 2)
+    state0 = torch.get_rng_state()
+    with preserved(lin) as state:
+        with state.run(seed=3):
+            out, mask = torch.native_dropout(x, 0.25, True)
+        with state.run(seed=3):
+            _, again = torch.native_dropout(x, 0.25, True)
+    assert torch.equal(torch.get_rng_state(), state0)
+    assert mask.dtype == torch.bool and torch.equal(mask, again)
+    kept = float(mask.double().mean())
+    assert abs(kept - 0.75) < 4 * (0.75 * 0.25 / mask.numel()) ** 0.5
+    assert torch.allclose(out, x * mask / 0.75)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert torch.allclose(g, mask / 0.75)

@@ -52,7 +52,9 @@ def measure(
         not (each layer's output dtype is recorded in ``LayerStats.dtype``).
     inputs:
         A tensor (``model(x)``), a tuple or list (``model(*inputs)``) or a dict (``model(**inputs)``,
-        e.g. a transformers tokenizer output).
+        e.g. a transformers tokenizer output). The model gets copies of the floating-point tensors that
+        require no grad, as a training loop's inputs do (a model may mark its own input, as Wav2Vec2 does
+        in train mode); the gradient starts at the first modules that read them.
     backward:
         Also record ``bwd``: statistics of the gradient with respect to each module's output.
     loss_fn:
@@ -68,13 +70,16 @@ def measure(
         Also record a histogram of each output and output gradient (``hist_bins`` equal bins between its
         smallest and largest value), as in Glorot & Bengio (2010, Fig. 6). Costs one more pass.
     seed:
-        Seed of the cotangent's generator (torch's global RNG is restored afterwards either way).
+        Seed of the cotangent's generator and of the forward's own random stream (dropout masks,
+        layerdrop): a measurement repeats exactly, and torch's global generators are neither used nor
+        rewound (:mod:`signalprop._state`).
     distributed:
         ``None`` (default): reduce across ranks when a ``torch.distributed`` process group is initialized.
-        ``False``: this process's batch only. Every rank must run the same model on batches of the same
-        shape (as DistributedDataParallel does); the cotangent of rank r is rows ``r*B:(r+1)*B`` of the one
-        a single process would draw for the concatenated batch, so the result equals a single-process
-        measurement of that batch (for a ``loss_fn``, gradients scale as each rank's loss does).
+        ``False``: this process's batch only. Every rank must run the same model on inputs of the same
+        per-sample shape (batch sizes may differ); each rank's cotangent is its own rows of the one a single
+        process would draw for the concatenated batch, so the result equals a single-process measurement
+        of that batch, and ``meta["batch_size"]`` is the total (for a ``loss_fn``, gradients scale as each
+        rank's loss does).
 
     Returns
     -------
@@ -82,7 +87,9 @@ def measure(
     and has children comes before its children). Names are those of ``named_modules()``; the k-th reuse of
     a module is ``name#k`` (k >= 1), with ``meta["call"] = k``. ``fwd`` describes the output (its first
     floating-point tensor, for tuple, dict and ``ModelOutput`` outputs); calls whose output holds none are
-    left out. ``bwd`` is None when ``backward=False`` or when the output does not influence the loss.
+    left out. ``bwd`` is None when ``backward=False``, when the output does not influence the loss, or
+    when the output is a view that code after the module overwrote in place (torch runs no hook
+    registered on a view before such a write).
 
     Statistics (:class:`~signalprop.trace.Stats`) cover every element: mean, population variance, std,
     rms, absmax, zero_frac, nonfinite_frac, and the per-channel averages ``chan_sq_mean``, ``chan_var``
@@ -100,7 +107,7 @@ def measure(
     Raises
     ------
     SignalpropError for bad arguments; whatever the model's forward raises, unchanged (the model is
-    restored first).
+    restored first: every parameter and buffer in place, :func:`signalprop._state.preserved`).
 
     Example
     -------
