@@ -7,15 +7,13 @@ inside a training step, right after a large convolution, each small operation co
 and cold caches, several times its isolated cost (measured here on a 20-layer CNN step: ~120 us a tensor).
 So the hooks only *copy* each sample (the same one, :func:`signalprop.monitor._sums.sample_of`) into a slot of a persistent buffer
 shared by every tensor of that layout, and the buffer is reduced in one batch of a few operations when it
-fills and when the step closes (:meth:`PrefixBatch.finish`): the per-tensor cost is one copy. The output
-of a clamp (a ReLU) whose input was copied costs none: its slot is filled from the input's slot, clamped,
-when the buffer is reduced (:meth:`PrefixBatch.derive`; the 20 ReLU outputs of the bench's CNN: one clamp a step).
+fills and when the step closes (:meth:`PrefixBatch.finish`): the per-tensor cost is one copy.
 
 The samples are buffered in float64, as ``compact_sums`` casts them: the numbers are the same (up to
-float64 rounding), and the squares of every finite float32 value fit (DESIGN.md: statistics stay finite
-whenever every element is). A float32 buffer with an exact power-of-two rescaling per sample was tried:
-its reductions ran 20% faster, but in the training step it saved about 1 ms of 165 (within the noise) at
-the price of float32 rounding of the sums, so it was left out.
+float64 rounding), and the squares of every finite float32 value fit, so the statistics stay finite
+whenever every element is. (A float32 buffer with an exact power-of-two rescaling per sample reduces 20%
+faster, but saves about 1 ms of a 165 ms training step, within the noise, at the price of float32 rounding
+of the sums.)
 
 Buffers are reused every step, so nothing is allocated per tensor: each starts with 4 slots and doubles
 when a step fills it, up to :data:`MAX_SLOTS` samples or :data:`GROUP_BYTES`, after which a full buffer
@@ -69,9 +67,6 @@ class _Group:
     """Samples of this step already reduced into ``blocks``."""
     pos: int = -1
     """Place among this step's groups (-1: none of this step's samples yet)."""
-    derived: list[tuple[int, int, float, float | None]] = field(default_factory=list)
-    """``(slot, source slot, lo, hi)``: slots to fill with the source slot clamped to ``[lo, hi]`` before the
-    buffer is reduced (see :meth:`PrefixBatch.derive`)."""
 
     def __post_init__(self) -> None:
         self.allocate(min(4, self.max_slots))
@@ -91,9 +86,9 @@ class PrefixBatch:
     the ticket's sample, and readies the store for the next step.
     """
 
-    def __init__(self, sample: int, group_bytes: int = GROUP_BYTES, max_slots: int = MAX_SLOTS) -> None:
+    def __init__(self, sample: int, group_bytes: int | None = None, max_slots: int = MAX_SLOTS) -> None:
         self.sample = sample
-        self.group_bytes = group_bytes
+        self.group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
         self.max_slots = max_slots
         self._groups: dict[tuple[object, ...], _Group] = {}
         self._plans: dict[tuple[object, ...], tuple[_Group | None, _ViewArgs, int, int]] = {}
@@ -124,23 +119,6 @@ class PrefixBatch:
         g.slots[g.used].copy_(t if view is None else t.as_strided(view[0], view[1], t.storage_offset()))
         g.used += 1
         return g.pos, g.taken + g.used - 1, numel, zero_n, partial
-
-    def derive(
-        self, t: torch.Tensor, channel_dim: int | None, source: tuple[int, int], lo: float, hi: float | None
-    ) -> tuple[int, int, int, int, bool] | None:
-        """Queue the sample of ``t``, a tensor equal to ``clamp(x, lo, hi)`` of the same shape, as the source
-        ticket's sample (``source``: the first two items of ``add``'s ticket for ``x``, this step) clamped, with
-        no copy: the slot is filled from the source slot when the buffer is reduced, with one clamp for every
-        run of evenly spaced pairs (a CNN's convolution and ReLU outputs alternate: one op for all of them).
-        Returns ``add``'s ticket, or None when the source's sample has left the buffer (it filled and was
-        reduced), the buffer is full or ``t``'s layout is another group's: the caller then ``add``s ``t``."""
-        g, _, numel, zero_n = self._plan_of(t, channel_dim)
-        pos, index = source
-        if g is None or g.pos != pos or index < g.taken or g.used == len(g.slots):
-            return None
-        g.derived.append((g.used, index - g.taken, lo, hi))
-        g.used += 1
-        return g.pos, g.taken + g.used - 1, numel, zero_n, numel < t.numel()
 
     def _plan_of(self, t: torch.Tensor, channel_dim: int | None) -> tuple[_Group | None, _ViewArgs, int, int]:
         """The plan of ``t``'s shape, stride, channel dimension and device, worked out on first sight."""
@@ -184,7 +162,6 @@ class PrefixBatch:
         """Forget this step's samples (the buffers stay allocated for the next step)."""
         for g in self._order:
             g.used = 0
-            g.derived = []
         self._end_step()
 
     @property
@@ -207,9 +184,6 @@ class PrefixBatch:
             self._plans = {}
 
     def _reduce(self, g: _Group) -> None:
-        if g.derived:
-            fill_derived(g.buf, g.derived)
-            g.derived = []
         need = g.used * (g.buf[0].numel() // g.zero_stride)
         scratch = self._scratch.get(g.device)
         if scratch is None or scratch.numel() < need:  # sized by the largest block so far, kept for the run
@@ -217,31 +191,6 @@ class PrefixBatch:
         g.blocks.append(reduce_block(g.buf[: g.used], g.channel_dim, g.zero_stride, scratch))
         g.taken += g.used
         g.used = 0
-
-
-def fill_derived(buf: torch.Tensor, derived: list[tuple[int, int, float, float | None]]) -> None:
-    """Fill ``buf[slot] = clamp(buf[source], lo, hi)`` for every ``(slot, source, lo, hi)``, one ``clamp``
-    per run of pairs with the same bounds whose slots and sources both step evenly (strided views of the
-    buffer). Sources are never derived slots themselves, so no clamp reads what another writes."""
-    by_bounds: dict[tuple[float, float | None], list[tuple[int, int]]] = {}
-    for slot, src, lo, hi in derived:
-        by_bounds.setdefault((lo, hi), []).append((slot, src))
-    for (lo, hi), pairs in by_bounds.items():
-        i = 0
-        while i < len(pairs):
-            d0, s0 = pairs[i]
-            j = i
-            if i + 1 < len(pairs):
-                dd, ds = pairs[i + 1][0] - d0, pairs[i + 1][1] - s0
-                if dd > 0 and ds > 0:
-                    j = i + 1
-                    while j + 1 < len(pairs) and (pairs[j + 1][0] - pairs[j][0], pairs[j + 1][1] - pairs[j][1]) == (dd, ds):
-                        j += 1
-            if j == i:
-                torch.clamp(buf[s0], lo, hi, out=buf[d0])
-            else:
-                torch.clamp(buf[s0 : pairs[j][1] + 1 : ds], lo, hi, out=buf[d0 : pairs[j][0] + 1 : dd])
-            i = j + 1
 
 
 def reduce_block(

@@ -11,7 +11,7 @@ __all__ = ["Event", "NonFiniteWarning", "OverflowRiskWarning", "ParamStats", "Re
 
 
 class NonFiniteWarning(RuntimeWarning):
-    """A recorded value (output, output gradient, parameter or parameter gradient) was inf or nan."""
+    """A recorded value (output, output gradient, parameter, parameter gradient or loss) was inf or nan."""
 
 
 class OverflowRiskWarning(RuntimeWarning):
@@ -33,19 +33,21 @@ class ParamStats:
 
 @dataclass(frozen=True)
 class Record:
-    """One recorded step: its number, the per-call :class:`~signalprop.trace.Trace`, and per-parameter stats
-    keyed by ``named_parameters()`` name."""
+    """One recorded step: its number, the per-call :class:`~signalprop.trace.Trace`, per-parameter stats
+    keyed by ``named_parameters()`` name, and the loss given to ``step(loss=...)`` (None when not given)."""
 
     step: int
     trace: Trace
     params: dict[str, ParamStats]
+    loss: float | None = None
 
 
 @dataclass(frozen=True)
 class Event:
     """Something the Monitor warned about: ``kind`` is ``"nonfinite"`` or ``"overflow_risk"``; ``where`` is
-    ``"forward"`` (the output), ``"backward"`` (the gradient w.r.t. the output), ``"parameter"`` or
-    ``"gradient"`` (a parameter's ``.grad``)."""
+    ``"forward"`` (the output), ``"backward"`` (the gradient w.r.t. the output), ``"parameter"``,
+    ``"gradient"`` (a parameter's ``.grad``) or ``"loss"`` (the loss given to ``step()``; ``layer`` is then
+    empty)."""
 
     step: int
     kind: str

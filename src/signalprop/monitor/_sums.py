@@ -7,8 +7,7 @@ the device operations of a standalone ``tensor_sums`` row, whose counts and cons
 operation). The Monitor's usual path batches the samples of many tensors instead
 (:mod:`signalprop.monitor._batch`, the same row layout); this per-tensor path serves exact statistics
 (``sample=None``), histograms and samples too large to batch. It also holds the non-finite check
-(:func:`full_sum`) and which modules may reuse their input's check (:func:`finite_preserving`). What this
-module adds is where the numbers come from:
+(:func:`full_sum`). What this module adds is where the numbers come from:
 
 - **a fixed-size sample**: the moments, extremes, zeros and channel sums come from the smallest number of
   leading samples (along dim 0) that hold at least ``sample`` elements, or, where one sample alone holds
@@ -36,7 +35,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from ..stats import CHECK, NUMEL, _fast_parts, leading_rows, tensor_sums
 
@@ -131,75 +129,12 @@ def full_sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum(dtype=torch.float32 if t.dtype in _LOW_PRECISION else t.dtype)
 
 
-_FINITE_PRESERVING: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.ELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh,
-    nn.Hardsigmoid, nn.Softsign, nn.Identity, nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)
-"""Modules (these exact classes, not subclasses) whose output is finite whenever their input is: each output
-element is the input element or a function bounded by max(|x|, a constant) (ReLU, GELU, tanh, ...), or a
-maximum or rearrangement of input elements. Average pools and SELU are left out (a sum of large finite
-values, or a gain above one, can pass the float maximum)."""
-
-
-def finite_preserving(module: nn.Module) -> bool:
-    """True when ``module``'s output is finite whenever its first input is (see :data:`_FINITE_PRESERVING`);
-    LeakyReLU counts when its negative slope is at most 1 in magnitude."""
-    if type(module) is nn.LeakyReLU:
-        return abs(float(module.negative_slope)) <= 1.0
-    return type(module) in _FINITE_PRESERVING
-
-
-_CLAMPS: dict[type[nn.Module], tuple[float, float | None]] = {nn.ReLU: (0.0, None), nn.ReLU6: (0.0, 6.0)}
-"""Modules (these exact classes) whose output is ``clamp(input, lo, hi)`` element by element, with bounds that
-float32, bfloat16 and float16 hold exactly, so that clamping a float64 copy of the input gives the float64
-copy of the output."""
-
-
-def clamp_bounds(module: nn.Module) -> tuple[float, float | None] | None:
-    """``(lo, hi)`` when ``module``'s output is its input clamped to ``[lo, hi]`` (``hi`` None: no upper
-    bound), exactly (see :data:`_CLAMPS`): the sample of such an output is the clamped sample of its input
-    at the same positions, so a Monitor derives it from the input's sample instead of copying it."""
-    return _CLAMPS.get(type(module))
-
-
-_BIAS_SUMS_GRADIENT: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
-)
-"""Modules (these exact classes) whose output is ``y = f(x) + bias`` broadcast along the channel dimension,
-so that the gradient arriving at ``bias`` from one call is the output gradient summed over every other
-dimension: ``dL/db_c = sum_{n,h,w} dL/dy_{n,c,h,w}``. A sum holds inf/nan whenever an addend does (inf + -inf
-is nan), so that small gradient is finite exactly when the whole output gradient is (up to float32
-overflow of the sum, as for :func:`full_sum`)."""
-
-BIAS_CHECK_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-"""Output-gradient dtypes whose bias gradient can stand in for the full sum: float16's largest value
-(65504) is small enough for a sum of finite gradients to overflow, so float16 gradients take a full sum."""
-
-
-def checking_bias(module: nn.Module, owners: dict[int, int]) -> nn.Parameter | None:
-    """The bias of ``module`` whose incoming gradient can stand in for its output gradient's full sum (see
-    :data:`_BIAS_SUMS_GRADIENT`), or None: a plain 1-d float parameter that requires grad, is owned by this
-    module alone (``owners``: id(parameter) -> modules holding it) and has no gradient hooks of its own
-    (a hook registered before the Monitor's could change the gradient it sees, e.g. a clamp turning inf into
-    a finite value)."""
-    if type(module) not in _BIAS_SUMS_GRADIENT:
-        return None
-    bias = module._parameters.get("bias")
-    if type(bias) is not nn.Parameter or not bias.requires_grad or bias.dim() != 1 or not bias.is_floating_point():
-        return None
-    if owners.get(id(bias), 0) != 1 or bias._backward_hooks:
-        return None
-    return bias
-
-
 COMPACT_MAX = (2, 3)
 """Positions of a :func:`compact_sums` row to combine across ranks with MAX (all others: SUM)."""
 
 
 def compact_sums(
-    t: torch.Tensor, channel_dim: int | None, sample: int | None, *, check: bool = True
+    t: torch.Tensor, channel_dim: int | None, sample: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int] | None]:
     """Like :func:`sample_sums`, with fewer device operations: ``(row, moments_source, check, counts)``.
 
@@ -209,8 +144,7 @@ def compact_sums(
     ``counts = (moment elements, zero-sample elements)`` are host numbers, and :func:`expand_row` turns
     the host copy into a ``tensor_sums`` row (SUM is the sum of the channel sums). About half the
     operations of a standalone ``tensor_sums`` row, and one long-lived allocation per tensor. A 0-d or empty
-    tensor gets a full ``tensor_sums`` row and ``counts=None``. ``check=False`` skips the full sum (the
-    caller vouches for the tensor's finiteness otherwise).
+    tensor gets a full ``tensor_sums`` row and ``counts=None``.
     """
     t = t.detach()
     if t.dim() == 0 or t.numel() == 0:
@@ -220,7 +154,7 @@ def compact_sums(
     head = t
     if sample is not None:
         head = sample_of(t, sample, channel_dim).to(torch.float64)
-        if head.numel() < t.numel() and check:
+        if head.numel() < t.numel():
             full = full_sum(t)
     cd = None if channel_dim is None else channel_dim % head.dim()
     sumsq, lo, hi, zeros, chan, zero_n = _fast_parts(head, cd)

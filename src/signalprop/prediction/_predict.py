@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from .._errors import SignalpropError
+from .._hooks import internal_run
 from .._state import preserving
 from ..graph._analysis import ACTIVATION_OPS, activation_module, fn_activation
 from ..graph._graph import capture, example_inputs
@@ -160,7 +161,7 @@ def predict(
     variances = _input_vars(input_var, flat, inputs is not None)
     g = graph if graph is not None else capture(model, _capture_inputs(args, kwargs))
     shape = list(input_shape) if input_shape is not None else [list(t.shape[1:]) for t in _tensors((args, kwargs))]
-    with torch.no_grad():
+    with torch.no_grad(), internal_run():
         p = _Predictor(model, g, variances, batch)
         p.cond = cond
         return p.run(shape)
