@@ -31,7 +31,8 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9)
 
 
-def _worker(rank: int, port: int) -> None:
+def _worker(rank: int, port: int, sizes: tuple[int, ...]) -> None:
+    """Rank r measures rows sum(sizes[:r]) : sum(sizes[:r+1]) of one batch; the whole batch is measured locally."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -39,10 +40,10 @@ def _worker(rank: int, port: int) -> None:
     try:
         torch.manual_seed(0)
         model = sp.models.plain_cnn(3, 8)
-        x = torch.randn(4 * WORLD, 3, 16, 16)
+        x = torch.randn(sum(sizes), 3, 16, 16)
         x[0, 0, 0, 0] = float("nan")  # non-finite on rank 0 only: both ranks must take the careful pass
         whole = sp.measure(model, x, distributed=False, histograms=True, hist_bins=8)
-        part = sp.measure(model, x.chunk(WORLD)[rank], histograms=True, hist_bins=8)
+        part = sp.measure(model, x.split(list(sizes))[rank], histograms=True, hist_bins=8)
         assert part.meta["world_size"] == WORLD and part.meta["batch_size"] == x.shape[0]
         assert part.meta["passes"] == whole.meta["passes"] == 3
         assert part.names == whole.names
@@ -61,4 +62,10 @@ def _worker(rank: int, port: int) -> None:
 
 
 def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch() -> None:
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), (4, 4)), nprocs=WORLD, join=True)
+
+
+def test_uneven_batches_report_the_true_total_and_match_one_process() -> None:
+    """Ranks holding 3 and 5 samples: batch_size is 8 (not 2 x the local batch), and each rank's cotangent is
+    its own rows of the draw for the whole batch, so the gradients match a single process too."""
+    mp.spawn(_worker, args=(_free_port(), (3, 5)), nprocs=WORLD, join=True)

@@ -1,4 +1,4 @@
-"""Reducing measure's packed statistics across torch.distributed ranks (issue 6, part 3).
+"""Reducing measure's packed statistics across torch.distributed ranks.
 
 Every entry of the packed vector is a sum over elements except the extremes, so one all_gather followed by
 a local sum (a max on the extremes) gives every rank the statistics of the whole, sharded batch; measure and
@@ -49,3 +49,24 @@ def reduce_rows(vec: torch.Tensor, max_index: list[int], group_size: int) -> tor
         idx = torch.tensor(max_index, dtype=torch.long, device=vec.device)
         red[idx] = parts[:, idx].amax(0)
     return red
+
+
+def rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    import torch.distributed as dist
+
+    return int(dist.get_rank()) if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather_sizes(n: int, device: torch.device, group_size: int) -> list[int]:
+    """Every rank's ``n`` (a batch size), in rank order, with one all_gather of one number per rank."""
+    if group_size <= 1:
+        return [n]
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        device = torch.device("cpu")
+    out = torch.zeros(group_size, dtype=torch.int64, device=device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, torch.tensor([n], dtype=torch.int64, device=device))
+    return [int(v) for v in out.tolist()]

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .._errors import SignalpropError
+from .._inputs import first_tensor
+from .._state import preserving
 from ..trace import Trace, _jsonable, dump_json
 from ._findings import KINDS, SEVERITIES, Finding
 from ._rules import RULES, THRESHOLDS, Rule, RuleContext, run_rules
@@ -256,6 +258,7 @@ def _check_not_empty(trace: Trace) -> None:
         )
 
 
+@preserving  # one snapshot for measure, probe, annotate's weight reads and predict's capture
 def diagnose(
     model: nn.Module,
     inputs: Any,
@@ -291,7 +294,7 @@ def diagnose(
         raise SignalpropError(f"diagnose needs an nn.Module, got {type(model).__name__}")
     factor = _check_factor(factor)
     from ..measurement._measure import measure
-    from ._probe import annotate, first_tensor, input_stats, probe, untrained_norms_in_eval
+    from ._probe import annotate, input_stats, probe, untrained_norms_in_eval
 
     x = first_tensor(inputs)
     if x is not None and x.numel() == 0:

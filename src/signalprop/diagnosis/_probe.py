@@ -4,15 +4,14 @@ per-layer facts read off the model (fans, the activation after each weight layer
 The pass runs under ``torch.no_grad`` with forward hooks on the few modules that need it (ReLU-family
 outputs: units that are zero for the whole batch; tanh/sigmoid outputs: the fraction near the bounds;
 layers whose measured rms is tiny: the fraction of subnormal values), and leaves the model as it found
-it: buffers (BatchNorm running statistics) are copied back, the RNG streams restored, modes untouched,
-the hooks are removed, no ``.grad`` is created (measure's snapshot, :mod:`signalprop._state`).
+it (:func:`signalprop._state.preserved`, the snapshot measure uses: inside ``sp.diagnose`` the same one):
+what the forward writes is put back, dropout draws the masks of the measured pass from a generator of its
+own, the hooks are removed, no ``.grad`` is created.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -21,7 +20,9 @@ from torch import nn
 
 from .. import theory
 from .._errors import SignalpropError
-from .._hooks import internal_run, is_real
+from .._hooks import HookSet, is_real
+from .._inputs import call_model, first_tensor
+from .._state import preserved
 from ..layers import is_norm, is_weight_layer
 from ..trace import LayerStats, Trace
 from ._recurrent import gate_saturation
@@ -29,30 +30,6 @@ from ._recurrent import gate_saturation
 _RELU = {"relu", "relu6"}
 _SAT = {"tanh", "sigmoid", "hardtanh", "softsign"}
 _TINY_RMS = 1e-25  # below this a float32 layer may hold subnormal values (float32 tiny: 1.2e-38)
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(x)`` for a tensor, ``model(*x)`` for a tuple/list, ``model(**x)`` for a mapping."""
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    if hasattr(inputs, "keys") and hasattr(inputs, "__getitem__"):
-        return model(**{k: inputs[k] for k in inputs.keys()})
-    return model(inputs)
-
-
-def first_tensor(inputs: Any) -> torch.Tensor | None:
-    """The first tensor of the inputs (a tensor, a tuple's first tensor, a mapping's first tensor)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs
-    if isinstance(inputs, tuple | list):
-        items: list[Any] = list(inputs)
-    elif hasattr(inputs, "values"):
-        items = list(inputs.values())
-    else:
-        return None
-    return next((t for t in items if isinstance(t, torch.Tensor)), None)
 
 
 def input_stats(inputs: Any) -> dict[str, float]:
@@ -72,19 +49,6 @@ def input_stats(inputs: Any) -> dict[str, float]:
         "absmax": float(xf.abs().max()),
         "nonfinite_frac": frac,
     }
-
-
-@contextlib.contextmanager
-def preserved(model: nn.Module) -> Iterator[None]:
-    """Give back everything a forward can change (buffers, parameters, grads, modes, RNG) after the block:
-    measure's own snapshot (:mod:`signalprop._state`), so both passes obey one definition."""
-    from .._state import restore_state, save_state
-
-    state = save_state(model)
-    try:
-        yield
-    finally:
-        restore_state(state)
 
 
 def _unit_dims(trace: Trace) -> dict[str, int]:
@@ -114,8 +78,6 @@ def probe(model: nn.Module, inputs: Any, trace: Trace) -> dict[str, dict[str, An
     wanted = {n for n, k in keys.items() if k in _RELU or k in _SAT} | {n.split("#")[0] for n in tiny} | recurrent
     found: dict[str, dict[str, Any]] = {}
     calls: dict[str, int] = {}
-    handles = []
-
     def hook_for(name: str, key: str | None) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             k = calls.get(name, 0)
@@ -133,15 +95,13 @@ def probe(model: nn.Module, inputs: Any, trace: Trace) -> dict[str, dict[str, An
 
         return hook
 
-    with preserved(model), torch.no_grad(), internal_run():
-        try:
+    seed = trace.meta.get("seed", 0)  # measure's: the same dropout masks as the measured pass
+    with preserved(model) as state, state.run(seed=seed if isinstance(seed, int) else 0), torch.no_grad():
+        with HookSet() as hooks:
             for name in wanted:
                 if name in named:
-                    handles.append(named[name].register_forward_hook(hook_for(name, keys.get(name))))
+                    hooks.add(named[name].register_forward_hook(hook_for(name, keys.get(name))))
             call_model(model, inputs)
-        finally:
-            for h in handles:
-                h.remove()
     return found
 
 

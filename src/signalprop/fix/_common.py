@@ -1,42 +1,24 @@
-"""Helpers the fix modules share: calling a model on tensor | tuple | dict inputs, the weight layers to act
-on, where a layer's bias broadcasts, and saving / restoring what a fix must leave as it found it.
+"""Helpers the fix modules share: the weight layers to act on, where a layer's bias broadcasts, and saving /
+restoring the weights a fix writes when it fails half-way (the model's other state: :mod:`signalprop._state`;
+calling the model: :mod:`signalprop._inputs`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import nn
 
 from .._errors import SignalpropError
-
-Inputs = Any  # torch.Tensor | tuple | list | dict[str, Any]
+from .._inputs import Inputs as Inputs
 
 # Layers that carry a weight but take no signal to mix (an index lookup): LSUV and the fan-based schemes
 # have no fan-in to act on, so they are left alone (their scale is a modelling choice, not a propagation one).
 _NOT_MIXING = (nn.Embedding, nn.EmbeddingBag)
 
 _CONV_TYPES = (nn.modules.conv._ConvNd,)
-
-
-def call_model(model: nn.Module, inputs: Inputs) -> Any:
-    """``model(inputs)`` for a tensor, ``model(*inputs)`` for a tuple or list, ``model(**inputs)`` for a dict."""
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    # transformers' BatchEncoding is a UserDict, not a dict
-    if hasattr(inputs, "keys") and hasattr(inputs, "__getitem__"):
-        return model(**{k: inputs[k] for k in inputs.keys()})
-    raise SignalpropError(
-        f"cannot feed inputs of type {type(inputs).__name__} to the model: pass a tensor (called as "
-        "model(x)), a tuple of positional inputs (model(*inputs)) or a dict of keyword inputs (model(**inputs))"
-    )
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -64,40 +46,6 @@ def channel_dim(layer: nn.Module, out: torch.Tensor) -> int | None:
     if out.shape[dim] != bias.numel():
         return None
     return dim
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def preserved_rng(model: nn.Module) -> Iterator[None]:
-    """Run a block that draws random numbers without moving the user's RNG streams (CPU and the model's GPU)."""
-    dev = model_device(model)
-    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the block and give each back its own mode afterwards.
-
-    Eval mode makes a forward deterministic (dropout off) and read-only on buffers (BatchNorm uses and does
-    not update its running statistics). Modes are restored per module, not just at the top, because a
-    model may hold a mix (a frozen BatchNorm in eval inside a model in training).
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @contextlib.contextmanager

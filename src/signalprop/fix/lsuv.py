@@ -36,19 +36,9 @@ import torch
 from torch import nn
 
 from .._errors import SignalpropError
-from .._hooks import internal_run
-from ._common import (
-    Inputs,
-    call_model,
-    channel_dim,
-    eval_mode,
-    mha_fastpath_disabled,
-    preserved_rng,
-    refuse_meta,
-    restore,
-    snapshot,
-    weight_layers,
-)
+from .._inputs import call_model
+from .._state import eval_mode, forked_rng, preserved
+from ._common import Inputs, channel_dim, mha_fastpath_disabled, refuse_meta, restore, snapshot, weight_layers
 from ._lsuv_math import moments, scales
 
 __all__ = ["LSUVResult", "lsuv_", "lsuv_run", "output_stds"]
@@ -189,7 +179,7 @@ def lsuv_run(
         raise SignalpropError(f"lsuv_ needs an nn.Module, got {type(model).__name__}")
     refuse_meta(model, "lsuv_")
     chosen = _choose(model, layers)
-    with preserved_rng(model), eval_mode(model), mha_fastpath_disabled(), torch.no_grad():
+    with preserved(model) as state, state.run(eval=True), mha_fastpath_disabled(), torch.no_grad():
         targets, notes = (_targets(model, inputs, chosen, target_std) if keep_gradient
                           else ({n: target_std for n, _ in chosen}, []))
     return run(model, inputs, chosen, targets, target_std=target_std, tol=tol, max_iters=max_iters,
@@ -230,7 +220,7 @@ def run(
             scaled.append((name, m))
     saved = snapshot(chosen)
     try:
-        with preserved_rng(model), eval_mode(model), mha_fastpath_disabled(), torch.no_grad():
+        with forked_rng(model), eval_mode(model), mha_fastpath_disabled(), torch.no_grad():
             if orthogonal:
                 _pre_init(chosen, skipped)
             result = _passes(model, inputs, scaled, targets, tol / target_std, max_iters, orthogonal)
@@ -263,7 +253,7 @@ def output_stds(model: nn.Module, inputs: Inputs) -> dict[str, float]:
         return hook
 
     try:
-        with preserved_rng(model), eval_mode(model), mha_fastpath_disabled(), torch.no_grad(), internal_run():
+        with preserved(model) as state, state.run(eval=True), mha_fastpath_disabled(), torch.no_grad():
             for name, m in layers:
                 handles.append(m.register_forward_hook(make(name)))
             call_model(model, inputs)
@@ -532,8 +522,7 @@ def _passes(
                   orthogonal=orthogonal)
         handles = [m.register_forward_hook(p.hook(name), prepend=True, with_kwargs=True) for name, m in layers]
         try:
-            with internal_run():
-                call_model(model, inputs)
+            call_model(model, inputs)
         finally:
             for h in handles:
                 h.remove()

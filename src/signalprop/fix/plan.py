@@ -52,9 +52,10 @@ from torch import nn
 
 from .. import theory
 from .._errors import SignalpropError
-from .._hooks import internal_run
+from .._inputs import call_model
+from .._state import preserved, preserving
 from ..theory import ActLike
-from ._common import Inputs, call_model, eval_mode, preserved_rng, refuse_meta, restore, snapshot
+from ._common import Inputs, refuse_meta, restore, snapshot
 from ._critical import LSUVTarget, MeanFieldChoice, lsuv_target, mean_field_choice
 from ._steps import LayerPlan, Plan
 from ._structure import Structure, chain_depths, structure, units
@@ -109,6 +110,7 @@ def _family(act: ActLike) -> tuple[str, str]:
     return FAMILIES.get(key, "gain"), name
 
 
+@preserving  # reading a parametrized weight in train mode runs its parametrization (spectral norm's u, v)
 def plan(
     model: nn.Module,
     *,
@@ -331,7 +333,7 @@ def _input_second_moment(model: nn.Module, layer: nn.Module, example_inputs: Inp
 
     h = layer.register_forward_pre_hook(pre)
     try:
-        with preserved_rng(model), eval_mode(model), torch.no_grad(), internal_run():
+        with preserved(model) as state, state.run(eval=True), torch.no_grad():
             call_model(model, example_inputs)
     finally:
         h.remove()

@@ -4,10 +4,10 @@ The captured :class:`Graph` says which activation follows each weight layer and 
 join; predict, the fix planner and residual detection all read it.
 """
 
+from .._state import preserved as preserved
 from ._graph import METHODS as METHODS
 from ._graph import capture as capture
 from ._graph import example_inputs as example_inputs
-from ._graph import preserved as preserved
 from ._types import Call as Call
 from ._types import CaptureWarning as CaptureWarning
 from ._types import Graph as Graph

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .._inputs import first_tensor
 from ._ir import Node, Ref, call_name, canonical_op, is_leaf, map_refs, recorded_modules, refs_in
 from ._quiet import quiet_torch
 
@@ -36,21 +37,6 @@ def _shape(v: Any) -> tuple[tuple[int, ...] | None, str | None]:
     if isinstance(v, list | tuple) and v and isinstance(v[0], torch.Tensor):
         return _shape(v[0])
     return None, None
-
-
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    elif hasattr(obj, "to_tuple") and callable(obj.to_tuple):  # transformers ModelOutput
-        obj = obj.to_tuple()
-    if isinstance(obj, list | tuple):
-        for o in obj:
-            t = _first_tensor(o)
-            if t is not None:
-                return t
-    return None
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -134,7 +120,7 @@ def from_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     handles = [model.register_forward_pre_hook(root_pre, with_kwargs=True)]
     for path, m in b.recorded.items():
         def hook(_m: nn.Module, inp: Any, out: Any, path: str = path) -> None:
-            stream.append((path, _tensors(inp), _first_tensor(out)))
+            stream.append((path, _tensors(inp), first_tensor(out)))
         handles.append(m.register_forward_hook(hook))
     try:
         with quiet_torch(f"exporting {type(model).__name__}"):
@@ -491,7 +477,7 @@ class _Recorder(TorchFunctionMode):
         if not self.active or self.depth > 0:
             return out
         ins = _tensors((args, kwargs))
-        first = _first_tensor(out)
+        first = first_tensor(out)
         if first is None or not any(id(t) in self.producer for t in ins):
             return out
         with torch._C.DisableTorchFunction():
@@ -529,7 +515,7 @@ def from_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
                 rec.depth -= 1
             if rec.depth > 0:
                 return
-            first = _first_tensor(out)
+            first = first_tensor(out)
             with torch._C.DisableTorchFunction():
                 shape, dtype = _shape(first)
                 if leaf:
@@ -557,6 +543,6 @@ def from_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         for h in handles:
             h.remove()
     _name_calls(b.nodes, calls)
-    first = _first_tensor(out)
+    first = first_tensor(out)
     outputs = [rec.producer[id(first)]] if first is not None and id(first) in rec.producer else []
     return b.nodes, calls, outputs

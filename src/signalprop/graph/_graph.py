@@ -19,26 +19,29 @@ The :class:`Graph` is plain data: ``calls`` (qualified names, ``#k`` for the k-t
 flags), ``activations`` (weight-layer call -> the activation that follows it, something
 :func:`signalprop.theory.resolve` accepts), ``residuals`` (each skip addition with its branch's weight
 layers, last weight layer and last normalization layer), ``method`` and ``failures``. ``nodes`` holds the
-op-level graph that ``predict`` walks. Capturing never changes the model: parameters, buffers, the
-train/eval flags, ``requires_grad``, hooks and the RNG state are checked afterwards and restored.
+op-level graph that ``predict`` walks. Capturing never changes the model (:func:`signalprop._state.preserved`:
+what a forward writes is put back, random draws come from a generator of its own).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import linecache
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from .._errors import SignalpropError
-from .._hooks import internal_run
+from .._inputs import Inputs, call_args
+from .._state import preserved
 from ._types import CaptureWarning, Graph
 
-Inputs = torch.Tensor | tuple[Any, ...] | list[Any] | dict[str, Any]
 METHODS = ("export", "fx", "hooks")
 
 
@@ -65,15 +68,7 @@ def example_inputs(
         dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
         gen = torch.Generator(device="cpu").manual_seed(0)
         return (torch.randn((batch, *shape), generator=gen, dtype=dtype).to(device),), {}
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,), {}
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
-    if isinstance(inputs, list | tuple):
-        return tuple(inputs), {}
-    raise SignalpropError(
-        f"inputs must be a tensor, a tuple/list (positional) or a dict (keyword), got {type(inputs).__name__}"
-    )
+    return call_args(inputs)
 
 
 def _check_shape(shape: Any) -> tuple[int, ...]:
@@ -90,70 +85,6 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
             f"(e.g. (3, 224, 224) for images, (784,) for vectors), got {shape!r}"
         )
     return dims
-
-
-def _hook_dicts(m: nn.Module) -> list[dict[Any, Any]]:
-    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-             "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
-             "_load_state_dict_pre_hooks")
-    return [getattr(m, n) for n in names if isinstance(getattr(m, n, None), dict)]
-
-
-@contextlib.contextmanager
-def preserved(model: nn.Module, *, clone_params: bool = True) -> Iterator[None]:
-    """Restore everything capture could touch: tensors' values, modes, requires_grad, hooks, RNG state, and
-    the attributes a module gained (a model that installs hooks on its first forward and marks itself
-    done, as transformers' output capture does, would otherwise be left marked with its hooks removed).
-
-    Buffers (BatchNorm statistics: small) are always copied. Parameters are copied only with
-    ``clone_params=True``, for the methods that run the real forward (fx's shape propagation, hooks): a
-    forward may write its own parameters in place. ``torch.export`` (non-strict) traces with fake tensors
-    in place of parameters and buffers, so the real ones are never written; there, each parameter's
-    version counter (bumped by every in-place write) and storage pointer are checked instead of a copy,
-    which on AlexNet saves about 2 s (61 M parameters copied and compared).
-    """
-    params = list(model.parameters())
-    buffers = list(model.buffers())
-    stamps = [(p, p._version, p.data_ptr(), p.shape) for p in params]
-    tensors = [(t, t.detach().clone()) for t in (params if clone_params else []) + buffers]
-    grads = [(p, p.grad) for p in params]
-    flags = [(m, m.training) for m in model.modules()]
-    req = [(p, p.requires_grad) for p in params]
-    hooks = [(d, dict(d)) for m in model.modules() for d in _hook_dicts(m)]
-    attrs = [(m, set(vars(m))) for m in model.modules()]
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for t, saved in tensors:
-                if t.shape != saved.shape or not torch.equal(t, saved):
-                    t.data = saved
-        for p, g in grads:
-            p.grad = g
-        for m, f in flags:
-            m.training = f
-        for p, r in req:
-            p.requires_grad_(r)
-        for d, saved_d in hooks:
-            if d.keys() != saved_d.keys():
-                d.clear()
-                d.update(saved_d)
-        for m, keys in attrs:  # flags a forward set beside the hooks it added (transformers' output capture)
-            for k in set(vars(m)) - keys:
-                delattr(m, k)
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-    if not clone_params:
-        changed = [i for i, (p, v, ptr, shape) in enumerate(stamps)
-                   if p._version != v or p.data_ptr() != ptr or p.shape != shape]
-        if changed:
-            raise SignalpropError(
-                f"capture found {len(changed)} parameter(s) written in place while tracing without copies; "
-                "capture again with methods=('fx', 'hooks'), which copy and restore parameters"
-            )
 
 
 # ---- capture ---------------------------------------------------------------------------------------------
@@ -184,11 +115,16 @@ def capture(
                 "hooks": _graph_capture.from_hooks}
     failures: dict[str, str] = {}
     t0 = time.perf_counter()
+    def attempt(method: str) -> Any:
+        with preserved(model) as state, state.run(), _fx_sources_dropped(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return backends[method](model, args, kwargs)
+
     for method in methods:
         try:
-            with preserved(model, clone_params=method != "export"), warnings.catch_warnings(), internal_run():
-                warnings.simplefilter("ignore")
-                nodes, call_idx, outputs = backends[method](model, args, kwargs)
+            # in a copy of the context: torch's config patches (many per export) each set a ContextVar of
+            # their own and never unset it, which would grow this thread's context with every capture
+            nodes, call_idx, outputs = contextvars.copy_context().run(attempt, method)
         except Exception as e:  # noqa: BLE001 - every failure is reported, the next method tried
             failures[method] = f"{type(e).__name__}: {_first_line(e)}"
             continue
@@ -209,6 +145,26 @@ def capture(
         + "; ".join(f"{k}: {v}" for k, v in failures.items())
         + ". The hooks method runs the model once: check that the inputs fit its forward."
     )
+
+
+@contextlib.contextmanager
+def _fx_sources_dropped() -> Iterator[None]:
+    """Forget the source code of the modules torch.fx generates inside the block.
+
+    torch.fx keeps the source of every module it generates (``torch.fx.graph_module._loader`` and
+    ``linecache``) so that tracebacks can show it, for the life of the process; one export makes several
+    and capture keeps none of them, so without this each capture would hold on to ~20 objects for good.
+    """
+    loader = getattr(torch.fx.graph_module, "_loader", None)
+    cache = getattr(loader, "eval_cache", None)
+    before = set(cache) if isinstance(cache, dict) else None
+    try:
+        yield
+    finally:
+        if isinstance(cache, dict) and before is not None:
+            for key in [k for k in cache if k not in before]:
+                cache.pop(key, None)
+                linecache.cache.pop(key, None)
 
 
 def _first_line(e: BaseException) -> str:

@@ -11,23 +11,22 @@ found (:mod:`signalprop._state`), also when its forward raises.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._distributed import reduce_rows, world_size
+from .._distributed import gather_sizes, rank, reduce_rows, world_size
 from .._errors import SignalpropError
-from .._hooks import internal_run
-from .._state import restore_state, save_state
+from .._inputs import Inputs, call_args, check_inputs, first_float_tensor, first_tensor
+from .._state import ModelState, preserved
 from ..layers import is_weight_layer
 from ..stats import CHECK, MAXV, NEGMIN, NONFINITE, SUM, SUMSQ, histogram_from_counts, stats_from_sums
 from ..trace import LayerStats, Stats, Trace
-from ._recorder import PassOptions, Recorder, first_float_tensor
+from ._recorder import PassOptions, Recorder
 
 ModuleFilter = Collection[str | type] | str | type | Callable[[str, nn.Module], bool] | None
-Inputs = torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[str, Any]
 
 __all__ = ["measure", "select_modules"]
 
@@ -53,7 +52,9 @@ def measure(
         not (each layer's output dtype is recorded in ``LayerStats.dtype``).
     inputs:
         A tensor (``model(x)``), a tuple or list (``model(*inputs)``) or a dict (``model(**inputs)``,
-        e.g. a transformers tokenizer output).
+        e.g. a transformers tokenizer output). The model gets copies of the floating-point tensors that
+        require no grad, as a training loop's inputs do (a model may mark its own input, as Wav2Vec2 does
+        in train mode); the gradient starts at the first modules that read them.
     backward:
         Also record ``bwd``: statistics of the gradient with respect to each module's output.
     loss_fn:
@@ -69,13 +70,16 @@ def measure(
         Also record a histogram of each output and output gradient (``hist_bins`` equal bins between its
         smallest and largest value), as in Glorot & Bengio (2010, Fig. 6). Costs one more pass.
     seed:
-        Seed of the cotangent's generator (torch's global RNG is restored afterwards either way).
+        Seed of the cotangent's generator and of the forward's own random stream (dropout masks,
+        layerdrop): a measurement repeats exactly, and torch's global generators are neither used nor
+        rewound (:mod:`signalprop._state`).
     distributed:
         ``None`` (default): reduce across ranks when a ``torch.distributed`` process group is initialized.
-        ``False``: this process's batch only. Every rank must run the same model on batches of the same
-        shape (as DistributedDataParallel does); the cotangent of rank r is rows ``r*B:(r+1)*B`` of the one
-        a single process would draw for the concatenated batch, so the result equals a single-process
-        measurement of that batch (for a ``loss_fn``, gradients scale as each rank's loss does).
+        ``False``: this process's batch only. Every rank must run the same model on inputs of the same
+        per-sample shape (batch sizes may differ); each rank's cotangent is its own rows of the one a single
+        process would draw for the concatenated batch, so the result equals a single-process measurement
+        of that batch, and ``meta["batch_size"]`` is the total (for a ``loss_fn``, gradients scale as each
+        rank's loss does).
 
     Returns
     -------
@@ -83,7 +87,9 @@ def measure(
     and has children comes before its children). Names are those of ``named_modules()``; the k-th reuse of
     a module is ``name#k`` (k >= 1), with ``meta["call"] = k``. ``fwd`` describes the output (its first
     floating-point tensor, for tuple, dict and ``ModelOutput`` outputs); calls whose output holds none are
-    left out. ``bwd`` is None when ``backward=False`` or when the output does not influence the loss.
+    left out. ``bwd`` is None when ``backward=False``, when the output does not influence the loss, or
+    when the output is a view that code after the module overwrote in place (torch runs no hook
+    registered on a view before such a write).
 
     Statistics (:class:`~signalprop.trace.Stats`) cover every element: mean, population variance, std,
     rms, absmax, zero_frac, nonfinite_frac, and the per-channel averages ``chan_sq_mean``, ``chan_var``
@@ -101,7 +107,7 @@ def measure(
     Raises
     ------
     SignalpropError for bad arguments; whatever the model's forward raises, unchanged (the model is
-    restored first).
+    restored first: every parameter and buffer in place, :func:`signalprop._state.preserved`).
 
     Example
     -------
@@ -114,7 +120,7 @@ def measure(
         raise SignalpropError(
             f"measure needs an nn.Module, got {type(model).__name__}; wrap plain functions in a module"
         )
-    _check_inputs(inputs)
+    check_inputs(inputs)
     if loss_fn is not None and not callable(loss_fn):
         raise SignalpropError(f"loss_fn must be callable (output -> scalar tensor), got {loss_fn!r}")
     if not isinstance(hist_bins, int) or hist_bins < 1:
@@ -127,23 +133,19 @@ def measure(
     selected = select_modules(model, modules)
     group_size = world_size(distributed)
 
-    state = save_state(model)
-    passes = 1
-    try:
-        rec = _run_pass(model, inputs, selected, PassOptions(), backward, loss_fn, seed, group_size)
-        rows = _gather_rows(rec, group_size)
+    run = _Run(model, inputs, selected, backward, loss_fn, seed, group_size)
+    with preserved(model) as state:
+        rec, rows = run.rows(state, PassOptions())
+        passes = 1
         if not all(_row_finite(r) for r in rows):
-            restore_state(state)
+            state.restore()
             passes += 1
-            rec = _run_pass(model, inputs, selected, PassOptions(careful=True), backward, loss_fn, seed, group_size)
-            rows = _gather_rows(rec, group_size)
+            rec, rows = run.rows(state, PassOptions(careful=True))
         hists: dict[tuple[int, str], Any] = {}
         if histograms:
-            restore_state(state)
+            state.restore()
             passes += 1
-            hists = _histogram_pass(model, inputs, selected, rec, rows, backward, loss_fn, seed, hist_bins, group_size)
-    finally:
-        restore_state(state)
+            hists = _histogram_pass(run, state, rec, rows, hist_bins)
 
     layers = []
     for call in rec.calls:
@@ -168,7 +170,8 @@ def measure(
                 meta=meta,
             )
         )
-    return Trace(layers, source="measured", meta=_trace_meta(model, inputs, backward, loss_fn, seed, passes, group_size, rec))
+    meta = _trace_meta(model, inputs, backward, loss_fn, seed, passes, group_size, rec, run.batch_total)
+    return Trace(layers, source="measured", meta=meta)
 
 
 # ---- module selection ---------------------------------------------------------------------------------
@@ -208,57 +211,91 @@ def select_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple
 
 
 # ---- one pass ----------------------------------------------------------------------------------------
-def _check_inputs(inputs: Any) -> None:
-    if not isinstance(inputs, torch.Tensor | tuple | list | Mapping):
-        raise SignalpropError(
-            f"inputs must be a tensor, a tuple/list of positional arguments or a dict of keyword arguments, "
-            f"got {type(inputs).__name__}"
-        )
+class _Run:
+    """What every pass of one measurement shares: the model, its inputs, what to record and how."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Inputs,
+        selected: list[tuple[str, nn.Module]],
+        backward: bool,
+        loss_fn: Callable[[Any], torch.Tensor] | None,
+        seed: int,
+        group_size: int,
+    ) -> None:
+        self.model, self.inputs, self.selected = model, inputs, selected
+        self.backward, self.loss_fn, self.seed, self.group_size = backward, loss_fn, seed, group_size
+        # dropout masks: a stream of this rank's own, the same in every pass (and in diagnose's probe)
+        self.forward_seed = seed if group_size <= 1 else seed + 1_000_003 * rank()
+        self.batch_total: int | None = None
+        self.private_weights = False
+
+    def recorder(self, state: ModelState, opts: PassOptions) -> Recorder:
+        """:meth:`_pass`; when another thread writes the weights between its forward and backward (an
+        optimizer step), the pass is run again on private copies of them (taken at first use), and so are
+        the passes that follow."""
+        try:
+            return self._pass(state, opts)
+        except _WeightsMoved as moved:
+            if self.private_weights:  # not another thread: the model's forward writes what it saved
+                raise moved.error from None
+            state.restore()
+            self.private_weights = True
+            try:
+                return self._pass(state, opts)
+            except _WeightsMoved as again:
+                raise again.error from None
+
+    def _pass(self, state: ModelState, opts: PassOptions) -> Recorder:
+        """One forward (and backward) pass with hooks, on a private copy of the inputs: leaves that
+        require no grad, so the model's own code may mark them (Wav2Vec2 sets ``requires_grad`` on a view
+        of its input); the recorder starts the graph at the first modules that read them."""
+        versions = [(p, p._version) for p in self.model.parameters()]
+        with Recorder(self.selected, opts, self.backward) as rec:
+            args, kwargs = call_args(self.inputs, copy=True)
+            grad = torch.enable_grad() if self.backward else torch.no_grad()
+            with state.run(seed=self.forward_seed, private_weights=self.private_weights), grad:
+                output = self.model(*args, **kwargs)
+                if self.backward:
+                    try:
+                        _backward(output, rec, self.loss_fn, self.seed, self.group_size)
+                    except RuntimeError as exc:
+                        written = [p for p, v in versions if p._version != v]
+                        if written and "modified by an inplace operation" in str(exc):
+                            raise _WeightsMoved(exc) from exc
+                        raise
+        return rec
+
+    def rows(self, state: ModelState, opts: PassOptions) -> tuple[Recorder, list[list[float]]]:
+        """A pass and its rows: one device vector, reduced over ranks, one host transfer."""
+        rec = self.recorder(state, opts)
+        vec = rec.batch.device_vector()
+        max_positions = rec.batch.max_positions() if vec.numel() else []
+        if self.group_size > 1:
+            # the batch sizes ride along in the same reduction: ranks may hold uneven batches
+            x = first_tensor(self.inputs)
+            local = float(x.shape[0]) if x is not None and x.dim() > 0 else 0.0
+            vec = torch.cat([vec.to(torch.float64), torch.tensor([local], dtype=torch.float64, device=vec.device)])
+        host = reduce_rows(vec, max_positions, self.group_size).cpu()
+        if self.group_size > 1:
+            self.batch_total = int(host[-1]) if first_tensor(self.inputs) is not None else None
+            host = host[:-1]
+        return rec, (rec.batch.rows(host) if host.numel() else [])
 
 
-def _prepare(inputs: Inputs, backward: bool) -> tuple[tuple[Any, ...], dict[str, Any], list[torch.Tensor]]:
-    """Positional and keyword arguments; floating tensors become fresh graph leaves when differentiating
-    (the model gets a non-leaf copy, so in-place ops on its input stay legal; the user's tensors are
-    untouched)."""
-    leaves: list[torch.Tensor] = []
+class _WeightsMoved(Exception):
+    """Parameters were written in place between a pass's forward and its backward (by another thread, or by
+    the model itself); ``error`` is autograd's."""
 
-    def conv(v: Any) -> Any:
-        if backward and isinstance(v, torch.Tensor) and v.is_floating_point():
-            leaf = v.detach().requires_grad_(True)
-            leaves.append(leaf)
-            return leaf.clone()
-        return v
-
-    if isinstance(inputs, torch.Tensor):
-        return (conv(inputs),), {}, leaves
-    if isinstance(inputs, Mapping):
-        return (), {str(k): conv(v) for k, v in inputs.items()}, leaves
-    return tuple(conv(v) for v in inputs), {}, leaves
-
-
-def _run_pass(
-    model: nn.Module,
-    inputs: Inputs,
-    selected: list[tuple[str, nn.Module]],
-    opts: PassOptions,
-    backward: bool,
-    loss_fn: Callable[[Any], torch.Tensor] | None,
-    seed: int,
-    group_size: int,
-) -> Recorder:
-    with Recorder(selected, opts, backward) as rec, internal_run():
-        args, kwargs, leaves = _prepare(inputs, backward)
-        with torch.enable_grad() if backward else torch.no_grad():
-            output = model(*args, **kwargs)
-            if backward:
-                _backward(output, rec, leaves, loss_fn, seed, group_size)
-    return rec
+    def __init__(self, error: RuntimeError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _backward(
     output: Any,
     rec: Recorder,
-    leaves: list[torch.Tensor],
     loss_fn: Callable[[Any], torch.Tensor] | None,
     seed: int,
     group_size: int,
@@ -282,34 +319,27 @@ def _backward(
     if not root.requires_grad:
         rec.note = "no gradients: the output does not depend on anything that requires grad"
         return
-    targets = rec.grad_inputs(root, leaves)
+    targets = rec.grad_inputs(root)
     if targets:
         torch.autograd.grad(root, targets, grad_outputs=cot, allow_unused=True)
 
 
 def _cotangent(out: torch.Tensor, seed: int, group_size: int) -> torch.Tensor:
-    """Standard normal of ``out``'s shape, seeded; on rank r of w, rows r*B:(r+1)*B of the (w*B, ...) draw."""
+    """Standard normal of ``out``'s shape, seeded; on rank r, the rows of the draw for the concatenated
+    batch that rank r holds (ranks may hold uneven batches: their sizes are gathered first)."""
     gen = torch.Generator(device=out.device).manual_seed(seed)
     shape = tuple(out.shape)
     if group_size > 1 and out.dim() > 0:
-        import torch.distributed as dist
-
-        rank = dist.get_rank()
-        full = torch.randn((shape[0] * group_size, *shape[1:]), generator=gen, device=out.device)
-        z = full[rank * shape[0] : (rank + 1) * shape[0]]
+        sizes = gather_sizes(shape[0], out.device, group_size)
+        start = sum(sizes[: rank()])
+        full = torch.randn((sum(sizes), *shape[1:]), generator=gen, device=out.device)
+        z = full[start : start + shape[0]]
     else:
         z = torch.randn(shape, generator=gen, device=out.device)
     return z.to(out.dtype)
 
 
 # ---- collecting, reducing ------------------------------------------------------------------------------
-def _gather_rows(rec: Recorder, group_size: int) -> list[list[float]]:
-    """Every row of the pass: one device vector, reduced over ranks, one host transfer."""
-    vec = rec.batch.device_vector()
-    host = reduce_rows(vec, rec.batch.max_positions() if vec.numel() else [], group_size).cpu()
-    return rec.batch.rows(host) if vec.numel() else []
-
-
 def _row_finite(row: list[float]) -> bool:
     return all(math.isfinite(row[i]) for i in (SUM, SUMSQ, CHECK)) and row[NONFINITE] == 0
 
@@ -334,16 +364,7 @@ def _collect_hist(rec: Recorder) -> tuple[torch.Tensor, dict[tuple[int, str], sl
 
 
 def _histogram_pass(
-    model: nn.Module,
-    inputs: Inputs,
-    selected: list[tuple[str, nn.Module]],
-    prev: Recorder,
-    rows: list[list[float]],
-    backward: bool,
-    loss_fn: Callable[[Any], torch.Tensor] | None,
-    seed: int,
-    bins: int,
-    group_size: int,
+    run: _Run, state: ModelState, prev: Recorder, rows: list[list[float]], bins: int
 ) -> dict[tuple[int, str], Any]:
     """A second run that bins every output (and gradient) between the extremes the first run found."""
 
@@ -359,9 +380,9 @@ def _histogram_pass(
         return out
 
     opts = PassOptions(hist_bins=bins, fwd_ranges=ranges("fwd"), bwd_ranges=ranges("bwd"))
-    rec = _run_pass(model, inputs, selected, opts, backward, loss_fn, seed, group_size)
+    rec = run.recorder(state, opts)
     vec, hslots = _collect_hist(rec)
-    counts = reduce_rows(vec, [], group_size).cpu()
+    counts = reduce_rows(vec, [], run.group_size).cpu()
     out: dict[tuple[int, str], Any] = {}
     for key, s in hslots.items():
         lo, hi = (opts.fwd_ranges if key[1] == "fwd" else opts.bwd_ranges)[key[0]]  # type: ignore[index]
@@ -382,17 +403,15 @@ def _trace_meta(
     passes: int,
     group_size: int,
     rec: Recorder,
+    batch_total: int | None,
 ) -> dict[str, Any]:
-    if isinstance(inputs, torch.Tensor):
-        tensors = [inputs]
-        shapes: Any = list(inputs.shape)
-    elif isinstance(inputs, Mapping):
-        tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
-        shapes = {str(k): _shape_of(v) for k, v in inputs.items()}
-    else:
-        tensors = [v for v in inputs if isinstance(v, torch.Tensor)]
-        shapes = [_shape_of(v) for v in inputs]
-    first = tensors[0] if tensors else None
+    args, kwargs = call_args(inputs)
+    shapes: Any = (
+        list(inputs.shape) if isinstance(inputs, torch.Tensor)
+        else {k: _shape_of(v) for k, v in kwargs.items()} if kwargs or not args
+        else [_shape_of(v) for v in args]
+    )
+    first = first_tensor(inputs)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else (first.device if first is not None else torch.device("cpu"))
     autocast = None
@@ -401,7 +420,8 @@ def _trace_meta(
     return {
         "input_shape": shapes,
         "input_dtype": str(first.dtype).replace("torch.", "") if first is not None else None,
-        "batch_size": int(first.shape[0]) * group_size if first is not None and first.dim() > 0 else None,
+        "batch_size": batch_total if batch_total is not None
+        else (int(first.shape[0]) if first is not None and first.dim() > 0 else None),
         "device": str(device),
         "backward": backward,
         "loss": "loss_fn" if loss_fn is not None else "standard normal cotangent",

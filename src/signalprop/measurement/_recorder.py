@@ -11,15 +11,19 @@ at the conv's output, and the ReLU the gradient at its own. The backward pass is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from .._hooks import HookSet
+from .._inputs import first_float_tensor
 from ..stats import RowBatch, tensor_histogram
+
+__all__ = ["Call", "PassOptions", "Recorder", "first_float_tensor"]
 
 _CHANNEL_FIRST_3D = (
     nn.Conv1d,
@@ -31,22 +35,6 @@ _CHANNEL_FIRST_3D = (
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveMaxPool1d,
 )
-def first_float_tensor(obj: Any) -> torch.Tensor | None:
-    """The first floating-point tensor in ``obj``: itself, or depth-first in a tuple, list or dict
-    (which covers transformers' ``ModelOutput``, an ordered dict)."""
-    if isinstance(obj, torch.Tensor):
-        return obj if obj.is_floating_point() else None
-    if isinstance(obj, Mapping):
-        items: Iterable[Any] = obj.values()
-    elif isinstance(obj, tuple | list):
-        items = obj
-    else:
-        return None
-    for v in items:
-        t = first_float_tensor(v)
-        if t is not None:
-            return t
-    return None
 
 
 @dataclass
@@ -80,7 +68,14 @@ class PassOptions:
 
 
 class Recorder:
-    """Hooks on the selected modules for one pass; use as a context manager (hooks go on exit)."""
+    """Hooks on the selected modules for one pass; use as a context manager (hooks go on exit).
+
+    Only module calls on the thread that opened the recorder are recorded: a forward that another thread
+    runs on the same model meanwhile (a training loop) passes the hooks untouched. On exit every hook goes,
+    the tensor hooks on the outputs included, and the pass's references into the autograd graph are
+    dropped: a tensor hook that holds the call which holds the graph node would otherwise form a cycle
+    through C++ that Python's garbage collector cannot see, keeping each pass's graph alive.
+    """
 
     def __init__(self, selected: list[tuple[str, nn.Module]], opts: PassOptions, backward: bool) -> None:
         self.selected = selected
@@ -93,13 +88,14 @@ class Recorder:
         self._pending: dict[int, list[Call]] = {}
         self._counts: dict[int, int] = {}
         self._channel_first_shapes: set[tuple[int, ...]] = set()
-        self._handles: list[RemovableHandle] = []
+        self._hooks = HookSet()
+        self._thread = threading.get_ident()
 
     def __enter__(self) -> Recorder:
         try:
             for name, m in self.selected:
-                self._handles.append(m.register_forward_pre_hook(self._pre_hook(name)))
-                self._handles.append(m.register_forward_hook(self._post_hook()))
+                self._hooks.add(m.register_forward_pre_hook(self._pre_hook(name, m), with_kwargs=True))
+                self._hooks.add(m.register_forward_hook(self._post_hook()))
         except BaseException:
             self.close()
             raise
@@ -109,23 +105,52 @@ class Recorder:
         self.close()
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
+        for call in self.calls:
+            call.node = call.edge = None
 
     # ---- hooks ----------------------------------------------------------------------------------
-    def _pre_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
+    def _pre_hook(self, name: str, module: nn.Module) -> Callable[..., Any]:
+        leaf = next(iter(module.children()), None) is None
+
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> Any:
+            if threading.get_ident() != self._thread:
+                return None
             k = self._counts.get(id(module), 0)
             self._counts[id(module)] = k + 1
             call = Call(name=name if k == 0 else f"{name}#{k}", module=module, call=k, index=len(self.calls))
             self.calls.append(call)
             self._pending.setdefault(id(module), []).append(call)
+            if leaf and self.backward and torch.is_grad_enabled():
+                return self._graph_starts(args, kwargs)
+            return None
 
         return hook
 
+    def _graph_starts(self, args: Any, kwargs: Any) -> Any:
+        """A leaf module's floating inputs that require no grad (the model's inputs, as measure passes them;
+        anything computed from them without parameters) become graph leaves, given to the module as
+        non-leaf copies (so an in-place op on them stays legal): the gradient then reaches every call
+        downstream, frozen layers included. The model's own code between modules sees its inputs
+        unchanged (a leaf that requires no grad; Wav2Vec2 sets ``requires_grad`` on a view of its input)."""
+
+        def start(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.requires_grad:
+                leaf = v.detach().requires_grad_(True)
+                self.leaves.append(leaf)
+                return leaf.clone()
+            return v
+
+        new_args = tuple(start(v) for v in args)
+        new_kwargs = {k: start(v) for k, v in kwargs.items()}
+        if all(a is b for a, b in zip(new_args, args)) and all(new_kwargs[k] is v for k, v in kwargs.items()):
+            return None
+        return new_args, new_kwargs
+
     def _post_hook(self) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if threading.get_ident() != self._thread:
+                return None
             stack = self._pending.get(id(module))
             if not stack:  # the module was entered before the hooks were registered
                 return None
@@ -174,10 +199,11 @@ class Recorder:
             call.fwd = self.batch.add(out, channel_dim=call.channel_dim, careful=opts.careful)
         if self.backward and out.requires_grad:
             # Keep the graph edge, never the tensor: holding every output alive would defeat the allocator's
-            # reuse of activation buffers (measured: +60% run time on a 50-layer CNN).
+            # reuse of activation buffers (measured: +60% run time on a 50-layer CNN). The hook's handle goes
+            # into the HookSet, so that close() breaks the hook -> call -> node cycle.
             call.node = out.grad_fn
             call.edge = torch.autograd.graph.get_gradient_edge(out)
-            out.register_hook(self._grad_hook(call))
+            self._hooks.add(out.register_hook(self._grad_hook(call)))
 
     def _grad_hook(self, call: Call) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
@@ -192,41 +218,41 @@ class Recorder:
         return hook
 
     # ---- backward ---------------------------------------------------------------------------------
-    def grad_inputs(self, root: torch.Tensor, user_leaves: list[torch.Tensor]) -> list[Any]:
+    def grad_inputs(self, root: torch.Tensor) -> list[Any]:
         """The tensors to differentiate with respect to so that every recorded output's hook fires.
 
-        The engine runs a node only when it lies on a path from the root to a requested input. The leaves
-        (the inputs, and graph starts made in the forward hook) cover every call downstream of them; a
-        call whose output does not lead back to a leaf (a branch computed from parameters alone) is added
-        as an input itself. Found with one walk over the autograd graph.
+        The engine runs a node only when it lies on a path from the root to a requested input, and a
+        tensor hook fires when its node runs or is requested itself. The graph leaves the recorder made
+        (see ``_graph_starts``) cover every call downstream of them. A recorded call whose node leads
+        neither to such a leaf nor to another recorded call's node (the first calls of a branch that
+        starts from parameters alone, or from inputs the model marked itself) is requested itself: its
+        gradient edge. Every other call lies on a path to one of those. Found with one walk over the
+        autograd graph; only the lowest calls are requested, so few gradients are returned.
         """
-        leaves: list[Any] = [t for t in (*user_leaves, *self.leaves) if t.requires_grad]
-        targets = {id(t) for t in leaves}
+        leaves: list[Any] = [t for t in self.leaves if t.requires_grad]
         if root.grad_fn is None:
             return leaves
+        leaf_ids = {id(t) for t in leaves}
+        recorded = {c.node for c in self.calls if c.node is not None}
         reaches: dict[Any, bool] = {}
 
-        def leads_to_leaf(node: Any) -> bool:
-            # iterative post-order DFS: a node reaches a leaf if any child does
-            stack: list[tuple[Any, bool]] = [(node, False)]
-            while stack:
-                n, done = stack.pop()
-                if n in reaches and not done:
-                    continue
-                children = [c for c, _ in n.next_functions if c is not None]
-                if done:
-                    hit = False
-                    var = getattr(n, "variable", None)
-                    if var is not None and id(var) in targets:
-                        hit = True
-                    reaches[n] = hit or any(reaches.get(c, False) for c in children)
-                    continue
-                reaches[n] = False  # provisional, breaks cycles (there are none in autograd graphs)
-                stack.append((n, True))
-                stack.extend((c, False) for c in children if c not in reaches)
-            return reaches[node]
+        def stop(n: Any) -> bool:
+            var = getattr(n, "variable", None)
+            return n in recorded or (var is not None and id(var) in leaf_ids)
 
-        leads_to_leaf(root.grad_fn)
+        # iterative post-order DFS: a node reaches a stop if a child is one or reaches one
+        stack: list[tuple[Any, bool]] = [(root.grad_fn, False)]
+        while stack:
+            n, done = stack.pop()
+            children = [c for c, _ in n.next_functions if c is not None]
+            if done:
+                reaches[n] = any(stop(c) or reaches.get(c, False) for c in children)
+                continue
+            if n in reaches:
+                continue
+            reaches[n] = False  # provisional; autograd graphs have no cycles
+            stack.append((n, True))
+            stack.extend((c, False) for c in children if c not in reaches)
         extra: list[Any] = []
         for c in self.calls:
             if c.edge is None:

@@ -59,6 +59,7 @@ from torch import nn
 
 from .._errors import SignalpropError
 from .._hooks import internal_run
+from .._state import preserving
 from ..graph._analysis import ACTIVATION_OPS, activation_module, fn_activation
 from ..graph._graph import capture, example_inputs
 from ..graph._ir import Node, Ref
@@ -109,6 +110,7 @@ def register_rule(kind: str, rule: Rule) -> None:
     MODULE_RULES[kind] = rule
 
 
+@preserving  # the capture and the weight reads leave the model as found (spectral norm's u, v included)
 def predict(
     model: nn.Module,
     input_shape: Sequence[int] | torch.Size | None = None,
