@@ -306,8 +306,9 @@ def diagnose(
     _check_not_empty(trace)
     notes: list[str] = []
     facts: dict[str, dict[str, Any]] = {}
+    attention: dict[str, dict[str, float]] = {}
     try:
-        facts = probe(model, inputs, trace)
+        facts = probe(model, inputs, trace, attention)
     except Exception as exc:  # the extra facts are optional; the note says why they are missing
         notes.append(f"probe pass failed ({type(exc).__name__}: {exc}); dead units judged from zero fractions")
     stale = untrained_norms_in_eval(model)
@@ -326,6 +327,8 @@ def diagnose(
     for name in _pooled_calls(g):
         facts.setdefault(name, {})["pooled"] = True
     trace = annotate(trace, model, facts, activations)
+    if attention:
+        trace = Trace(list(trace), source=trace.source, meta={**trace.meta, "attention": attention})
     plan = fix_plan(model, inputs, g, notes)
     return _judge(trace, factor, pred, in_stats, thresholds, rules, plan,
                   "sp.fix.auto_init_(model, example_inputs=inputs)", notes)

@@ -25,6 +25,7 @@ from .._inputs import call_model, first_tensor
 from .._state import preserved
 from ..layers import is_norm, is_weight_layer
 from ..trace import LayerStats, Trace
+from ._attention import watch_attention
 from ._recurrent import gate_saturation
 
 _RELU = {"relu", "relu6"}
@@ -64,8 +65,11 @@ def _unit_dims(trace: Trace) -> dict[str, int]:
     return out
 
 
-def probe(model: nn.Module, inputs: Any, trace: Trace) -> dict[str, dict[str, Any]]:
-    """One hooked forward pass: per-layer ``dead_frac``, ``sat_frac``, ``subnormal_frac`` (trace names).
+def probe(model: nn.Module, inputs: Any, trace: Trace,
+          attention: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, Any]]:
+    """One hooked forward pass: per-layer ``dead_frac``, ``sat_frac``, ``subnormal_frac`` (trace names);
+    ``attention``, when given, is filled with each attention module's softmax rows
+    (:func:`signalprop.diagnosis._attention.watch_attention`).
 
     A unit is dead when it outputs 0 for every element of the batch (and every spatial position): for a
     conv the unit is a channel (dim 1), otherwise the last dimension.
@@ -101,7 +105,12 @@ def probe(model: nn.Module, inputs: Any, trace: Trace) -> dict[str, dict[str, An
             for name in wanted:
                 if name in named:
                     hooks.add(named[name].register_forward_hook(hook_for(name, keys.get(name))))
-            call_model(model, inputs)
+            if attention is None:
+                call_model(model, inputs)
+            else:
+                with watch_attention(model) as seen:
+                    call_model(model, inputs)
+                attention.update(seen)
     return found
 
 

@@ -31,6 +31,12 @@ THRESHOLDS: dict[str, float] = {
     "dead_zero_frac": 0.99,  # trace-only fallback: fraction of zero outputs that counts as dead
     "sat_info": 0.05,  # fraction of tanh/sigmoid outputs within 1% of the bounds
     "sat_warning": 0.25,
+    # Share of an attention's query rows whose softmax puts more than 99% of its weight on one key: a
+    # one-hot row passes no gradient to its logits (see diagnosis/_attention.py). At init with queries and
+    # keys at 1/sqrt(fan_in) the logits have std about 1 and no row is one-hot unless it has a handful of keys.
+    "attn_sat_info": 0.05,
+    "attn_sat_warning": 0.25,
+    "attn_sat_error": 0.75,
     "overflow_margin": 8.0,  # absmax within this factor of the dtype's largest finite value
     "mean_ratio_info": 1.0,  # |mean| / std per channel (Brock et al. 2021) of a body weight layer's output
     "mean_ratio_warning": 3.0,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..trace import Stats, Trace
+from ._attention import rule_attention_saturation
 from ._drift import rule_forward_drift, rule_gradient_drift, rule_mean_drift
 from ._findings import Finding
 from ._rulekit import (
@@ -377,6 +378,7 @@ RULES: dict[str, Rule] = {
     "gradient_drift": rule_gradient_drift,
     "dead_units": rule_dead_units,
     "saturation": rule_saturation,
+    "attention_saturation": rule_attention_saturation,
     "overflow_risk": rule_overflow_risk,
     "mean_drift": rule_mean_drift,
     "subnormal": rule_subnormal,
