@@ -83,6 +83,52 @@ def _sdpa_logits(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor 
     return z
 
 
+_MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k",
+             "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+             "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+             "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
+
+
+def _mha_logits(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The masked logits (batch, heads, queries, keys) of an ``F.multi_head_attention_forward`` call
+    (``nn.MultiheadAttention``), from its query/key inputs and projections; None for the rare forms it does
+    not rebuild (an extra bias key, a zero key, static keys)."""
+    a = dict(zip(_MHA_ARGS, args, strict=False)) | kwargs
+    q, k, h = a.get("query"), a.get("key"), a.get("num_heads")
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or not isinstance(h, int) or q.dim() != 3:
+        return None
+    if a.get("bias_k") is not None or a.get("add_zero_attn") or a.get("static_k") is not None:
+        return None
+    e = q.shape[-1]
+    if a.get("use_separate_proj_weight"):
+        wq, wk = a.get("q_proj_weight"), a.get("k_proj_weight")
+    else:
+        w = a.get("in_proj_weight")
+        wq, wk = (w[:e], w[e:2 * e]) if isinstance(w, torch.Tensor) else (None, None)
+    if not isinstance(wq, torch.Tensor) or not isinstance(wk, torch.Tensor):
+        return None
+    b = a.get("in_proj_bias")
+    bq, bk = (b[:e], b[e:2 * e]) if isinstance(b, torch.Tensor) else (None, None)
+    qp = F.linear(q.detach().float(), wq.detach().float(), None if bq is None else bq.detach().float())
+    kp = F.linear(k.detach().float(), wk.detach().float(), None if bk is None else bk.detach().float())
+    L, n, _ = qp.shape  # (sequence, batch, embedding): the layout F.multi_head_attention_forward takes
+    S = kp.shape[0]
+    qh = qp.reshape(L, n, h, e // h).permute(1, 2, 0, 3)
+    kh = kp.reshape(S, n, h, e // h).permute(1, 2, 0, 3)
+    z = qh @ kh.transpose(-2, -1) / math.sqrt(e // h)
+    pad = a.get("key_padding_mask")
+    if isinstance(pad, torch.Tensor):
+        pad = pad.bool() if pad.dtype == torch.bool else pad.detach().float() < -1e30
+        z = z.masked_fill(pad[:, None, None, :], -math.inf)
+    mask = a.get("attn_mask")
+    if isinstance(mask, torch.Tensor):
+        mask = mask.reshape(n, h, L, S) if mask.dim() == 3 else mask
+        z = z.masked_fill(mask, -math.inf) if mask.dtype == torch.bool else z + mask.detach().float()
+    elif a.get("is_causal"):
+        z = z.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=z.device).tril(), -math.inf)
+    return z
+
+
 class _Watch(TorchFunctionMode):
     """Records attention softmaxes under the innermost running module (``stack[-1]``)."""
 
@@ -96,8 +142,8 @@ class _Watch(TorchFunctionMode):
         out = func(*args, **kwargs)
         try:
             facts = None
-            if func is F.scaled_dot_product_attention:
-                z = _sdpa_logits(tuple(args), kwargs)
+            if func is F.scaled_dot_product_attention or func is F.multi_head_attention_forward:
+                z = (_sdpa_logits if func is F.scaled_dot_product_attention else _mha_logits)(tuple(args), kwargs)
                 facts = _row_facts(z) if z is not None else None
             elif func in _SOFTMAX and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
                 x = args[0]
@@ -144,7 +190,8 @@ def _qk_layers(trace: Trace, module: str) -> list[str]:
     """The weight layers inside ``module`` that make its queries and keys (by name), else all of them."""
     inside = [x.name for x in trace if x.name.startswith(module + ".") and x.meta.get("mixing", x.weight_layer)]
     qk = [n for n in inside if _QK.search(n.rsplit(".", 1)[-1].split("#")[0].lower())]
-    return qk or inside
+    own = [module] if module in trace.names and trace[module].meta.get("mixing", trace[module].weight_layer) else []
+    return qk or own or inside  # own: nn.MultiheadAttention holds its in_proj_weight itself
 
 
 def rule_attention_saturation(trace: Trace, ctx: RuleContext) -> list[Finding]:

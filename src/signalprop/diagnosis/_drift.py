@@ -325,7 +325,10 @@ def _zero_cause(trace: Trace, i: int, grad: bool) -> tuple[str, str]:
     msg = (
         f" {trace[i].name} holds tensors that are all zero ({names}): what is built from them alone has no "
         "variance, and a normalization layer after it divides by sqrt(variance + eps)"
-        + (", so its backward multiplies those rows' gradient by up to 1 / sqrt(eps)." if grad else ".")
+        + (", so its backward multiplies those rows' gradient by up to 1 / sqrt(eps). The drift is confined "
+           "to those rows (a class token's), and the parameters behind them get a gradient that large: it "
+           "dominates a global gradient-norm clip, which then scales every other gradient down by as much."
+           if grad else ".")
     )
     fix = (f"give {names} a small random init, e.g. torch.nn.init.trunc_normal_(p, std=0.02) for each "
            "(as ViT does)")
@@ -401,6 +404,8 @@ def _finding(trace: Trace, ctx: RuleContext, d: _Drift, up: bool, part: str, gra
         fix = f"{init_text}; {FIX_TOOLS}"
     r = d.ratio
     severity = "error" if (r > ctx.factor**2 or r < ctx.factor**-2) else "warning"
+    if cause and not norms and trace[i].meta.get("zero_tensors"):
+        severity = "warning"  # confined to the rows built from the zero tensors; the rest is in range
     data = {
         "ratio": r,
         "std": std,
@@ -415,6 +420,8 @@ def _finding(trace: Trace, ctx: RuleContext, d: _Drift, up: bool, part: str, gra
     if norms:
         data["cause"] = "normalization_gain"
         data["norms"] = norms
+    elif cause:
+        data["cause"] = "zero_tensors"
     return Finding(kind, severity, layer.name, msg, fix, data)
 
 

@@ -144,6 +144,7 @@ def annotate(
     normalization layers with a gain, ``act`` (the activation after each weight layer, from the captured
     graph's ``activations``), and the probe's facts."""
     named = dict(model.named_modules()) if model is not None else {}
+    tables = {id(m.weight) for m in named.values() if isinstance(m, nn.Embedding | nn.EmbeddingBag)}
     layers: list[LayerStats] = []
     for layer in trace:
         meta = dict(layer.meta)
@@ -155,6 +156,10 @@ def annotate(
             meta["mixing"] = _mixing(m)
             if meta["mixing"] and "fan_in" not in meta:
                 meta.update(_fans(m))
+            if meta["mixing"] and "weight_gain" not in meta:
+                gain = _weight_gain(m, meta.get("fan_in"), tables)
+                if gain is not None:
+                    meta["weight_gain"] = gain
             if is_norm(m):
                 meta.update(_norm_facts(m))
             elif meta["mixing"]:
@@ -172,6 +177,25 @@ def _mixing(m: nn.Module) -> bool:
     """True for layers that mix their inputs through a weight, as ``sp.init`` defines them (not lookup
     tables such as nn.Embedding, whose output scale is a modelling choice)."""
     return is_weight_layer(m) and not isinstance(m, nn.Embedding | nn.EmbeddingBag)
+
+
+def _weight_gain(m: nn.Module, fan_in: Any, tables: set[int]) -> float | None:
+    """``sqrt(fan_in E[w^2])`` of the module's ``weight`` (the effective one under a parametrization): the
+    factor by which the layer multiplies the rms it receives. None without a fan, a real floating weight of
+    two or more dimensions, or for a weight shared with an embedding table (a tied output head, whose scale
+    is the table's)."""
+    if not isinstance(fan_in, int | float) or not fan_in > 0:
+        return None
+    try:
+        w = getattr(m, "weight", None)
+    except Exception:  # a parametrization that cannot be evaluated: no gain
+        return None
+    if not isinstance(w, torch.Tensor) or w.dim() < 2 or not w.is_floating_point() or not is_real(w):
+        return None
+    if id(w) in tables or w.numel() == 0:
+        return None
+    with torch.no_grad():
+        return float(math.sqrt(fan_in * float(w.detach().double().pow(2).mean())))
 
 
 def _norm_facts(m: nn.Module) -> dict[str, float]:

@@ -31,6 +31,14 @@ THRESHOLDS: dict[str, float] = {
     "dead_zero_frac": 0.99,  # trace-only fallback: fraction of zero outputs that counts as dead
     "sat_info": 0.05,  # fraction of tanh/sigmoid outputs within 1% of the bounds
     "sat_warning": 0.25,
+    # Fraction of an RNN/LSTM/GRU's gate pre-activations beyond the saturation bounds. PyTorch's default
+    # uniform(+-1/sqrt(hidden)) and the orthogonal/fan init put well under 1% there on unit inputs; a tenth
+    # means the weights are several times too large.
+    "gate_sat_warning": 0.10,
+    # A weight layer's gain sqrt(fan_in E[w^2]): the factor by which it multiplies the rms it receives. Sound
+    # inits give 0.58 (PyTorch's default) to 1.41 (He); N(0, 1) weights give sqrt(fan_in). Above 4 (a variance
+    # 8x He's) the layer's own pre-activations are far too large even when a normalization hides it.
+    "weight_gain_warning": 4.0,
     # Share of an attention's query rows whose softmax puts more than 99% of its weight on one key: a
     # one-hot row passes no gradient to its logits (see diagnosis/_attention.py). At init with queries and
     # keys at 1/sqrt(fan_in) the logits have std about 1 and no row is one-hot unless it has a handful of keys.

@@ -36,6 +36,7 @@ from ._rulekit import (
     preceding_weight,
     split_body_head,
 )
+from ._weights import rule_weight_gain
 
 __all__ = ["RULES", "THRESHOLDS", "Rule", "RuleContext", "run_rules", "split_body_head"]
 
@@ -284,7 +285,8 @@ def rule_saturation(trace: Trace, ctx: RuleContext) -> list[Finding]:
         return []
     frac, i, what = max(hits, key=lambda h: (h[0], -h[1]))  # the worst; the earliest among equals
     layer = trace[i]
-    severity = "warning" if frac >= th["sat_warning"] else "info"
+    warn_at = th["gate_sat_warning"] if layer.meta.get("gates") else th["sat_warning"]
+    severity = "warning" if frac >= warn_at else "info"
     msg = f"{label(layer)}: {what}; saturated units pass almost no gradient."
     if len(hits) > 1:
         msg += f" {len(hits)} layers saturate."
@@ -379,6 +381,7 @@ RULES: dict[str, Rule] = {
     "dead_units": rule_dead_units,
     "saturation": rule_saturation,
     "attention_saturation": rule_attention_saturation,
+    "weight_gain": rule_weight_gain,
     "overflow_risk": rule_overflow_risk,
     "mean_drift": rule_mean_drift,
     "subnormal": rule_subnormal,
