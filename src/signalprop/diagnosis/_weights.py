@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 from ..trace import Trace
+from ._drift import rule_forward_drift
 from ._findings import Finding
 from ._rulekit import RuleContext, following_activation, g, label, norm_after, planned_fix
 
@@ -26,16 +27,17 @@ __all__ = ["rule_weight_gain"]
 
 def rule_weight_gain(trace: Trace, ctx: RuleContext) -> list[Finding]:
     """exploding (weight gain): weight layers whose ``meta["weight_gain"]`` (``sqrt(fan_in E[w^2])``, recorded
-    by diagnose from the model) exceeds ``weight_gain_warning`` (4: a variance 8x He's); one warning for the
-    worst, naming how many there are."""
+    by diagnose from the model) exceeds ``weight_gain_warning`` (4: a variance 8x He's) while no forward drift
+    shows it (else the exploding finding already names it); one warning for the worst, naming how many
+    there are."""
     limit = ctx.thresholds["weight_gain_warning"]
     hits = []
     for i, layer in enumerate(trace):
         gain = layer.meta.get("weight_gain")
         if isinstance(gain, float) and math.isfinite(gain) and gain > limit and "#" not in layer.name:
             hits.append((gain, i))
-    if not hits:
-        return []
+    if not hits or any(f.kind == "exploding" for f in rule_forward_drift(trace, ctx)):
+        return []  # the drift is visible: the forward drift finding names it and its fix
     gain, i = max(hits)
     layer = trace[i]
     fan = layer.meta.get("fan_in")
