@@ -27,16 +27,23 @@ __all__ = ["rule_weight_gain"]
 
 def rule_weight_gain(trace: Trace, ctx: RuleContext) -> list[Finding]:
     """exploding (weight gain): weight layers whose ``meta["weight_gain"]`` (``sqrt(fan_in E[w^2])``, recorded
-    by diagnose from the model) exceeds ``weight_gain_warning`` (4: a variance 8x He's) while no forward drift
-    shows it (else the exploding finding already names it); one warning for the worst, naming how many
-    there are."""
+    by diagnose from the model) exceeds ``weight_gain_warning`` (4: a variance 8x He's) in two or more and at
+    least half of the weight layers, while no forward drift shows it (else the exploding finding already
+    names it); one warning for the worst, naming how many there are. A single layer that steps the signal up
+    to the scale the others keep (an input layer under a fixed-point init, LSUV scaling a head that
+    receives a small signal) is not the init's scale being wrong."""
     limit = ctx.thresholds["weight_gain_warning"]
     hits = []
+    judged = 0
     for i, layer in enumerate(trace):
         gain = layer.meta.get("weight_gain")
-        if isinstance(gain, float) and math.isfinite(gain) and gain > limit and "#" not in layer.name:
-            hits.append((gain, i))
-    if not hits or any(f.kind == "exploding" for f in rule_forward_drift(trace, ctx)):
+        if isinstance(gain, float) and math.isfinite(gain) and "#" not in layer.name:
+            judged += 1
+            if gain > limit:
+                hits.append((gain, i))
+    if len(hits) < 2 or 2 * len(hits) < judged:
+        return []  # one layer stepping the signal up to a scale the others keep is a choice, not the init's scale
+    if any(f.kind == "exploding" for f in rule_forward_drift(trace, ctx)):
         return []  # the drift is visible: the forward drift finding names it and its fix
     gain, i = max(hits)
     layer = trace[i]
@@ -56,8 +63,7 @@ def rule_weight_gain(trace: Trace, ctx: RuleContext) -> list[Finding]:
         f"{label(layer)}: its weights multiply the rms they receive by {g(gain)}{fan_text}: sqrt(fan_in E[w^2]), "
         f"against 0.58 to 1.41 for a sound init; N(0, 1) weights give sqrt(fan_in). {hidden}"
     )
-    if len(hits) > 1:
-        msg += f" {len(hits)} weight layers have a gain above {g(limit)}."
+    msg += f" {len(hits)} of the {judged} weight layers have a gain above {g(limit)}: the init's scale is wrong."
     text, fix_data = planned_fix(ctx, layer, following_activation(trace, i))
     fix = f"{text}; sp.fix.lsuv_(model, inputs) also brings each layer's output to unit scale"
     data: dict[str, Any] = {"weight_gain": gain, "fan_in": fan, "basis": "weight_gain", "normalized": n is not None,
