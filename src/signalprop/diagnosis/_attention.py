@@ -218,8 +218,8 @@ def rule_attention_saturation(trace: Trace, ctx: RuleContext) -> list[Finding]:
     qk = _qk_layers(trace, module)
     msg = (
         f"{module}: {frac:.1%} of its {int(f['rows'])} attention rows put more than 99% of their weight on one "
-        f"key (the logits q.k/sqrt(d) have std {g(std)} over {int(f.get('keys', 0))} keys; queries and keys "
-        "drawn at 1/sqrt(fan_in) give about 1). The softmax's backward p_i (delta_ij - p_j) is almost 0 on a "
+        f"key (the attention logits have std {g(std)} over {int(f.get('keys', 0))} keys; a sound init keeps them "
+        "about 1 or below). The softmax's backward p_i (delta_ij - p_j) is almost 0 on a "
         "one-hot row, so "
         + (f"{', '.join(qk)} get" if qk else "the query and key projections get")
         + " almost no gradient, while LayerNorm keeps every output std in range."
@@ -233,9 +233,8 @@ def rule_attention_saturation(trace: Trace, ctx: RuleContext) -> list[Finding]:
         text, fix_data = planned_fix(ctx, trace[qk[0]], "linear")
         data.update(fix_data)
         fix = (f"shrink the query and key weights to the scale their fan calls for: {text} (and the same for "
-               f"{', '.join(qk[1:]) or 'the other projections'}); the logits' std then falls to about 1. "
-               "sp.fix.lsuv_(model, inputs) also does it")
+               f"{', '.join(qk[1:]) or 'the other projections'}); the logits' std then falls to about 1")
     else:
-        fix = ("draw the query and key projections at std 1/sqrt(fan_in) (sp.fix.auto_init_(model), or "
-               "sp.fix.lsuv_(model, inputs)); the logits' std then falls to about 1")
+        fix = ("draw the query and key projections at std 1/sqrt(fan_in) (sp.fix.auto_init_(model)); the "
+               "logits' std then falls to about 1")
     return [Finding("saturation", severity, module, msg, fix, data)]
