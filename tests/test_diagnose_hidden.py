@@ -166,3 +166,23 @@ def test_vit_mae_zero_class_token_gradient_is_a_located_warning() -> None:
     assert f.data["ratio"] > 100 and "confined" in f.message and "trunc_normal_" in f.fix
     assert not [x for x in report.findings if x.severity == "error"]
     assert math.isfinite(f.data["ratio"])
+
+
+def test_stale_batchnorm_in_eval_mode_does_not_hide_the_convs_before_it() -> None:
+    # in eval mode a BatchNorm whose running statistics were never updated (mean 0, var 1) passes its input
+    # through: the N(0, 1) convs' growth is the network's real forward, and the convs are judged
+    net = _normal_(resnet_like()).eval()
+    x = torch.randn(8, 3, 16, 16)
+    stds: list[float] = []
+    hooks = [m.register_forward_hook(lambda m, a, o: stds.append(float(o.detach().double().std())))
+             for m in net.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    report = sp.diagnose(net, x, predicted=False)
+    (f,) = report.by_kind("exploding")
+    # each conv multiplies by about sqrt(144) = 12 and nothing divides it out: far beyond factor**2
+    assert f.severity == "error" and f.data["basis"] == "reference"
+    assert f.data["ratio"] == pytest.approx(max(stds) / stds[0], rel=1e-3) and f.data["ratio"] > 100
+    assert any("running statistics never updated" in n for n in report.meta["notes"])

@@ -161,7 +161,7 @@ def normalized(trace: Trace, i: int) -> bool:
     not judged.
 
     Read off the trace: the next call (dropout and identities skipped) is a normalization layer of the same
-    parent module (``features.3`` -> ``features.4``, ``conv_stem.convolution`` -> ``conv_stem.normalization``).
+    parent module, other than a BatchNorm in eval mode whose running statistics were never updated (``features.3`` -> ``features.4``, ``conv_stem.convolution`` -> ``conv_stem.normalization``).
     A norm of another parent is the next block's (a pre-norm transformer's ``h.0.attn.c_proj`` is followed
     by ``h.0.ln_2``, but its output goes to the residual stream, not into that norm).
     """
@@ -175,7 +175,9 @@ def norm_after(trace: Trace, i: int) -> int | None:
         if _PASS_THROUGH.match(layer.kind):
             continue
         if is_norm_kind(layer.kind) and _parent(layer.name) == _parent(trace[i].name):
-            return j
+            # a BatchNorm in eval mode with running statistics never updated (mean 0, var 1) passes its
+            # input through at its gain: it does not normalize, so the layer before it is judged
+            return None if layer.meta.get("stale_stats") else j
         return None
     return None
 
