@@ -19,6 +19,7 @@ from torch import nn
 from ._errors import SignalpropError
 
 ActLike = str | Callable[[torch.Tensor], torch.Tensor] | nn.Module | None
+"""What an ``act`` argument takes: a name, a tensor function, an ``nn.Module`` instance, or None (linear)."""
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "linear": lambda x: x,
@@ -95,7 +96,17 @@ _MODULE_NAMES: dict[str, str] = {
 }
 
 def known_activations() -> list[str]:
-    """The activation names :func:`resolve` accepts."""
+    """The activation names :func:`resolve` accepts, sorted.
+
+    Returns:
+        The registry's names; those in :func:`parse_name`'s parameter table also take parameters,
+        ``leaky_relu(0.2)``.
+
+    Example:
+        >>> names = known_activations()
+        >>> "relu" in names and "gelu_tanh" in names
+        True
+    """
     return sorted(_ACTIVATIONS)
 
 
@@ -104,6 +115,23 @@ def resolve(act: ActLike) -> Callable[[torch.Tensor], torch.Tensor]:
 
     Module parameters are honoured (``LeakyReLU(0.2)``, ``ELU(alpha=0.5)``, ``GELU(approximate="tanh")``);
     the module's forward is called directly, so its hooks are never triggered and it is never changed.
+
+    Args:
+        act: A name as :func:`parse_name` reads it (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function
+            (returned as it is), an ``nn.Module`` instance, or None for the identity.
+
+    Returns:
+        A function from a tensor to a tensor of the same shape.
+
+    Raises:
+        SignalpropError: ``act`` is an unknown name, a name with bad parameters, or not callable.
+
+    Example:
+        >>> x = torch.tensor([-2.0, 3.0], dtype=torch.float64)
+        >>> resolve("leaky_relu(0.5)")(x).tolist()
+        [-1.0, 3.0]
+        >>> resolve(nn.Hardtanh(-1.0, 2.0))(x).tolist()
+        [-1.0, 2.0]
     """
     if act is None:
         return _ACTIVATIONS["linear"]
@@ -123,11 +151,31 @@ def resolve(act: ActLike) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def parse_name(act: str) -> tuple[str, tuple[float, ...] | None]:
-    """``"leaky_relu(0.2)"`` -> ``("leaky_relu", (0.2,))``; ``"Tanh"`` -> ``("tanh", None)``.
+    """Split an activation name into its registry key and its parameters.
 
-    The name is case-blind and takes ``-`` for ``_``; the parameters of the names in :data:`_PARAMETERS` are
-    numbers, by position or by keyword, the rest taking their defaults. Raises :class:`SignalpropError`
-    naming what is wrong: an unknown name, parameters on a name that takes none, a bad value.
+    The name is case-blind and takes ``-`` for ``_``. Five activations take parameters, numbers by position
+    or by keyword, the rest taking their defaults: ``leaky_relu(negative_slope)``, ``elu(alpha)``,
+    ``celu(alpha)``, ``softplus(beta, threshold)``, ``hardtanh(min_val, max_val)``, in the order of their
+    ``torch.nn.functional`` calls.
+
+    Args:
+        act: The name, e.g. ``"Tanh"``, ``"leaky-relu(0.2)"``, ``"hardtanh(max_val=2)"``.
+
+    Returns:
+        ``(key, params)``: the registry key and every parameter as a float, defaults filled in, or None
+        when the name has no parentheses.
+
+    Raises:
+        SignalpropError: Naming what is wrong: an unknown name, parameters on a name that takes none, too
+            many or unknown parameters, a value that is not a finite number or that torch rejects.
+
+    Example:
+        >>> parse_name("Tanh")
+        ('tanh', None)
+        >>> parse_name("leaky-relu(0.2)")
+        ('leaky_relu', (0.2,))
+        >>> parse_name("hardtanh(max_val=2)")
+        ('hardtanh', (-1.0, 2.0))
     """
     text = act.strip()
     head, paren, rest = text.partition("(")
@@ -232,8 +280,21 @@ def activation_name(act: ActLike) -> str:
     """A short human name for ``act`` ("relu", "leaky_relu(0.2)", "tanh", "<lambda>", ...).
 
     Every name it gives a known activation, parameters included (``nn.ELU(0.5)`` -> ``"elu(0.5)"``,
-    ``nn.PReLU()`` -> ``"leaky_relu(0.25)"``), is one :func:`resolve` and :func:`gain` accept, for the same
-    function. Names are canonical: ``"Leaky-ReLU( 0.20 )"`` -> ``"leaky_relu(0.2)"``.
+    ``nn.PReLU()`` -> ``"leaky_relu(0.25)"``), is one :func:`resolve` and ``theory.gain`` accept, for the
+    same function. Parameters at their defaults are left out, except leaky ReLU's slope.
+
+    Args:
+        act: A name, a tensor function, an ``nn.Module`` instance, or None (``"linear"``).
+
+    Returns:
+        The canonical name of a known activation; for anything else the lower-cased string, the function's
+        ``__name__`` or the module's class name. It never raises.
+
+    Example:
+        >>> activation_name("Leaky-ReLU( 0.20 )")
+        'leaky_relu(0.2)'
+        >>> activation_name(nn.ELU(alpha=0.5)), activation_name(nn.PReLU()), activation_name(torch.tanh)
+        ('elu(0.5)', 'leaky_relu(0.25)', 'tanh')
     """
     if act is None:
         return "linear"
@@ -268,5 +329,17 @@ def activation_name(act: ActLike) -> str:
 
 
 def activation_key(m: nn.Module) -> str | None:
-    """The registry name of an activation module, or None when ``m`` is not a known activation."""
+    """The registry name of an activation module's kind, parameters left out.
+
+    Args:
+        m: Any module; only its class name is read (transformers' ``GELUActivation`` and the like count).
+
+    Returns:
+        The registry key (``nn.LeakyReLU(0.2)`` -> ``"leaky_relu"``), or None when ``m`` is not a known
+        activation.
+
+    Example:
+        >>> activation_key(nn.LeakyReLU(0.2)), activation_key(nn.Linear(2, 2))
+        ('leaky_relu', None)
+    """
     return _MODULE_NAMES.get(type(m).__name__)

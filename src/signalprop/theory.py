@@ -59,12 +59,42 @@ def _rule(panels: int, order: int, half_width: float = 12.0) -> tuple[torch.Tens
 
 
 def gauss_nodes(fine: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quadrature nodes z and weights w with sum(w * f(z)) ~ E[f(z)], z ~ N(0,1) (float64)."""
+    """Quadrature nodes z and weights w with sum(w * f(z)) ~ E[f(z)], z ~ N(0,1) (float64).
+
+    Gauss-Legendre on panels of each half-line [0, 12], the Gaussian density folded into the weights, so a
+    kink at 0 sits on a panel border: piecewise-smooth activations integrate to float64 round-off.
+
+    Args:
+        fine: 24 panels of 16 nodes per half-line (768 nodes) when True, else 12 of 10 (240 nodes), the
+            rule the two-dimensional expectations of :func:`cmap` use on each axis.
+
+    Returns:
+        ``(z, w)``, two float64 tensors of the same length; the weights sum to 1.
+
+    Example:
+        >>> z, w = gauss_nodes()
+        >>> len(z), round(float(w.sum()), 12), round(float((w * z**4).sum()), 12)
+        (768, 1.0, 3.0)
+    """
     return _rule(24, 16) if fine else _rule(12, 10)
 
 
 def expect(f: Callable[[torch.Tensor], torch.Tensor], *, fine: bool = True) -> float:
-    """E[f(z)] for z ~ N(0, 1)."""
+    """E[f(z)] for z ~ N(0, 1), by the quadrature of :func:`gauss_nodes`.
+
+    Args:
+        f: A float64 tensor function, applied elementwise to the nodes.
+        fine: Use the fine rule (768 nodes) or the coarse one (240).
+
+    Returns:
+        The expectation as a float.
+
+    Example:
+        >>> round(expect(lambda z: z**2), 12)
+        1.0
+        >>> round(expect(torch.relu), 6)  # 1/sqrt(2 pi)
+        0.398942
+    """
     z, w = gauss_nodes(fine)
     with torch.no_grad():
         return float((w * f(z)).sum())
@@ -87,12 +117,45 @@ def _moment(act: ActLike, q: Any, power: int) -> Any:
 
 
 def second_moment(act: ActLike, q: Any = 1.0) -> Any:
-    """E[phi(sqrt(q) z)^2], z ~ N(0,1): the factor a layer passes on (He et al. 2015, Eq. 7 uses 1/2 for ReLU)."""
+    """E[phi(sqrt(q) z)^2], z ~ N(0,1): the factor a layer passes on (He et al. 2015, Eq. 7 uses 1/2 for ReLU).
+
+    A layer with weight variance sigma_w^2 / fan_in maps a pre-activation variance q to
+    sigma_w^2 * second_moment(phi, q) (:func:`qmap`).
+
+    Args:
+        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
+            ``nn.Module`` instance (see :func:`resolve`).
+        q: The pre-activation variance, a float or an array of them.
+
+    Returns:
+        A float for a scalar ``q``, else a float64 array of ``q``'s shape, flattened.
+
+    Example:
+        >>> second_moment("relu")
+        0.5
+        >>> second_moment("relu", [1.0, 4.0]).tolist()
+        [0.5, 2.0]
+    """
     return _moment(act, q, 2)
 
 
 def mean_act(act: ActLike, q: Any = 1.0) -> Any:
-    """E[phi(sqrt(q) z)]: the mean an activation adds (ReLU: sqrt(q / 2 pi))."""
+    """E[phi(sqrt(q) z)], z ~ N(0,1): the mean an activation adds (ReLU: sqrt(q / 2 pi)).
+
+    Args:
+        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
+            ``nn.Module`` instance (see :func:`resolve`).
+        q: The pre-activation variance, a float or an array of them.
+
+    Returns:
+        A float for a scalar ``q``, else a float64 array.
+
+    Example:
+        >>> round(mean_act("relu", 2 * math.pi), 12)
+        1.0
+        >>> round(mean_act("tanh"), 12)  # an odd activation adds no mean
+        0.0
+    """
     return _moment(act, q, 1)
 
 
@@ -102,8 +165,21 @@ def gain(act: ActLike) -> float:
     relu -> sqrt(2) (He et al. 2015), linear -> 1, tanh -> 1.5925 (PyTorch's ``calculate_gain`` says
     5/3, a heuristic from LeCun et al. 1998 that targets a fixed point, not the second moment).
 
-    >>> round(gain("relu"), 6)
-    1.414214
+    Args:
+        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
+            ``nn.Module`` instance (see :func:`resolve`).
+
+    Returns:
+        1 / sqrt(:func:`second_moment` (act, 1)).
+
+    Raises:
+        SignalpropError: The activation's second moment is zero or not finite.
+
+    Example:
+        >>> round(gain("relu"), 6)
+        1.414214
+        >>> round(gain("tanh"), 4), round(gain("linear"), 4)
+        (1.5925, 1.0)
     """
     m2 = second_moment(act, 1.0)
     if not m2 > 0 or not math.isfinite(m2):
@@ -115,7 +191,22 @@ def gain(act: ActLike) -> float:
 
 
 def torch_gain(act: ActLike) -> float | None:
-    """PyTorch's ``calculate_gain`` value for ``act`` (None where PyTorch has no entry), for comparison."""
+    """PyTorch's ``calculate_gain`` value for ``act`` (None where PyTorch has no entry), for comparison.
+
+    PyTorch's table: linear, identity and sigmoid 1, tanh 5/3, relu sqrt(2), selu 3/4, leaky ReLU
+    sqrt(2 / (1 + slope^2)); :func:`gain` computes the value from the activation instead.
+
+    Args:
+        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
+            ``nn.Module`` instance (see :func:`resolve`).
+
+    Returns:
+        The table's value, or None for an activation PyTorch does not list (GELU, SiLU, ...).
+
+    Example:
+        >>> round(torch_gain("tanh"), 6), round(torch_gain("leaky_relu(0.2)"), 6), torch_gain("gelu")
+        (1.666667, 1.38675, None)
+    """
     if isinstance(act, nn.LeakyReLU):
         return math.sqrt(2.0 / (1 + act.negative_slope**2))
     name = activation_name(act)
@@ -134,6 +225,18 @@ def kurtosis_factor(act: ActLike, q: float = 1.0) -> float:
 
     One layer of width n multiplies the signal's variance by a random factor of relative variance beta/n
     (Hanin 2018; Hanin & Nica 2019). ReLU: 5; identity (a Gaussian input): 2.
+
+    Args:
+        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
+            ``nn.Module`` instance (see :func:`resolve`).
+        q: The pre-activation variance (scale-free activations such as ReLU give the same beta at every q).
+
+    Returns:
+        beta, a float.
+
+    Example:
+        >>> round(kurtosis_factor("relu"), 9), round(kurtosis_factor("linear"), 9)
+        (5.0, 2.0)
     """
     m2 = _moment(act, q, 2)
     m4 = _moment(act, q, 4)
@@ -161,7 +264,25 @@ def _derivs(act: ActLike, x: torch.Tensor, order: int = 1) -> list[torch.Tensor]
 
 
 def deriv_second_moment(act: ActLike, q: Any = 1.0) -> Any:
-    """E[phi'(sqrt(q) z)^2]: the factor a layer passes on to gradients (times weight variance)."""
+    """E[phi'(sqrt(q) z)^2], z ~ N(0,1): the factor a layer passes on to gradients (times weight variance).
+
+    The backward analogue of :func:`second_moment` (He et al. 2015, Sec. 2.2; Poole et al. 2016, Eq. 9);
+    phi' comes from autograd, and ``q`` is floored at 1e-12.
+
+    Args:
+        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
+            ``nn.Module`` instance (see :func:`resolve`).
+        q: The pre-activation variance, a float or an array of them.
+
+    Returns:
+        A float for a scalar ``q``, else a float64 array.
+
+    Example:
+        >>> deriv_second_moment("relu")
+        0.5
+        >>> round(deriv_second_moment("tanh", 1e-12), 9)  # tanh'(0)^2
+        1.0
+    """
     qs, scalar = _as_q(q)
     z, w = gauss_nodes()
     x = torch.sqrt(qs.clamp_min(_Q_FLOOR))[:, None] * z[None, :]
@@ -202,6 +323,22 @@ def qmap(act: ActLike, q: Any, *, weight_var: float, bias_var: float = 0.0) -> A
     """The length map q_{l+1} = weight_var * E[phi(sqrt(q_l) z)^2] + bias_var (Poole et al. 2016, Eq. 3).
 
     ``q`` is a pre-activation variance (a float or an array); ReLU at weight_var 2 keeps every q.
+
+    Args:
+        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
+            ``nn.Module`` instance (see :func:`resolve`).
+        q: The pre-activation variance q_l, a float or an array of them.
+        weight_var: sigma_w^2, the weight variance times fan-in.
+        bias_var: sigma_b^2, the bias variance.
+
+    Returns:
+        q_{l+1}: a float for a scalar ``q``, else a float64 array.
+
+    Example:
+        >>> qmap("relu", 3.0, weight_var=2.0)
+        3.0
+        >>> qmap("relu", [1.0, 3.0], weight_var=2.0, bias_var=0.5).tolist()
+        [1.5, 3.5]
     """
     return weight_var * second_moment(act, q) + bias_var
 
@@ -219,6 +356,22 @@ def fixed_point(
     quadrature), then bisection in log q on the first sign change in the direction r(q0) points.
     Returns ``inf`` when q grows without bound (ReLU above weight_var 2), 0 when it dies out (tanh below
     weight_var 1 at bias 0), and ``q0`` when the map is the identity (ReLU at weight_var 2, bias 0).
+
+    Args:
+        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
+            ``nn.Module`` instance (see :func:`resolve`).
+        weight_var: sigma_w^2, the weight variance times fan-in.
+        bias_var: sigma_b^2, the bias variance.
+        q0: The starting variance (the input's), which picks the fixed point when there are several.
+
+    Returns:
+        q*, a float: 0, a positive number, or ``inf``.
+
+    Example:
+        >>> round(fixed_point("tanh", weight_var=1.5, bias_var=0.05), 6)
+        0.418037
+        >>> fixed_point("relu", weight_var=3.0), fixed_point("tanh", weight_var=0.5)
+        (inf, 0.0)
     """
 
     def r(q: Any) -> Any:
@@ -251,6 +404,23 @@ def chi1(act: ActLike, *, weight_var: float, bias_var: float = 0.0, q: float | N
 
     chi1 < 1 is the ordered phase (gradients vanish), > 1 the chaotic one (they explode); ReLU: weight_var/2.
     ``q`` overrides the fixed point (use the actual pre-activation variance of a finite-depth net).
+
+    Args:
+        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
+            ``nn.Module`` instance (see :func:`resolve`).
+        weight_var: sigma_w^2, the weight variance times fan-in.
+        bias_var: sigma_b^2, the bias variance.
+        q: The pre-activation variance to evaluate at; default the fixed point q* of :func:`fixed_point`
+            (q = 1 where q* is infinite: the ReLU family's chi1 is the same at every q).
+
+    Returns:
+        chi1, a float.
+
+    Example:
+        >>> chi1("relu", weight_var=2.0)
+        1.0
+        >>> round(chi1("relu", weight_var=3.0), 12)
+        1.5
     """
     if q is None:
         q = fixed_point(act, weight_var=weight_var, bias_var=bias_var)
@@ -269,6 +439,25 @@ def critical_weight_var(act: ActLike, *, bias_var: float = 0.0, lo: float = 1e-3
     is 1 / E[phi'(0)^2] exactly (tanh: 1, erf: pi/4; Poole et al. 2016, Sec. 3), returned as such. A root
     search could only approach it: chi1 - 1 touches 0 there without crossing fast, so bisection stops about
     1e-8 above it, where the q-map has a spurious fixed point q* ~ 1e-8 instead of 0.
+
+    Args:
+        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
+            ``nn.Module`` instance (see :func:`resolve`).
+        bias_var: sigma_b^2, the bias variance.
+        lo: The smallest weight variance searched.
+        hi: The largest weight variance searched.
+
+    Returns:
+        sigma_w^2 with :func:`chi1` = 1, a float.
+
+    Raises:
+        SignalpropError: chi1 does not cross 1 for weight variances in [lo, hi] (too large a bias variance).
+
+    Example:
+        >>> critical_weight_var("tanh")
+        1.0
+        >>> round(critical_weight_var("erf"), 12) == round(math.pi / 4, 12)
+        True
     """
     if bias_var == 0.0:
         wv0 = _ordered_edge(act)
@@ -335,7 +524,26 @@ def _usable_q(act: ActLike, weight_var: float, bias_var: float) -> float:
 def cmap(act: ActLike, c: Any, *, weight_var: float, bias_var: float = 0.0, q: float | None = None) -> Any:
     """The correlation map c_{l+1} = (weight_var * E[phi(u1) phi(u2)] + bias_var) / q* (Poole et al. 2016).
 
-    u1, u2 are N(0, q*) with correlation c; vectorized over c. At c = 1 it returns 1.
+    u1, u2 are N(0, q*) with correlation c; vectorized over c. At c = 1 it returns 1. For ReLU at
+    weight_var 2 it is the arc-cosine kernel (Cho & Saul 2009): (sqrt(1 - c^2) + (pi - arccos c) c) / pi.
+
+    Args:
+        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
+            ``nn.Module`` instance (see :func:`resolve`).
+        c: The correlation of two inputs' pre-activations, a float or an array in [-1, 1].
+        weight_var: sigma_w^2, the weight variance times fan-in.
+        bias_var: sigma_b^2, the bias variance.
+        q: The pre-activation variance both inputs have; default the fixed point q* (1 where q* is 0 or
+            infinite).
+
+    Returns:
+        c_{l+1}: a float for a scalar ``c``, else a float64 array.
+
+    Example:
+        >>> round(cmap("relu", 0.0, weight_var=2.0) * math.pi, 9)  # 1/pi
+        1.0
+        >>> round(cmap("tanh", 1.0, weight_var=1.5, bias_var=0.05), 12)
+        1.0
     """
     if q is None:
         q = _usable_q(act, weight_var, bias_var)
@@ -350,7 +558,22 @@ def c_fixed_point(
     """The stable fixed point c* of :func:`cmap` below 1 (chaotic phase), or 1 (ordered phase).
 
     cmap(c) - c is evaluated on a grid of c (one vectorized quadrature); the largest sign change from
-    + to - below 1 is refined by bisection.
+    + to - below 1 is refined by bisection. In the ordered phase (chi1 < 1) every pair of inputs ends up
+    perfectly correlated; in the chaotic phase they settle at c* < 1 (Poole et al. 2016, Fig. 2).
+
+    Args:
+        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
+            ``nn.Module`` instance (see :func:`resolve`).
+        weight_var: sigma_w^2, the weight variance times fan-in.
+        bias_var: sigma_b^2, the bias variance.
+        q: The pre-activation variance; default the fixed point q* (1 where q* is 0 or infinite).
+
+    Returns:
+        c*, a float in [-1, 1].
+
+    Example:
+        >>> c_fixed_point("tanh", weight_var=1.0, bias_var=0.05)
+        1.0
     """
     if q is None:
         q = _usable_q(act, weight_var, bias_var)
@@ -371,6 +594,23 @@ def depth_scales(act: ActLike, *, weight_var: float, bias_var: float = 0.0) -> t
     xi_q^-1 = -log(chi1 + weight_var * E[phi''(u) phi(u)]) and xi_c^-1 = -log(chi_c), with
     chi_c = weight_var * E[phi'(u1) phi'(u2)] at the correlation fixed point c*. xi_c diverges (inf) on the
     critical line chi1 = 1; deep signal propagation is possible for about 6 xi_c layers.
+
+    Args:
+        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
+            ``nn.Module`` instance (see :func:`resolve`).
+        weight_var: sigma_w^2, the weight variance times fan-in.
+        bias_var: sigma_b^2, the bias variance.
+
+    Returns:
+        ``(xi_q, xi_c)`` in layers; ``inf`` where a quantity never decays (on the critical line, or for
+        ReLU at weight_var 2, whose q-map keeps every q).
+
+    Example:
+        >>> xi_q, xi_c = depth_scales("tanh", weight_var=1.5, bias_var=0.05)
+        >>> round(xi_q, 2), round(xi_c, 2)
+        (1.68, 15.79)
+        >>> depth_scales("relu", weight_var=2.0)
+        (inf, inf)
     """
     q = fixed_point(act, weight_var=weight_var, bias_var=bias_var)
     if not math.isfinite(q) or q <= 0:
