@@ -95,6 +95,17 @@ _MODULE_NAMES: dict[str, str] = {
     "ReLUSquaredActivation": "relu",
 }
 
+# PyTorch's torch.nn.init.calculate_gain convention, for side-by-side documentation.
+_TORCH_GAIN: dict[str, float] = {
+    "linear": 1.0,
+    "identity": 1.0,
+    "sigmoid": 1.0,
+    "tanh": 5.0 / 3.0,
+    "relu": math.sqrt(2.0),
+    "selu": 3.0 / 4.0,
+}
+
+
 def known_activations() -> list[str]:
     """The activation names :func:`resolve` accepts, sorted.
 

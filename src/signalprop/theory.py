@@ -22,26 +22,16 @@ from torch import nn
 
 from ._errors import SignalpropError
 
-# The activation registry lives in signalprop.activations; its public names are part of sp.theory too, and
-# the lookup tables are read here by the graph and diagnosis layers.
+# signalprop.activations' public names are sp.theory's too; graph and diagnosis read its tables from here.
 from .activations import _MODULE_NAMES as _MODULE_NAMES
 from .activations import _PARAMETERS as _PARAMETERS
+from .activations import _TORCH_GAIN
 from .activations import ActLike as ActLike
 from .activations import activation_key as activation_key
 from .activations import activation_name as activation_name
 from .activations import known_activations as known_activations
 from .activations import parse_name as parse_name
 from .activations import resolve as resolve
-
-# PyTorch's torch.nn.init.calculate_gain convention, for side-by-side documentation.
-_TORCH_GAIN: dict[str, float] = {
-    "linear": 1.0,
-    "identity": 1.0,
-    "sigmoid": 1.0,
-    "tanh": 5.0 / 3.0,
-    "relu": math.sqrt(2.0),
-    "selu": 3.0 / 4.0,
-}
 
 
 # ---- quadrature ---------------------------------------------------------------------------------
@@ -60,9 +50,6 @@ def _rule(panels: int, order: int, half_width: float = 12.0) -> tuple[torch.Tens
 
 def gauss_nodes(fine: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Quadrature nodes z and weights w with sum(w * f(z)) ~ E[f(z)], z ~ N(0,1) (float64).
-
-    Gauss-Legendre on panels of each half-line [0, 12], the Gaussian density folded into the weights, so a
-    kink at 0 sits on a panel border: piecewise-smooth activations integrate to float64 round-off.
 
     Args:
         fine: 24 panels of 16 nodes per half-line (768 nodes) when True, else 12 of 10 (240 nodes), the
@@ -90,10 +77,8 @@ def expect(f: Callable[[torch.Tensor], torch.Tensor], *, fine: bool = True) -> f
         The expectation as a float.
 
     Example:
-        >>> round(expect(lambda z: z**2), 12)
-        1.0
-        >>> round(expect(torch.relu), 6)  # 1/sqrt(2 pi)
-        0.398942
+        >>> round(expect(lambda z: z**2), 12), round(expect(torch.relu), 6)  # 1, 1/sqrt(2 pi)
+        (1.0, 0.398942)
     """
     z, w = gauss_nodes(fine)
     with torch.no_grad():
@@ -119,22 +104,16 @@ def _moment(act: ActLike, q: Any, power: int) -> Any:
 def second_moment(act: ActLike, q: Any = 1.0) -> Any:
     """E[phi(sqrt(q) z)^2], z ~ N(0,1): the factor a layer passes on (He et al. 2015, Eq. 7 uses 1/2 for ReLU).
 
-    A layer with weight variance sigma_w^2 / fan_in maps a pre-activation variance q to
-    sigma_w^2 * second_moment(phi, q) (:func:`qmap`).
-
     Args:
-        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
-            ``nn.Module`` instance (see :func:`resolve`).
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
         q: The pre-activation variance, a float or an array of them.
 
     Returns:
         A float for a scalar ``q``, else a float64 array of ``q``'s shape, flattened.
 
     Example:
-        >>> second_moment("relu")
-        0.5
-        >>> second_moment("relu", [1.0, 4.0]).tolist()
-        [0.5, 2.0]
+        >>> second_moment("relu"), second_moment("relu", [1.0, 4.0]).tolist()
+        (0.5, [0.5, 2.0])
     """
     return _moment(act, q, 2)
 
@@ -143,8 +122,7 @@ def mean_act(act: ActLike, q: Any = 1.0) -> Any:
     """E[phi(sqrt(q) z)], z ~ N(0,1): the mean an activation adds (ReLU: sqrt(q / 2 pi)).
 
     Args:
-        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
-            ``nn.Module`` instance (see :func:`resolve`).
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
         q: The pre-activation variance, a float or an array of them.
 
     Returns:
@@ -153,8 +131,6 @@ def mean_act(act: ActLike, q: Any = 1.0) -> Any:
     Example:
         >>> round(mean_act("relu", 2 * math.pi), 12)
         1.0
-        >>> round(mean_act("tanh"), 12)  # an odd activation adds no mean
-        0.0
     """
     return _moment(act, q, 1)
 
@@ -166,8 +142,7 @@ def gain(act: ActLike) -> float:
     5/3, a heuristic from LeCun et al. 1998 that targets a fixed point, not the second moment).
 
     Args:
-        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
-            ``nn.Module`` instance (see :func:`resolve`).
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
 
     Returns:
         1 / sqrt(:func:`second_moment` (act, 1)).
@@ -176,10 +151,8 @@ def gain(act: ActLike) -> float:
         SignalpropError: The activation's second moment is zero or not finite.
 
     Example:
-        >>> round(gain("relu"), 6)
-        1.414214
-        >>> round(gain("tanh"), 4), round(gain("linear"), 4)
-        (1.5925, 1.0)
+        >>> round(gain("relu"), 6), round(gain("tanh"), 4), round(gain("linear"), 4)
+        (1.414214, 1.5925, 1.0)
     """
     m2 = second_moment(act, 1.0)
     if not m2 > 0 or not math.isfinite(m2):
@@ -197,8 +170,7 @@ def torch_gain(act: ActLike) -> float | None:
     sqrt(2 / (1 + slope^2)); :func:`gain` computes the value from the activation instead.
 
     Args:
-        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
-            ``nn.Module`` instance (see :func:`resolve`).
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
 
     Returns:
         The table's value, or None for an activation PyTorch does not list (GELU, SiLU, ...).
@@ -227,8 +199,7 @@ def kurtosis_factor(act: ActLike, q: float = 1.0) -> float:
     (Hanin 2018; Hanin & Nica 2019). ReLU: 5; identity (a Gaussian input): 2.
 
     Args:
-        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
-            ``nn.Module`` instance (see :func:`resolve`).
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
         q: The pre-activation variance (scale-free activations such as ReLU give the same beta at every q).
 
     Returns:
@@ -270,18 +241,15 @@ def deriv_second_moment(act: ActLike, q: Any = 1.0) -> Any:
     phi' comes from autograd, and ``q`` is floored at 1e-12.
 
     Args:
-        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
-            ``nn.Module`` instance (see :func:`resolve`).
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
         q: The pre-activation variance, a float or an array of them.
 
     Returns:
         A float for a scalar ``q``, else a float64 array.
 
     Example:
-        >>> deriv_second_moment("relu")
-        0.5
-        >>> round(deriv_second_moment("tanh", 1e-12), 9)  # tanh'(0)^2
-        1.0
+        >>> deriv_second_moment("relu"), round(deriv_second_moment("tanh", 1e-12), 9)  # 1/2, tanh'(0)^2
+        (0.5, 1.0)
     """
     qs, scalar = _as_q(q)
     z, w = gauss_nodes()
@@ -325,8 +293,7 @@ def qmap(act: ActLike, q: Any, *, weight_var: float, bias_var: float = 0.0) -> A
     ``q`` is a pre-activation variance (a float or an array); ReLU at weight_var 2 keeps every q.
 
     Args:
-        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
-            ``nn.Module`` instance (see :func:`resolve`).
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
         q: The pre-activation variance q_l, a float or an array of them.
         weight_var: sigma_w^2, the weight variance times fan-in.
         bias_var: sigma_b^2, the bias variance.
@@ -337,8 +304,6 @@ def qmap(act: ActLike, q: Any, *, weight_var: float, bias_var: float = 0.0) -> A
     Example:
         >>> qmap("relu", 3.0, weight_var=2.0)
         3.0
-        >>> qmap("relu", [1.0, 3.0], weight_var=2.0, bias_var=0.5).tolist()
-        [1.5, 3.5]
     """
     return weight_var * second_moment(act, q) + bias_var
 
@@ -358,8 +323,7 @@ def fixed_point(
     weight_var 1 at bias 0), and ``q0`` when the map is the identity (ReLU at weight_var 2, bias 0).
 
     Args:
-        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
-            ``nn.Module`` instance (see :func:`resolve`).
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
         weight_var: sigma_w^2, the weight variance times fan-in.
         bias_var: sigma_b^2, the bias variance.
         q0: The starting variance (the input's), which picks the fixed point when there are several.
@@ -406,8 +370,7 @@ def chi1(act: ActLike, *, weight_var: float, bias_var: float = 0.0, q: float | N
     ``q`` overrides the fixed point (use the actual pre-activation variance of a finite-depth net).
 
     Args:
-        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
-            ``nn.Module`` instance (see :func:`resolve`).
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
         weight_var: sigma_w^2, the weight variance times fan-in.
         bias_var: sigma_b^2, the bias variance.
         q: The pre-activation variance to evaluate at; default the fixed point q* of :func:`fixed_point`
@@ -419,8 +382,6 @@ def chi1(act: ActLike, *, weight_var: float, bias_var: float = 0.0, q: float | N
     Example:
         >>> chi1("relu", weight_var=2.0)
         1.0
-        >>> round(chi1("relu", weight_var=3.0), 12)
-        1.5
     """
     if q is None:
         q = fixed_point(act, weight_var=weight_var, bias_var=bias_var)
@@ -441,8 +402,7 @@ def critical_weight_var(act: ActLike, *, bias_var: float = 0.0, lo: float = 1e-3
     1e-8 above it, where the q-map has a spurious fixed point q* ~ 1e-8 instead of 0.
 
     Args:
-        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
-            ``nn.Module`` instance (see :func:`resolve`).
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
         bias_var: sigma_b^2, the bias variance.
         lo: The smallest weight variance searched.
         hi: The largest weight variance searched.
@@ -454,10 +414,8 @@ def critical_weight_var(act: ActLike, *, bias_var: float = 0.0, lo: float = 1e-3
         SignalpropError: chi1 does not cross 1 for weight variances in [lo, hi] (too large a bias variance).
 
     Example:
-        >>> critical_weight_var("tanh")
-        1.0
-        >>> round(critical_weight_var("erf"), 12) == round(math.pi / 4, 12)
-        True
+        >>> critical_weight_var("tanh"), round(critical_weight_var("erf"), 12) == round(math.pi / 4, 12)
+        (1.0, True)
     """
     if bias_var == 0.0:
         wv0 = _ordered_edge(act)
@@ -528,8 +486,7 @@ def cmap(act: ActLike, c: Any, *, weight_var: float, bias_var: float = 0.0, q: f
     weight_var 2 it is the arc-cosine kernel (Cho & Saul 2009): (sqrt(1 - c^2) + (pi - arccos c) c) / pi.
 
     Args:
-        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
-            ``nn.Module`` instance (see :func:`resolve`).
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
         c: The correlation of two inputs' pre-activations, a float or an array in [-1, 1].
         weight_var: sigma_w^2, the weight variance times fan-in.
         bias_var: sigma_b^2, the bias variance.
@@ -541,8 +498,6 @@ def cmap(act: ActLike, c: Any, *, weight_var: float, bias_var: float = 0.0, q: f
 
     Example:
         >>> round(cmap("relu", 0.0, weight_var=2.0) * math.pi, 9)  # 1/pi
-        1.0
-        >>> round(cmap("tanh", 1.0, weight_var=1.5, bias_var=0.05), 12)
         1.0
     """
     if q is None:
@@ -562,8 +517,7 @@ def c_fixed_point(
     perfectly correlated; in the chaotic phase they settle at c* < 1 (Poole et al. 2016, Fig. 2).
 
     Args:
-        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
-            ``nn.Module`` instance (see :func:`resolve`).
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
         weight_var: sigma_w^2, the weight variance times fan-in.
         bias_var: sigma_b^2, the bias variance.
         q: The pre-activation variance; default the fixed point q* (1 where q* is 0 or infinite).
@@ -596,8 +550,7 @@ def depth_scales(act: ActLike, *, weight_var: float, bias_var: float = 0.0) -> t
     critical line chi1 = 1; deep signal propagation is possible for about 6 xi_c layers.
 
     Args:
-        act: The activation phi: a name (``"relu"``, ``"leaky_relu(0.2)"``), a tensor function or an
-            ``nn.Module`` instance (see :func:`resolve`).
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
         weight_var: sigma_w^2, the weight variance times fan-in.
         bias_var: sigma_b^2, the bias variance.
 
