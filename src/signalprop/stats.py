@@ -91,12 +91,35 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def default_channel_dim(ndim: int) -> int | None:
-    """The channel dimension used when none is given: 1 for (N, C, ...) and (N, F), none for 0-D and 1-D."""
+    """The channel dimension used when none is given: 1 for (N, C, ...) and (N, F), none for 0-D and 1-D.
+
+    Args:
+        ndim: The tensor's number of dimensions.
+
+    Returns:
+        1, or None (the whole tensor is one channel).
+
+    Example:
+        >>> default_channel_dim(4), default_channel_dim(2), default_channel_dim(1)
+        (1, 1, None)
+    """
     return 1 if ndim >= 2 else None
 
 
 def row_length(t_shape: Sequence[int], channel_dim: int | None) -> int:
-    """Length of the row :func:`tensor_sums` returns for a tensor of this shape and channel dimension."""
+    """Length of the row :func:`tensor_sums` returns for a tensor of this shape and channel dimension.
+
+    Args:
+        t_shape: The tensor's shape.
+        channel_dim: Its channel dimension (negative counts from the end), or None for no channels.
+
+    Returns:
+        :data:`HEADER` plus the number of channels (1 without channels).
+
+    Example:
+        >>> row_length((8, 16, 4, 4), 1), row_length((8,), None)
+        (26, 11)
+    """
     if channel_dim is None or len(t_shape) == 0:
         return HEADER + 1
     return HEADER + int(t_shape[channel_dim % len(t_shape)])
@@ -150,27 +173,25 @@ def tensor_sums(
 ) -> torch.Tensor:
     """Reduce ``t`` to a 1-D float64 row of sums on ``t``'s device, without a host synchronization.
 
-    Parameters
-    ----------
-    t:
-        Any floating-point tensor; dimension 0 is taken as the batch dimension.
-    channel_dim:
-        Dimension holding channels for ``chan_sq_mean`` / ``chan_var``; ``None`` for no channels (the whole
-        tensor counts as one channel). Default: :func:`default_channel_dim` (1 for 2-D and higher).
-    careful:
-        Mask inf/nan elements, count them, and take all statistics over the finite elements, accumulating in
-        float64. Costs about 5x the fast path; :func:`signalprop.measure` uses it only for tensors whose fast
-        sums were not finite.
+    Args:
+        t: Any floating-point tensor; dimension 0 is taken as the batch dimension.
+        channel_dim: Dimension holding channels for ``chan_sq_mean`` / ``chan_var``; ``None`` for no
+            channels (the whole tensor counts as one channel). Default: :func:`default_channel_dim` (1 for
+            2-D and higher).
+        careful: Mask inf/nan elements, count them, and take all statistics over the finite elements,
+            accumulating in float64. Costs about 5x the fast path; :func:`signalprop.measure` uses it only
+            for tensors whose fast sums were not finite.
 
-    Returns
-    -------
-    A float64 tensor of length :func:`row_length` (layout in the module docstring).
+    Returns:
+        A float64 tensor of length :func:`row_length` (layout in the module docstring).
 
-    Example
-    -------
-    >>> row = tensor_sums(torch.ones(4, 3))
-    >>> stats_from_sums(row).mean, stats_from_sums(row).var
-    (1.0, 0.0)
+    Raises:
+        SignalpropError: ``t`` is not a floating-point tensor, or ``channel_dim`` is out of range.
+
+    Example:
+        >>> row = tensor_sums(torch.ones(4, 3))
+        >>> stats_from_sums(row).mean, stats_from_sums(row).var
+        (1.0, 0.0)
     """
     t = _check_tensor(t)
     t = t.detach()
@@ -240,26 +261,71 @@ def tensor_sums(
 
 
 def full_sum(t: torch.Tensor) -> torch.Tensor:
-    """The non-finite check of a whole tensor: its sum (0-d, on its device), float32 accumulation for float32
-    and half types. One read of every element; finite unless an element is inf/nan or the sum passes 3.4e38."""
+    """The non-finite check of a whole tensor: its sum (0-d, on its device), without a host synchronization.
+
+    float32 accumulation for float32 and half types. One read of every element; finite unless an element
+    is inf/nan or the sum passes 3.4e38. It is the CHECK entry of a row.
+
+    Args:
+        t: Any floating-point tensor.
+
+    Returns:
+        A 0-d tensor on ``t``'s device.
+
+    Example:
+        >>> full_sum(torch.ones(3, dtype=torch.float16)).item(), full_sum(torch.tensor([1.0, float("inf")])).item()
+        (3.0, inf)
+    """
     return t.sum(dtype=torch.float32 if t.dtype in _LOW_PRECISION else t.dtype)
 
 
 def compact_row(
     sumsq: torch.Tensor, zeros: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, chan: torch.Tensor
 ) -> torch.Tensor:
-    """The compact row(s) ``[sumsq, zeros, max, -min, channel sums...]``, float64, on the device: from the
-    0-d reductions of one tensor (``chan`` of shape (C,)) or the (k,) reductions of k samples at once
-    (``chan`` (k, C); one row each). One stack and one cat."""
+    """The compact row(s) ``[sumsq, zeros, max, -min, channel sums...]``, float64, on the device.
+
+    From the 0-d reductions of one tensor (``chan`` of shape (C,)) or the (k,) reductions of k samples at
+    once (``chan`` (k, C); one row each). One stack and one cat.
+
+    Args:
+        sumsq: The sum of squares.
+        zeros: The count of exact zeros in the zero sample.
+        hi: The largest element.
+        lo: The smallest element (stored negated, so that ranks combine both extremes with MAX).
+        chan: The per-channel sums.
+
+    Returns:
+        A float64 tensor of length :data:`COMPACT_HEADER` + C, or of shape (k, COMPACT_HEADER + C).
+
+    Example:
+        >>> t = torch.tensor([[1.0, -1.0], [3.0, 0.0]])
+        >>> compact_row((t * t).sum(), (t == 0).sum(), t.max(), t.min(), t.sum(0)).tolist()
+        [11.0, 1.0, 3.0, 1.0, 4.0, -1.0]
+    """
     f64 = torch.float64
     head = torch.stack([sumsq.to(f64), zeros.to(f64), hi.to(f64), -lo.to(f64)], -1)
     return torch.cat([head, chan.to(f64)], -1)
 
 
 def expand_compact(compact: Sequence[float], numel: float, n: float, zero_n: float) -> list[float]:
-    """The full row (layout in the module docstring) of a host copy of a compact row of a tensor of ``numel``
-    elements whose moments cover ``n`` of them (a sample: fewer; its CHECK is then the sample's own sum,
-    see :func:`with_check`) with a zero sample of ``zero_n``."""
+    """The full row (layout in the module docstring) of a host copy of a compact row.
+
+    SUM is the total of the channel sums (``math.fsum`` when finite) and is also the CHECK; NONFINITE is 0.
+
+    Args:
+        compact: The compact row, as :func:`compact_row` lays it out.
+        numel: Elements in the tensor.
+        n: Elements the moments cover (a sample: fewer; its CHECK is then the sample's own sum, see
+            :func:`with_check`).
+        zero_n: Size of the zero sample.
+
+    Returns:
+        The full row as a list of floats, :func:`tensor_sums`' layout.
+
+    Example:
+        >>> expand_compact([11.0, 1.0, 3.0, 1.0, 4.0, -1.0], 4, 4, 4)
+        [4.0, 4.0, 3.0, 11.0, 1.0, 4.0, 0.0, 3.0, 3.0, 1.0, 4.0, -1.0]
+    """
     sumsq, zeros, maxv, negmin = compact[:COMPACT_HEADER]
     chan = list(compact[COMPACT_HEADER:])
     s = math.fsum(chan) if all(math.isfinite(x) for x in chan) else sum(chan)
@@ -267,7 +333,21 @@ def expand_compact(compact: Sequence[float], numel: float, n: float, zero_n: flo
 
 
 def with_check(row: Sequence[float], check: float, numel: float) -> list[float]:
-    """A host row of a sample with the whole tensor's CHECK (its :func:`full_sum`) and NUMEL put in."""
+    """A host row of a sample with the whole tensor's CHECK (its :func:`full_sum`) and NUMEL put in.
+
+    Args:
+        row: The sample's full row.
+        check: The whole tensor's :func:`full_sum`, as a float.
+        numel: Elements in the whole tensor.
+
+    Returns:
+        A copy of ``row`` with ``CHECK`` and ``NUMEL`` replaced.
+
+    Example:
+        >>> row = with_check(expand_compact([11.0, 1.0, 3.0, 1.0, 4.0, -1.0], 4, 4, 4), 5.0, 100)
+        >>> row[NUMEL], row[N], row[CHECK]
+        (100, 4.0, 5.0)
+    """
     out = list(row)
     out[CHECK] = check
     out[NUMEL] = numel
@@ -279,6 +359,17 @@ def rows_finite(rows: torch.Tensor) -> torch.Tensor:
 
     A row whose SUM, SUMSQ and CHECK are finite came from a tensor without inf/nan (an overflowing float32
     sum of squares also reads as not finite: recompute such rows with ``careful=True``).
+
+    Args:
+        rows: Rows of :func:`tensor_sums`' layout, stacked along the leading dimensions.
+
+    Returns:
+        A bool tensor of shape ``rows.shape[:-1]``.
+
+    Example:
+        >>> rows = torch.stack([tensor_sums(torch.ones(2, 2)), tensor_sums(torch.tensor([[1.0, float("nan")]]))])
+        >>> rows_finite(rows).tolist()
+        [True, False]
     """
     head = rows[..., [SUM, SUMSQ, CHECK]]
     return torch.isfinite(head).all(-1) & (rows[..., NONFINITE] == 0)
@@ -293,6 +384,21 @@ def stats_from_sums(row: torch.Tensor | Sequence[float], *, hist: Histogram | No
     fast path whose sums are not finite has ``nonfinite_frac = nan`` and nan moments: the fast path cannot
     tell how many elements are bad; use ``careful=True`` for that row. All counts are float64, exact up to
     2^53 elements.
+
+    Args:
+        row: A row of :func:`tensor_sums` (or the sum of such rows over ranks), on any device or the host.
+        hist: A histogram to attach (:func:`histogram_from_counts`).
+
+    Returns:
+        The :class:`~signalprop.trace.Stats`.
+
+    Raises:
+        SignalpropError: The row is shorter than a header and one channel sum.
+
+    Example:
+        >>> s = stats_from_sums(tensor_sums(torch.tensor([[1.0, -1.0], [3.0, 1.0]])))
+        >>> s.mean, s.var, s.absmax, s.chan_sq_mean, s.chan_var  # column means 2 and 0
+        (1.0, 2.0, 3.0, 2.0, 1.0)
     """
     if isinstance(row, torch.Tensor):
         vals = row.detach().to("cpu", torch.float64).tolist()
@@ -347,6 +453,22 @@ def tensor_histogram(t: torch.Tensor, *, bins: int, lo: float, hi: float) -> tor
 
     Values outside [lo, hi] are not counted (pick the range from a first pass's absmax, as measure does).
     Counts of the same tensor split across ranks add up. Low-precision tensors are counted in float32.
+
+    Args:
+        t: Any floating-point tensor.
+        bins: The number of bins, a positive integer.
+        lo: The left edge of the first bin.
+        hi: The right edge of the last bin (``hi == lo`` widens the range to [lo - 0.5, hi + 0.5]).
+
+    Returns:
+        A float64 tensor of ``bins`` counts on ``t``'s device.
+
+    Raises:
+        SignalpropError: ``bins`` is not a positive integer, or the range is not finite with lo <= hi.
+
+    Example:
+        >>> tensor_histogram(torch.tensor([0.0, 0.5, 1.0, 2.0, float("nan")]), bins=2, lo=0.0, hi=1.0).tolist()
+        [1.0, 2.0]
     """
     t = _check_tensor(t).detach()
     if not isinstance(bins, int) or bins < 1:
@@ -363,7 +485,20 @@ def tensor_histogram(t: torch.Tensor, *, bins: int, lo: float, hi: float) -> tor
 
 
 def histogram_from_counts(counts: torch.Tensor | Sequence[float], lo: float, hi: float) -> Histogram:
-    """A :class:`~signalprop.trace.Histogram` from counts over ``len(counts)`` equal bins of [lo, hi]."""
+    """A :class:`~signalprop.trace.Histogram` from counts over ``len(counts)`` equal bins of [lo, hi].
+
+    Args:
+        counts: The counts, e.g. :func:`tensor_histogram`'s (summed over ranks).
+        lo: The left edge of the first bin.
+        hi: The right edge of the last bin.
+
+    Returns:
+        The Histogram, counts rounded to integers.
+
+    Example:
+        >>> histogram_from_counts(torch.tensor([1.0, 2.0]), 0.0, 1.0)
+        Histogram(edges=(0.0, 0.5, 1.0), counts=(1, 2))
+    """
     vals = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
     if hi == lo:
         lo, hi = lo - 0.5, hi + 0.5
