@@ -70,7 +70,29 @@ def plot_std(
     square root of ``Stats.var_band``, where one net of finite width lands (Hanin & Nica 2019; one net's
     log-variance has standard deviation ``sqrt(sum_l beta_l / n_l)``). ``layers`` is ``"auto"`` (weight
     layers when there are any: the outputs He's formula ``Var[y_L] = Var[y_1] prod 1/2 n_l Var[w_l]``
-    speaks about), ``"weight"`` or ``"all"``. Returns the written path.
+    speaks about), ``"weight"`` or ``"all"``.
+
+    Args:
+        traces: Label -> Trace, or one Trace.
+        path: The PNG (or other matplotlib format, by suffix) to write; no suffix: ``.png``.
+        predicted: A predicted Trace (``sp.predict``) to draw dashed, with its band.
+        title: The figure's title.
+        layers: ``"auto"``, ``"weight"`` or ``"all"``.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> from signalprop.trace import LayerStats, Stats, Trace
+        >>> trace = Trace([
+        ...     LayerStats("fc", "Linear", Stats.from_moments(0.0, 4.0), shape=(8, 4), weight_layer=True),
+        ...     LayerStats("act", "ReLU", Stats.from_moments(0.5, 1.0), shape=(8, 4)),
+        ... ])
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     out = plot_std(trace, pathlib.Path(tmp) / "std.png")
+        ...     out.name, out.stat().st_size > 0
+        ('std.png', True)
     """
     fig = std_figure(traces, predicted=predicted, title=title, layers=layers)
     return _save(fig, path)
@@ -88,7 +110,28 @@ def plot_spp(
 
     A healthy network keeps both flat with depth; a squared mean that grows relative to the variance is
     the mean shift Brock et al. show for unnormalized ReLU ResNets. Pass a dict to compare traces.
-    Raises SignalpropError when no layer carries channel statistics.
+
+    Args:
+        trace: A Trace, or label -> Trace to compare.
+        path: The file to write (suffix as in :func:`plot_std`).
+        title: The figure's title.
+        layers: ``"auto"``, ``"weight"`` or ``"all"``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        SignalpropError: No layer carries channel statistics.
+
+    Example:
+        >>> from signalprop.trace import LayerStats, Stats, Trace
+        >>> trace = Trace([LayerStats(f"conv{i}", "Conv2d", Stats.from_moments(0.0, 1.0, chan_sq_mean=0.1 * i,
+        ...                                                                   chan_var=1.0), weight_layer=True)
+        ...                for i in range(3)])
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     plot_spp(trace, pathlib.Path(tmp) / "spp.png").name
+        'spp.png'
     """
     fig = spp_figure(trace, title=title, layers=layers)
     return _save(fig, path)
@@ -113,7 +156,29 @@ def plot_histograms(
     With more than ``max_layers`` layers holding histograms, evenly spaced ones are shown (first and last
     always) and the title says how many. ``yscale`` is ``"linear"``, ``"log"`` or ``"auto"`` (log when
     some histogram has a single bin with over a quarter of its counts, such as the zeros after a ReLU).
-    Raises SignalpropError when no layer carries a histogram (measure with ``histograms=True``).
+
+    Args:
+        trace: The Trace, measured with ``histograms=True``.
+        path: The file to write (suffix as in :func:`plot_std`).
+        layers: ``"auto"``, ``"weight"`` or ``"all"``.
+        max_layers: The most layers drawn.
+        yscale: ``"linear"``, ``"log"`` or ``"auto"``.
+        title: The figure's title.
+
+    Returns:
+        The path written.
+
+    Raises:
+        SignalpropError: No layer carries a histogram (measure with ``histograms=True``).
+
+    Example:
+        >>> from signalprop.trace import Histogram, LayerStats, Stats, Trace
+        >>> hist = Histogram(edges=(0.0, 1.0, 2.0), counts=(6, 2))
+        >>> trace = Trace([LayerStats(f"act{i}", "ReLU", Stats.from_moments(0.5, 1.0, hist=hist)) for i in range(2)])
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     plot_histograms(trace, pathlib.Path(tmp) / "hist.png").name
+        'hist.png'
     """
     fig = histogram_figure(trace, layers=layers, max_layers=max_layers, yscale=yscale, title=title)
     return _save(fig, path)
@@ -126,6 +191,22 @@ def plot_report(report: Any, path: str | Path) -> list[Path]:
     ``<stem>_spp<suffix>`` the Signal Propagation Plot when the trace carries channel statistics;
     ``<stem>_hist<suffix>`` the histograms when it carries histograms. E.g. ``out/report.png`` gives
     ``out/report.png``, ``out/report_spp.png``, ``out/report_hist.png``.
+
+    Args:
+        report: A diagnose Report or a Trace.
+        path: The std plot's file; the others are named after it.
+
+    Returns:
+        The paths written, the std plot first.
+
+    Example:
+        >>> from signalprop.trace import Histogram, LayerStats, Stats, Trace
+        >>> hist = Histogram(edges=(0.0, 1.0, 2.0), counts=(6, 2))
+        >>> trace = Trace([LayerStats("act", "ReLU", Stats.from_moments(0.5, 1.0, hist=hist))])
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     [p.name for p in plot_report(trace, pathlib.Path(tmp) / "report.png")]
+        ['report.png', 'report_hist.png']
     """
     path = _check_path(path)
     written = []
@@ -136,8 +217,23 @@ def plot_report(report: Any, path: str | Path) -> list[Path]:
 
 
 def report_figures(report: Any) -> list[tuple[str, Figure]]:
-    """``(key, Figure)`` for each figure a Report or Trace supports: ``std`` always, ``spp`` and ``hist``
-    when the trace has channel statistics or histograms. Used by :func:`plot_report` and the HTML page."""
+    """``(key, Figure)`` for each figure a Report or Trace supports, not saved.
+
+    ``std`` always, ``spp`` and ``hist`` when the trace has channel statistics or histograms. Used by
+    :func:`plot_report` and the HTML page.
+
+    Args:
+        report: A diagnose Report or a Trace.
+
+    Returns:
+        ``(key, matplotlib.figure.Figure)`` pairs, ``std`` first.
+
+    Example:
+        >>> from signalprop.trace import LayerStats, Stats, Trace
+        >>> trace = Trace([LayerStats("fc", "Linear", Stats.from_moments(0.0, 1.0), weight_layer=True)])
+        >>> [key for key, figure in report_figures(trace)]
+        ['std']
+    """
     view = as_view(report)
     label = "measured" if view.trace.source != "predicted" else "predicted"
     figs: list[tuple[str, Figure]] = [
