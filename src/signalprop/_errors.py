@@ -8,7 +8,7 @@ class SignalpropError(ValueError):
 
     A subclass of ``ValueError``, so code that already catches ``ValueError`` catches it too.
 
-    Example:
+    Examples:
         >>> import signalprop as sp
         >>> try:
         ...     sp.theory.gain("tanh(2)")

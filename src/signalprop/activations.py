@@ -113,7 +113,7 @@ def known_activations() -> list[str]:
         The registry's names; those in :func:`parse_name`'s parameter table also take parameters,
         ``leaky_relu(0.2)``.
 
-    Example:
+    Examples:
         >>> names = known_activations()
         >>> "relu" in names and "gelu_tanh" in names
         True
@@ -137,7 +137,7 @@ def resolve(act: ActLike) -> Callable[[torch.Tensor], torch.Tensor]:
     Raises:
         SignalpropError: ``act`` is an unknown name, a name with bad parameters, or not callable.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([-2.0, 3.0], dtype=torch.float64)
         >>> resolve("leaky_relu(0.5)")(x).tolist()
         [-1.0, 3.0]
@@ -180,7 +180,7 @@ def parse_name(act: str) -> tuple[str, tuple[float, ...] | None]:
         SignalpropError: Naming what is wrong: an unknown name, parameters on a name that takes none, too
             many or unknown parameters, a value that is not a finite number or that torch rejects.
 
-    Example:
+    Examples:
         >>> parse_name("Tanh")
         ('tanh', None)
         >>> parse_name("leaky-relu(0.2)")
@@ -301,7 +301,7 @@ def activation_name(act: ActLike) -> str:
         The canonical name of a known activation; for anything else the lower-cased string, the function's
         ``__name__`` or the module's class name. It never raises.
 
-    Example:
+    Examples:
         >>> activation_name("Leaky-ReLU( 0.20 )")
         'leaky_relu(0.2)'
         >>> activation_name(nn.ELU(alpha=0.5)), activation_name(nn.PReLU()), activation_name(torch.tanh)
@@ -349,7 +349,7 @@ def activation_key(m: nn.Module) -> str | None:
         The registry key (``nn.LeakyReLU(0.2)`` -> ``"leaky_relu"``), or None when ``m`` is not a known
         activation.
 
-    Example:
+    Examples:
         >>> activation_key(nn.LeakyReLU(0.2)), activation_key(nn.Linear(2, 2))
         ('leaky_relu', None)
     """

@@ -44,7 +44,7 @@ def is_norm_kind(kind: str) -> bool:
     Returns:
         Whether it ends like a normalization layer's name.
 
-    Example:
+    Examples:
         >>> is_norm_kind("LlamaRMSNorm"), is_norm_kind("BatchNorm2d"), is_norm_kind("Linear")
         (True, True, False)
     """
@@ -60,7 +60,7 @@ def is_norm(m: nn.Module) -> bool:
     Returns:
         Whether ``m`` divides its input's scale out.
 
-    Example:
+    Examples:
         >>> is_norm(nn.BatchNorm2d(3)), is_norm(nn.Linear(2, 2))
         (True, False)
     """
@@ -79,7 +79,7 @@ def weight_names(m: nn.Module) -> list[str]:
     Returns:
         The attribute names, possibly empty.
 
-    Example:
+    Examples:
         >>> from torch.nn.utils.parametrizations import weight_norm
         >>> weight_names(weight_norm(nn.Linear(3, 4))), weight_names(nn.MultiheadAttention(4, 2))
         (['weight'], ['in_proj_weight'])
@@ -109,7 +109,7 @@ def is_weight_layer(m: nn.Module) -> bool:
     Returns:
         Whether :func:`weight_names` finds a weight and ``m`` is not a normalization layer (:func:`is_norm`).
 
-    Example:
+    Examples:
         >>> is_weight_layer(nn.Conv2d(1, 2, 3)), is_weight_layer(nn.Embedding(5, 3)), is_weight_layer(nn.BatchNorm1d(4))
         (True, True, False)
     """

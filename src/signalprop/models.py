@@ -42,7 +42,7 @@ def make_activation(act: ActLike) -> nn.Module:
     Raises:
         SignalpropError: ``act`` is neither a known plain name nor a module.
 
-    Example:
+    Examples:
         >>> make_activation("leaky_relu"), make_activation(nn.LeakyReLU(0.2))
         (LeakyReLU(negative_slope=0.01), LeakyReLU(negative_slope=0.2))
     """
@@ -82,7 +82,7 @@ def alexnet(num_classes: int = 1000, *, dropout: float = 0.5, in_channels: int =
     Raises:
         SignalpropError: ``num_classes`` or ``in_channels`` is not a positive integer.
 
-    Example:
+    Examples:
         >>> import torch
         >>> with torch.device("meta"):  # 62 M parameters: build without allocating them
         ...     net = alexnet()
@@ -158,7 +158,7 @@ def plain_cnn(
     Raises:
         SignalpropError: ``depth``, ``width``, ``in_channels`` or ``num_classes`` is not a positive integer.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = plain_cnn(depth=4, width=8)
         >>> len(net.body), net(torch.zeros(2, 3, 8, 8)).shape
@@ -202,7 +202,7 @@ def mlp(
     Raises:
         SignalpropError: A size is not a positive integer.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = mlp(depth=3, width=16, act="tanh", in_features=4, out_features=2)
         >>> len(net), net[1], net(torch.zeros(5, 4)).shape
@@ -230,7 +230,7 @@ class BasicBlock(nn.Module):
         stride: Stride of the first conv (and of the projection).
         norm: BatchNorm after each conv; without it the convs get biases.
 
-    Example:
+    Examples:
         >>> import torch
         >>> block = BasicBlock(8, 16, stride=2)
         >>> block(torch.zeros(1, 8, 8, 8)).shape, type(block.shortcut).__name__
@@ -280,7 +280,7 @@ def resnet(
     Raises:
         SignalpropError: A size is not a positive integer, or ``blocks`` is empty.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = resnet((1, 1), width=8)
         >>> len(net.stages), net(torch.zeros(2, 3, 8, 8)).shape

@@ -99,7 +99,7 @@ def default_channel_dim(ndim: int) -> int | None:
     Returns:
         1, or None (the whole tensor is one channel).
 
-    Example:
+    Examples:
         >>> default_channel_dim(4), default_channel_dim(2), default_channel_dim(1)
         (1, 1, None)
     """
@@ -116,7 +116,7 @@ def row_length(t_shape: Sequence[int], channel_dim: int | None) -> int:
     Returns:
         :data:`HEADER` plus the number of channels (1 without channels).
 
-    Example:
+    Examples:
         >>> row_length((8, 16, 4, 4), 1), row_length((8,), None)
         (26, 11)
     """
@@ -188,7 +188,7 @@ def tensor_sums(
     Raises:
         SignalpropError: ``t`` is not a floating-point tensor, or ``channel_dim`` is out of range.
 
-    Example:
+    Examples:
         >>> row = tensor_sums(torch.ones(4, 3))
         >>> stats_from_sums(row).mean, stats_from_sums(row).var
         (1.0, 0.0)
@@ -272,7 +272,7 @@ def full_sum(t: torch.Tensor) -> torch.Tensor:
     Returns:
         A 0-d tensor on ``t``'s device.
 
-    Example:
+    Examples:
         >>> full_sum(torch.ones(3, dtype=torch.float16)).item(), full_sum(torch.tensor([1.0, float("inf")])).item()
         (3.0, inf)
     """
@@ -297,7 +297,7 @@ def compact_row(
     Returns:
         A float64 tensor of length :data:`COMPACT_HEADER` + C, or of shape (k, COMPACT_HEADER + C).
 
-    Example:
+    Examples:
         >>> t = torch.tensor([[1.0, -1.0], [3.0, 0.0]])
         >>> compact_row((t * t).sum(), (t == 0).sum(), t.max(), t.min(), t.sum(0)).tolist()
         [11.0, 1.0, 3.0, 1.0, 4.0, -1.0]
@@ -322,7 +322,7 @@ def expand_compact(compact: Sequence[float], numel: float, n: float, zero_n: flo
     Returns:
         The full row as a list of floats, :func:`tensor_sums`' layout.
 
-    Example:
+    Examples:
         >>> expand_compact([11.0, 1.0, 3.0, 1.0, 4.0, -1.0], 4, 4, 4)
         [4.0, 4.0, 3.0, 11.0, 1.0, 4.0, 0.0, 3.0, 3.0, 1.0, 4.0, -1.0]
     """
@@ -343,7 +343,7 @@ def with_check(row: Sequence[float], check: float, numel: float) -> list[float]:
     Returns:
         A copy of ``row`` with ``CHECK`` and ``NUMEL`` replaced.
 
-    Example:
+    Examples:
         >>> row = with_check(expand_compact([11.0, 1.0, 3.0, 1.0, 4.0, -1.0], 4, 4, 4), 5.0, 100)
         >>> row[NUMEL], row[N], row[CHECK]
         (100, 4.0, 5.0)
@@ -366,7 +366,7 @@ def rows_finite(rows: torch.Tensor) -> torch.Tensor:
     Returns:
         A bool tensor of shape ``rows.shape[:-1]``.
 
-    Example:
+    Examples:
         >>> rows = torch.stack([tensor_sums(torch.ones(2, 2)), tensor_sums(torch.tensor([[1.0, float("nan")]]))])
         >>> rows_finite(rows).tolist()
         [True, False]
@@ -395,7 +395,7 @@ def stats_from_sums(row: torch.Tensor | Sequence[float], *, hist: Histogram | No
     Raises:
         SignalpropError: The row is shorter than a header and one channel sum.
 
-    Example:
+    Examples:
         >>> s = stats_from_sums(tensor_sums(torch.tensor([[1.0, -1.0], [3.0, 1.0]])))
         >>> s.mean, s.var, s.absmax, s.chan_sq_mean, s.chan_var  # column means 2 and 0
         (1.0, 2.0, 3.0, 2.0, 1.0)
@@ -466,7 +466,7 @@ def tensor_histogram(t: torch.Tensor, *, bins: int, lo: float, hi: float) -> tor
     Raises:
         SignalpropError: ``bins`` is not a positive integer, or the range is not finite with lo <= hi.
 
-    Example:
+    Examples:
         >>> tensor_histogram(torch.tensor([0.0, 0.5, 1.0, 2.0, float("nan")]), bins=2, lo=0.0, hi=1.0).tolist()
         [1.0, 2.0]
     """
@@ -495,7 +495,7 @@ def histogram_from_counts(counts: torch.Tensor | Sequence[float], lo: float, hi:
     Returns:
         The Histogram, counts rounded to integers.
 
-    Example:
+    Examples:
         >>> histogram_from_counts(torch.tensor([1.0, 2.0]), 0.0, 1.0)
         Histogram(edges=(0.0, 0.5, 1.0), counts=(1, 2))
     """

@@ -58,7 +58,7 @@ def gauss_nodes(fine: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         ``(z, w)``, two float64 tensors of the same length; the weights sum to 1.
 
-    Example:
+    Examples:
         >>> z, w = gauss_nodes()
         >>> len(z), round(float(w.sum()), 12), round(float((w * z**4).sum()), 12)
         (768, 1.0, 3.0)
@@ -76,7 +76,7 @@ def expect(f: Callable[[torch.Tensor], torch.Tensor], *, fine: bool = True) -> f
     Returns:
         The expectation as a float.
 
-    Example:
+    Examples:
         >>> round(expect(lambda z: z**2), 12), round(expect(torch.relu), 6)  # 1, 1/sqrt(2 pi)
         (1.0, 0.398942)
     """
@@ -111,7 +111,7 @@ def second_moment(act: ActLike, q: Any = 1.0) -> Any:
     Returns:
         A float for a scalar ``q``, else a float64 array of ``q``'s shape, flattened.
 
-    Example:
+    Examples:
         >>> second_moment("relu"), second_moment("relu", [1.0, 4.0]).tolist()
         (0.5, [0.5, 2.0])
     """
@@ -128,7 +128,7 @@ def mean_act(act: ActLike, q: Any = 1.0) -> Any:
     Returns:
         A float for a scalar ``q``, else a float64 array.
 
-    Example:
+    Examples:
         >>> round(mean_act("relu", 2 * math.pi), 12)
         1.0
     """
@@ -150,7 +150,7 @@ def gain(act: ActLike) -> float:
     Raises:
         SignalpropError: The activation's second moment is zero or not finite.
 
-    Example:
+    Examples:
         >>> round(gain("relu"), 6), round(gain("tanh"), 4), round(gain("linear"), 4)
         (1.414214, 1.5925, 1.0)
     """
@@ -175,7 +175,7 @@ def torch_gain(act: ActLike) -> float | None:
     Returns:
         The table's value, or None for an activation PyTorch does not list (GELU, SiLU, ...).
 
-    Example:
+    Examples:
         >>> round(torch_gain("tanh"), 6), round(torch_gain("leaky_relu(0.2)"), 6), torch_gain("gelu")
         (1.666667, 1.38675, None)
     """
@@ -205,7 +205,7 @@ def kurtosis_factor(act: ActLike, q: float = 1.0) -> float:
     Returns:
         beta, a float.
 
-    Example:
+    Examples:
         >>> round(kurtosis_factor("relu"), 9), round(kurtosis_factor("linear"), 9)
         (5.0, 2.0)
     """
@@ -247,7 +247,7 @@ def deriv_second_moment(act: ActLike, q: Any = 1.0) -> Any:
     Returns:
         A float for a scalar ``q``, else a float64 array.
 
-    Example:
+    Examples:
         >>> deriv_second_moment("relu"), round(deriv_second_moment("tanh", 1e-12), 9)  # 1/2, tanh'(0)^2
         (0.5, 1.0)
     """
@@ -301,7 +301,7 @@ def qmap(act: ActLike, q: Any, *, weight_var: float, bias_var: float = 0.0) -> A
     Returns:
         q_{l+1}: a float for a scalar ``q``, else a float64 array.
 
-    Example:
+    Examples:
         >>> qmap("relu", 3.0, weight_var=2.0)
         3.0
     """
@@ -331,7 +331,7 @@ def fixed_point(
     Returns:
         q*, a float: 0, a positive number, or ``inf``.
 
-    Example:
+    Examples:
         >>> round(fixed_point("tanh", weight_var=1.5, bias_var=0.05), 6)
         0.418037
         >>> fixed_point("relu", weight_var=3.0), fixed_point("tanh", weight_var=0.5)
@@ -379,7 +379,7 @@ def chi1(act: ActLike, *, weight_var: float, bias_var: float = 0.0, q: float | N
     Returns:
         chi1, a float.
 
-    Example:
+    Examples:
         >>> chi1("relu", weight_var=2.0)
         1.0
     """
@@ -413,7 +413,7 @@ def critical_weight_var(act: ActLike, *, bias_var: float = 0.0, lo: float = 1e-3
     Raises:
         SignalpropError: chi1 does not cross 1 for weight variances in [lo, hi] (too large a bias variance).
 
-    Example:
+    Examples:
         >>> critical_weight_var("tanh"), round(critical_weight_var("erf"), 12) == round(math.pi / 4, 12)
         (1.0, True)
     """
@@ -496,7 +496,7 @@ def cmap(act: ActLike, c: Any, *, weight_var: float, bias_var: float = 0.0, q: f
     Returns:
         c_{l+1}: a float for a scalar ``c``, else a float64 array.
 
-    Example:
+    Examples:
         >>> round(cmap("relu", 0.0, weight_var=2.0) * math.pi, 9)  # 1/pi
         1.0
     """
@@ -525,7 +525,7 @@ def c_fixed_point(
     Returns:
         c*, a float in [-1, 1].
 
-    Example:
+    Examples:
         >>> c_fixed_point("tanh", weight_var=1.0, bias_var=0.05)
         1.0
     """
@@ -558,7 +558,7 @@ def depth_scales(act: ActLike, *, weight_var: float, bias_var: float = 0.0) -> t
         ``(xi_q, xi_c)`` in layers; ``inf`` where a quantity never decays (on the critical line, or for
         ReLU at weight_var 2, whose q-map keeps every q).
 
-    Example:
+    Examples:
         >>> xi_q, xi_c = depth_scales("tanh", weight_var=1.5, bias_var=0.05)
         >>> round(xi_q, 2), round(xi_c, 2)
         (1.68, 15.79)

@@ -26,7 +26,7 @@ class Histogram:
         edges: The bin edges, increasing; bin i is [edges[i], edges[i + 1]).
         counts: The number of values in each bin.
 
-    Example:
+    Examples:
         >>> h = Histogram(edges=(0.0, 0.5, 1.0), counts=(1, 2))
         >>> sum(h.counts), Histogram.from_dict(h.to_dict()) == h
         (3, True)
@@ -69,7 +69,7 @@ class Stats:
         chan_var: The average over channels of each channel's variance.
         hist: A histogram of the values, when one was asked for.
 
-    Example:
+    Examples:
         >>> s = Stats.from_moments(3.0, 16.0)
         >>> s.std, s.rms, s.finite
         (4.0, 5.0, True)
@@ -108,7 +108,7 @@ class Stats:
         Returns:
             The Stats.
 
-        Example:
+        Examples:
             >>> Stats.from_moments(0.0, 4.0).std
             2.0
         """
@@ -177,7 +177,7 @@ class LayerStats:
         weight_layer: Whether the module is a weight layer (:func:`signalprop.layers.is_weight_layer`).
         meta: Free-form context, e.g. ``{"call": 1}`` for a reused module.
 
-    Example:
+    Examples:
         >>> layer = LayerStats(name="fc", kind="Linear", fwd=Stats.from_moments(0.0, 1.0), weight_layer=True)
         >>> layer.fwd.std, LayerStats.from_dict(layer.to_dict()).name
         (1.0, 'fc')
@@ -232,7 +232,7 @@ class Trace(Sequence[LayerStats]):
         source: ``"measured"`` or ``"predicted"``.
         meta: Free-form context, copied.
 
-    Example:
+    Examples:
         >>> t = Trace([
         ...     LayerStats("fc", "Linear", Stats.from_moments(0.0, 2.0), weight_layer=True),
         ...     LayerStats("act", "ReLU", Stats.from_moments(0.5, 0.25)),
@@ -354,7 +354,7 @@ def dump_json(data: dict[str, Any], path: str | Path | None = None, *, indent: i
     Returns:
         The JSON text.
 
-    Example:
+    Examples:
         >>> dump_json({"std": [1.0, None, "inf"]}, indent=None)
         '{"std": [1.0, null, "inf"]}'
     """

@@ -69,7 +69,7 @@ def example_inputs(
     Raises:
         SignalpropError: Both or neither of ``inputs`` and ``input_shape`` given, or a bad shape.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> args, kwargs = example_inputs(nn.Linear(3, 2), input_shape=(3,))
         >>> args[0].shape, kwargs
@@ -138,7 +138,7 @@ def capture(
         SignalpropError: ``model`` is not a module, a method is unknown, the inputs are missing or bad, or
             every method fails (the model's forward itself raises on these inputs).
 
-    Example:
+    Examples:
         >>> import signalprop as sp
         >>> g = capture(sp.models.mlp(2, 8, act="tanh"), input_shape=(8,), methods=("fx",))
         >>> g.method, g.activation_after("0"), len(g.weight_layers())

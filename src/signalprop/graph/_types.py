@@ -19,7 +19,7 @@ class CaptureWarning(UserWarning):
     The reasons are also in ``Graph.failures``. Turn it into an error with
     ``warnings.simplefilter("error", CaptureWarning)`` to insist on a whole-graph capture.
 
-    Example:
+    Examples:
         >>> import warnings, torch
         >>> from torch import nn
         >>> from signalprop.graph import capture
@@ -49,7 +49,7 @@ class Call:
         node: The index in ``Graph.nodes`` of the call's output.
         shape: The output's shape, when known.
 
-    Example:
+    Examples:
         >>> import signalprop as sp
         >>> g = sp.graph.capture(sp.models.mlp(2, 8), input_shape=(8,), methods=("fx",))
         >>> g.calls[0]
@@ -80,7 +80,7 @@ class Residual:
         skip: Weight-layer calls on the other path (empty for an identity shortcut).
         norms: Normalization calls on the branch, in order.
 
-    Example:
+    Examples:
         >>> import signalprop as sp
         >>> g = sp.graph.capture(sp.models.resnet((1,), width=4), input_shape=(3, 8, 8), methods=("fx",))
         >>> r = g.residuals[0]
@@ -121,7 +121,7 @@ class Graph:
         residuals: The skip additions.
         seconds: How long the capture took.
 
-    Example:
+    Examples:
         >>> import signalprop as sp
         >>> g = sp.graph.capture(sp.models.mlp(2, 8, act="tanh"), input_shape=(8,), methods=("fx",))
         >>> g.method, g.names, [c.name for c in g.weight_layers()], g.activation_after("2")

@@ -99,7 +99,7 @@ def measure(
         SignalpropError: Bad arguments. Whatever the model's forward raises is raised unchanged, the model
             restored first (every parameter and buffer in place, :func:`signalprop._state.preserved`).
 
-    Example:
+    Examples:
         A ReLU after an identity layer, and ``loss = output.sum()``, so every number is exact:
 
         >>> import signalprop as sp, torch
@@ -190,7 +190,7 @@ def select_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple
     Raises:
         SignalpropError: A name that is not in the model, or an entry that is neither a name nor a type.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.Linear(2, 1)))
         >>> [name for name, _ in select_modules(net)]

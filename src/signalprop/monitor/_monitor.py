@@ -47,7 +47,7 @@ about 1e-3 for a healthy SGD run). It is built to stay on in real training runs:
 The model is left as found: the Monitor adds hooks on enter and removes them on exit (also when the block
 raises); it writes no parameter, buffer or gradient.
 
-Example:
+Examples:
     >>> import torch, signalprop as sp
     >>> model = sp.models.mlp(depth=4, width=64)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -153,7 +153,7 @@ class Monitor:
     Raises:
         SignalpropError: ``model`` is not a module, or a count or option is out of range.
 
-    Example:
+    Examples:
         An identity layer, a ReLU and ``loss = output.sum()``; steps 0 and 2 are recorded:
 
         >>> import torch, signalprop as sp

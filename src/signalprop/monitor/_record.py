@@ -15,7 +15,7 @@ class NonFiniteWarning(RuntimeWarning):
 
     The message names the first step and layer; the same alert is an :class:`Event` in ``Monitor.events``.
 
-    Example:
+    Examples:
         >>> import warnings, torch, signalprop as sp
         >>> from torch import nn
         >>> model = nn.Linear(2, 2)
@@ -34,7 +34,7 @@ class OverflowRiskWarning(RuntimeWarning):
     An early warning for float16 and bfloat16 training: the values are still finite, but within a factor 8
     of becoming inf (float16's largest value is 65504).
 
-    Example:
+    Examples:
         >>> import warnings, torch, signalprop as sp
         >>> from torch import nn
         >>> model = nn.Linear(2, 2).half()
@@ -62,7 +62,7 @@ class ParamStats:
         update_ratio: ||w_t - w_{t-1}|| / ||w_{t-1}||, about 1e-3 in a healthy SGD run; nan when not tracked.
         has_grad: Whether the parameter had a ``.grad``.
 
-    Example:
+    Examples:
         >>> ParamStats(norm=2.0, grad_norm=0.5, update_ratio=1e-3).has_grad
         True
     """
@@ -84,7 +84,7 @@ class Record:
         params: Parameter name -> :class:`ParamStats`.
         loss: The loss given to ``step(loss=...)``, or None.
 
-    Example:
+    Examples:
         >>> import torch, signalprop as sp
         >>> from torch import nn
         >>> model = nn.Linear(2, 1)
@@ -116,7 +116,7 @@ class Event:
         where: Which value: see above.
         message: The warning's text.
 
-    Example:
+    Examples:
         >>> import warnings, signalprop as sp
         >>> from torch import nn
         >>> with warnings.catch_warnings(record=True), sp.Monitor(nn.Linear(2, 1)) as mon:

@@ -91,7 +91,7 @@ def write_html(report: Any, path: str | Path, *, title: str = "signalprop report
     Returns:
         The path written.
 
-    Example:
+    Examples:
         >>> from signalprop.trace import LayerStats, Stats, Trace
         >>> trace = Trace([LayerStats("fc", "Linear", Stats.from_moments(0.0, 1.0), weight_layer=True)])
         >>> import pathlib, tempfile
@@ -122,7 +122,7 @@ def html_page(report: Any, *, title: str = "signalprop report", max_rows: int | 
     Returns:
         One self-contained HTML page (figures embedded as base64 PNG).
 
-    Example:
+    Examples:
         >>> from signalprop.trace import LayerStats, Stats, Trace
         >>> page = html_page(Trace([LayerStats("fc", "Linear", Stats.from_moments(0.0, 1.0), weight_layer=True)]))
         >>> page.startswith("<!DOCTYPE html>"), "<table" in page, "data:image/png;base64," in page

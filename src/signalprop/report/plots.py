@@ -82,7 +82,7 @@ def plot_std(
     Returns:
         The path written.
 
-    Example:
+    Examples:
         >>> from signalprop.trace import LayerStats, Stats, Trace
         >>> trace = Trace([
         ...     LayerStats("fc", "Linear", Stats.from_moments(0.0, 4.0), shape=(8, 4), weight_layer=True),
@@ -123,7 +123,7 @@ def plot_spp(
     Raises:
         SignalpropError: No layer carries channel statistics.
 
-    Example:
+    Examples:
         >>> from signalprop.trace import LayerStats, Stats, Trace
         >>> trace = Trace([LayerStats(f"conv{i}", "Conv2d", Stats.from_moments(0.0, 1.0, chan_sq_mean=0.1 * i,
         ...                                                                   chan_var=1.0), weight_layer=True)
@@ -171,7 +171,7 @@ def plot_histograms(
     Raises:
         SignalpropError: No layer carries a histogram (measure with ``histograms=True``).
 
-    Example:
+    Examples:
         >>> from signalprop.trace import Histogram, LayerStats, Stats, Trace
         >>> hist = Histogram(edges=(0.0, 1.0, 2.0), counts=(6, 2))
         >>> trace = Trace([LayerStats(f"act{i}", "ReLU", Stats.from_moments(0.5, 1.0, hist=hist)) for i in range(2)])
@@ -199,7 +199,7 @@ def plot_report(report: Any, path: str | Path) -> list[Path]:
     Returns:
         The paths written, the std plot first.
 
-    Example:
+    Examples:
         >>> from signalprop.trace import Histogram, LayerStats, Stats, Trace
         >>> hist = Histogram(edges=(0.0, 1.0, 2.0), counts=(6, 2))
         >>> trace = Trace([LayerStats("act", "ReLU", Stats.from_moments(0.5, 1.0, hist=hist))])
@@ -228,7 +228,7 @@ def report_figures(report: Any) -> list[tuple[str, Figure]]:
     Returns:
         ``(key, matplotlib.figure.Figure)`` pairs, ``std`` first.
 
-    Example:
+    Examples:
         >>> from signalprop.trace import LayerStats, Stats, Trace
         >>> trace = Trace([LayerStats("fc", "Linear", Stats.from_moments(0.0, 1.0), weight_layer=True)])
         >>> [key for key, figure in report_figures(trace)]

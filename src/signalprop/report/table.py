@@ -59,7 +59,7 @@ def render(
     Returns:
         The ``rich.table.Table``.
 
-    Example:
+    Examples:
         >>> from signalprop.trace import LayerStats, Stats, Trace
         >>> trace = Trace([
         ...     LayerStats("fc", "Linear", Stats.from_moments(0.0, 4.0), shape=(8, 4), weight_layer=True),
@@ -119,7 +119,7 @@ def render_traces(
     Returns:
         The ``rich.table.Table``.
 
-    Example:
+    Examples:
         >>> from signalprop.trace import LayerStats, Stats, Trace
         >>> trace = Trace([
         ...     LayerStats("fc", "Linear", Stats.from_moments(0.0, 4.0), shape=(8, 4), weight_layer=True),
@@ -151,7 +151,7 @@ def render_findings(findings: Iterable[Any], console: Console) -> None:
         findings: diagnose ``Finding`` objects (``report.findings``).
         console: The ``rich.console.Console`` to print to.
 
-    Example:
+    Examples:
         >>> from rich.console import Console
         >>> from signalprop import Finding
         >>> console = Console(width=80, color_system=None)

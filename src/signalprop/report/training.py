@@ -69,7 +69,7 @@ def heatmap_data(
     Returns:
         ``(row names, steps, values)``, ``values[row][column]`` the log10 of each row's value at each step.
 
-    Example:
+    Examples:
         >>> from signalprop.monitor import ParamStats, Record
         >>> from signalprop.trace import LayerStats, Stats, Trace
         >>> def record(step, std, ratio):
@@ -143,7 +143,7 @@ def plot_history(
     Returns:
         The path written.
 
-    Example:
+    Examples:
         >>> from signalprop.monitor import ParamStats, Record
         >>> from signalprop.trace import LayerStats, Stats, Trace
         >>> def record(step, std, ratio):
