@@ -141,11 +141,18 @@ _CHANNEL_LAST_NAMES = ("Conv1D",)  # transformers' GPT-2 Conv1D: x @ W + b, feat
 
 
 def channel_layout(m: nn.Module) -> str | None:
-    """Where ``m``'s output keeps its channels, from its type alone: ``"first"`` (dim 1: convolutions,
-    BatchNorm, pooling), ``"last"`` (Linear-like layers, LayerNorm, RMSNorm, Embedding) or None (unknown).
+    """Where ``m``'s output keeps its channels, from its type alone.
 
-    >>> channel_layout(nn.Conv2d(3, 8, 3)), channel_layout(nn.Linear(3, 8)), channel_layout(nn.ReLU())
-    ('first', 'last', None)
+    Args:
+        m: Any module.
+
+    Returns:
+        ``"first"`` (dim 1: convolutions, BatchNorm, pooling), ``"last"`` (Linear-like layers, LayerNorm,
+        RMSNorm, Embedding) or None (unknown).
+
+    Examples:
+        >>> channel_layout(nn.Conv2d(3, 8, 3)), channel_layout(nn.Linear(3, 8)), channel_layout(nn.ReLU())
+        ('first', 'last', None)
     """
     if isinstance(m, _CHANNEL_FIRST):
         return "first"
@@ -163,7 +170,7 @@ class ChannelDims:
     4-D and higher as (N, C, ...), and 3-D as (N, C, L) when a channel-first layer of the same model gave
     that shape (a Conv1d stack's activation), else as (B, T, features). 0-D and 1-D tensors have none.
 
-    Example:
+    Examples:
         >>> dims = ChannelDims()
         >>> dims(nn.Conv1d(4, 8, 3), torch.zeros(2, 8, 5)), dims(nn.ReLU(), torch.zeros(2, 8, 5))
         (1, 1)
