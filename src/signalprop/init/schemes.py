@@ -248,11 +248,24 @@ def he_normal_(
     fans: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """He et al. (2015): ``N(0, gain(nonlinearity)^2 / fan)``. ``nonlinearity``: name, callable or module.
+    """He et al. (2015), Eq. 10: ``N(0, gain(nonlinearity)^2 / fan)``; relu's gain is ``sqrt(2)``.
 
-    >>> w = he_normal_(torch.empty(256, 512), generator=torch.Generator().manual_seed(0))
-    >>> round(float(w.std() * 512 ** 0.5), 1)
-    1.4
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions (or any shape with ``fans``).
+        mode: ``fan_in`` (keep activations) or ``fan_out`` (keep gradients).
+        nonlinearity: The activation after the layer: a name, a tensor callable or an ``nn.Module``; its
+            gain is :func:`signalprop.theory.gain`.
+        fans: ``(fan_in, fan_out)``; default: PyTorch's reading of the shape (dim 0 outputs, dim 1 inputs,
+            the rest the receptive field).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = he_normal_(torch.empty(256, 512), generator=torch.Generator().manual_seed(0))
+        >>> round(float(w.std() * 512 ** 0.5), 1)  # sqrt(2)
+        1.4
     """
     return _scheme(lambda fi, fo: he_std(fi, fo, mode=mode, nonlinearity=nonlinearity), "normal")(
         tensor, fans=fans, generator=generator
@@ -267,7 +280,27 @@ def he_uniform_(
     fans: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """He et al. (2015) with ``U(-b, b)``, ``b = sqrt(3) * gain(nonlinearity) / sqrt(fan)``."""
+    """He et al. (2015) with ``U(-b, b)``, ``b = sqrt(3) * gain(nonlinearity) / sqrt(fan)``.
+
+    The uniform distribution on ``[-b, b]`` has std ``b / sqrt(3)``, so this is the std of :func:`he_normal_`.
+
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions (or any shape with ``fans``).
+        mode: ``fan_in`` (keep activations) or ``fan_out`` (keep gradients).
+        nonlinearity: The activation after the layer: a name, a tensor callable or an ``nn.Module``; its
+            gain is :func:`signalprop.theory.gain`.
+        fans: ``(fan_in, fan_out)``; default: PyTorch's reading of the shape (dim 0 outputs, dim 1 inputs,
+            the rest the receptive field).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = he_uniform_(torch.empty(256, 512), generator=torch.Generator().manual_seed(0))
+        >>> bool(w.abs().max() <= 3 ** 0.5 * (2 / 512) ** 0.5)
+        True
+    """
     return _scheme(lambda fi, fo: he_std(fi, fo, mode=mode, nonlinearity=nonlinearity), "uniform")(
         tensor, fans=fans, generator=generator
     )
@@ -280,7 +313,23 @@ def glorot_normal_(
     fans: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Glorot & Bengio (2010): ``N(0, gain^2 * 2 / (fan_in + fan_out))``."""
+    """Glorot & Bengio (2010), Eq. 16 with a normal draw: ``N(0, gain^2 * 2 / (fan_in + fan_out))``.
+
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions (or any shape with ``fans``).
+        gain: A positive number, or an activation whose :func:`signalprop.theory.gain` is used.
+        fans: ``(fan_in, fan_out)``; default: PyTorch's reading of the shape (dim 0 outputs, dim 1 inputs,
+            the rest the receptive field).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = glorot_normal_(torch.empty(256, 512), generator=torch.Generator().manual_seed(0))
+        >>> round(float(w.std() * (768 / 2) ** 0.5), 1)  # std sqrt(2 / (512 + 256))
+        1.0
+    """
     return _scheme(lambda fi, fo: glorot_std(fi, fo, gain=gain), "normal")(tensor, fans=fans, generator=generator)
 
 
@@ -291,7 +340,23 @@ def glorot_uniform_(
     fans: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Glorot & Bengio (2010), Eq. 16: ``U(-b, b)``, ``b = gain * sqrt(6 / (fan_in + fan_out))``."""
+    """Glorot & Bengio (2010), Eq. 16: ``U(-b, b)``, ``b = gain * sqrt(6 / (fan_in + fan_out))``.
+
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions (or any shape with ``fans``).
+        gain: A positive number, or an activation whose :func:`signalprop.theory.gain` is used.
+        fans: ``(fan_in, fan_out)``; default: PyTorch's reading of the shape (dim 0 outputs, dim 1 inputs,
+            the rest the receptive field).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = glorot_uniform_(torch.empty(100, 300), generator=torch.Generator().manual_seed(0))
+        >>> bool(w.abs().max() <= (6 / 400) ** 0.5)
+        True
+    """
     return _scheme(lambda fi, fo: glorot_std(fi, fo, gain=gain), "uniform")(tensor, fans=fans, generator=generator)
 
 
@@ -301,7 +366,22 @@ def lecun_normal_(
     fans: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """LeCun et al. (1998): ``N(0, 1 / fan_in)``."""
+    """LeCun et al. (1998), "Efficient BackProp", Sec. 4.6: ``N(0, 1 / fan_in)``.
+
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions (or any shape with ``fans``).
+        fans: ``(fan_in, fan_out)``; default: PyTorch's reading of the shape (dim 0 outputs, dim 1 inputs,
+            the rest the receptive field).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = lecun_normal_(torch.empty(256, 512), generator=torch.Generator().manual_seed(0))
+        >>> round(float(w.std() * 512 ** 0.5), 1)  # std 1 / sqrt(512)
+        1.0
+    """
     return _scheme(lecun_std, "normal")(tensor, fans=fans, generator=generator)
 
 
@@ -311,7 +391,22 @@ def lecun_uniform_(
     fans: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """LeCun et al. (1998): ``U(-b, b)``, ``b = sqrt(3 / fan_in)``."""
+    """LeCun et al. (1998): ``U(-b, b)``, ``b = sqrt(3 / fan_in)`` (std ``1 / sqrt(fan_in)``).
+
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions (or any shape with ``fans``).
+        fans: ``(fan_in, fan_out)``; default: PyTorch's reading of the shape (dim 0 outputs, dim 1 inputs,
+            the rest the receptive field).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = lecun_uniform_(torch.empty(100, 300), generator=torch.Generator().manual_seed(0))
+        >>> bool(w.abs().max() <= (3 / 300) ** 0.5)
+        True
+    """
     return _scheme(lecun_std, "uniform")(tensor, fans=fans, generator=generator)
 
 
