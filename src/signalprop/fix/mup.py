@@ -62,7 +62,22 @@ class MupLayer:
 
 @dataclass(frozen=True)
 class MupPlan:
-    """The per-layer muP plan (:func:`mup_plan`) and what :func:`mup_` could not apply (``notes``)."""
+    """The per-layer muP plan (:func:`mup_plan`) and what :func:`mup_` could not apply (``notes``).
+
+    ``plan["name"]`` gives one layer's :class:`MupLayer` (role, width multiplier, std, lr multipliers).
+
+    Attributes:
+        layers: One :class:`MupLayer` per weight layer, in module order.
+        optimizer: ``adam`` or ``sgd``.
+        base_width: The width at which the learning rate is the one given.
+        notes: Layers left as they are, and why.
+
+    Examples:
+        >>> import signalprop as sp
+        >>> p = mup_plan(sp.models.mlp(3, 256, in_features=16, out_features=10), input_shape=(16,))
+        >>> p["6"].role, p["6"].width_mult, p["6"].weight_lr_mult
+        ('readout', 4.0, 0.25)
+    """
 
     layers: tuple[MupLayer, ...]
     optimizer: str
@@ -126,6 +141,20 @@ def mup_plan(model: nn.Module, example_inputs: Inputs | None = None, *, input_sh
 
     Returns:
         A :class:`MupPlan` with one :class:`MupLayer` per weight layer, in module order.
+
+    Raises:
+        SignalpropError: An unknown optimizer, a bad base width, no inputs to capture the graph from, or
+            no weight layers.
+
+    Examples:
+        Width 256 against base width 64: ``m = 4``. Tensor Programs V, Table 3: hidden layers get std
+        ``1/sqrt(fan_in)`` and Adam lr ``lr / m``, the readout std ``1/fan_in``:
+
+        >>> import signalprop as sp
+        >>> p = mup_plan(sp.models.mlp(3, 256, in_features=16, out_features=10), input_shape=(16,))
+        >>> [(x.name, x.role, x.std, x.weight_lr_mult) for x in p.layers]  # doctest: +NORMALIZE_WHITESPACE
+        [('0', 'input', 0.25, 1.0), ('2', 'hidden', 0.0625, 0.25), ('4', 'hidden', 0.0625, 0.25),
+         ('6', 'readout', 0.00390625, 0.25)]
     """
     from ..init.fans import fans, has_fan_rule
 
@@ -198,12 +227,28 @@ def mup_(model: nn.Module, example_inputs: Inputs | None = None, *, lr: float, i
     group carries its ``lr`` and, for reading, ``mup_role`` and ``width_mult``. Parameters outside the weight
     layers (norm gains, tokens) keep their values and the base ``lr``.
 
-    Example:
+    Args:
+        model: The model to re-initialize in place.
+        example_inputs: Inputs to capture the graph with (tensor, tuple or dict).
+        lr: The learning rate tuned at ``base_width``.
+        input_shape: One sample's shape, no batch dimension, when no inputs are given.
+        base_width: The width the learning rate was tuned at.
+        optimizer: ``"adam"`` (and other entrywise-normalized optimizers) or ``"sgd"``.
+        generator: The random generator to draw from.
+
+    Returns:
+        The optimizer's parameter groups: dicts with ``params``, ``lr``, ``mup_role`` and ``width_mult``.
+
+    Raises:
+        SignalpropError: A non-positive ``lr``, or as :func:`mup_plan`.
+
+    Examples:
         >>> import torch, signalprop as sp
         >>> net = sp.models.mlp(3, 256, in_features=16, out_features=10)
         >>> groups = sp.fix.mup_(net, torch.randn(4, 16), lr=1e-3, base_width=64)
-        >>> sorted((g["mup_role"], g["width_mult"], g["lr"]) for g in groups)
-        [('hidden', 4.0, 0.00025), ('hidden bias', 4.0, 0.001), ('input', 4.0, 0.001), ('input bias', 4.0, 0.001), ('readout', 4.0, 0.00025), ('readout bias', 4.0, 0.001)]
+        >>> sorted((g["mup_role"], g["width_mult"], g["lr"]) for g in groups)  # doctest: +NORMALIZE_WHITESPACE
+        [('hidden', 4.0, 0.00025), ('hidden bias', 4.0, 0.001), ('input', 4.0, 0.001),
+         ('input bias', 4.0, 0.001), ('readout', 4.0, 0.00025), ('readout bias', 4.0, 0.001)]
     """
     if not (isinstance(lr, float | int) and lr > 0):
         raise SignalpropError(f"lr must be a positive number (the learning rate tuned at base_width), got {lr!r}")
