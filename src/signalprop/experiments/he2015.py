@@ -191,7 +191,8 @@ def build(depth: int, scheme: str, *, width: int, seed: int) -> nn.Sequential:
         Caffe's xavier draws from ``U[-sqrt(3 / fan_in), +]``, fan_in = 4 channels x 3 x 3:
 
         >>> net = build(3, "xavier", width=4, seed=0)
-        >>> bool(net.body[2].weight.detach().abs().max() <= (3 / 36) ** 0.5), float(net.body[2].bias.detach().abs().max())
+        >>> w, b = net.body[2].weight.detach(), net.body[2].bias.detach()
+        >>> bool(w.abs().max() <= (3 / 36) ** 0.5), float(b.abs().max())
         (True, 0.0)
     """
     from .. import init

@@ -114,7 +114,23 @@ class _Act:
 
 def chain_spread(act: ActLike, q: float, depth: int, width: int | None) -> float:
     """sd of log(gradient std) over ``depth`` layers of ``width`` units at pre-activation variance q:
-    sqrt((depth - 1) CV^2 / width) / 2, 0 when the width is unknown (see the module docstring)."""
+    sqrt((depth - 1) CV^2 / width) / 2, 0 when the width is unknown (see the module docstring).
+
+    Args:
+        act: The activation.
+        q: The pre-activation variance.
+        depth: Layers in the chain.
+        width: Units per layer (None or 0: unknown).
+
+    Returns:
+        The sd of log(gradient std), 0 for one layer or an unknown width.
+
+    Examples:
+        >>> chain_spread("tanh", 1.0, 1, 64), chain_spread("tanh", 1.0, 50, None)
+        (0.0, 0.0)
+        >>> round(chain_spread("tanh", 1.0, 50, 64), 4)
+        0.3342
+    """
     if not width or depth <= 1:
         return 0.0
     return 0.5 * math.sqrt((depth - 1) * float(_Act(act).cv2(q)) / width)
@@ -128,6 +144,21 @@ class MeanFieldChoice:
     ``forward_drift`` / ``gradient_drift``: predicted max |std_l / std_1| (mean field) over the depth, as
     factors >= 1, starting off q* by 2x; ``spread``: exp(2 sd) of the finite-width spread of the gradient
     (1 when the width is not given).
+
+    Attributes:
+        weight_var: sigma_w^2 (weights of std ``sqrt(sigma_w^2 / fan_in)``).
+        bias_var: sigma_b^2.
+        q_star: The fixed point q* of the q-map.
+        chi1: chi1 at q* (Poole et al. 2016, Eq. 9).
+        xi_q: The depth scale of q's return to q* (Schoenholz et al. 2017).
+        forward_drift: Predicted max forward std ratio over the depth.
+        gradient_drift: Predicted max gradient std ratio over the depth.
+        spread: The finite-width spread factor of the gradient.
+
+    Examples:
+        >>> c = mean_field_choice("tanh", 40)
+        >>> round(c.q_star, 3), c.forward_drift < 2
+        (0.57, True)
     """
 
     weight_var: float

@@ -34,8 +34,21 @@ _BIAS_NAMES = ("bias", "in_proj_bias", "bias_k", "bias_v")
 
 
 def bias_names(layer: nn.Module) -> list[str]:
-    """The bias parameters a weight layer's initializer writes: ``bias`` (attention: ``in_proj_bias``,
-    ``bias_k``, ``bias_v``), and an RNN's ``bias_ih_l*`` / ``bias_hh_l*``."""
+    """The bias parameters a weight layer's initializer writes.
+
+    ``bias`` (attention: ``in_proj_bias``, ``bias_k``, ``bias_v``), and an RNN's ``bias_ih_l*`` /
+    ``bias_hh_l*``.
+
+    Args:
+        layer: A weight layer.
+
+    Returns:
+        The names of its bias parameters that are set (not None).
+
+    Examples:
+        >>> bias_names(nn.Linear(2, 3)), bias_names(nn.MultiheadAttention(4, 2)), bias_names(nn.GRU(2, 3))
+        (['bias'], ['in_proj_bias'], ['bias_ih_l0', 'bias_hh_l0'])
+    """
     rnn = isinstance(layer, nn.RNNBase)
     return [k for k, v in layer._parameters.items()
             if v is not None and (k in _BIAS_NAMES or (rnn and k.startswith("bias_")))]
@@ -291,8 +304,8 @@ def plan(model: nn.Module, scheme: str, *, fans: tuple[float, float] | None = No
 
         >>> [round(s.std, 4) for s in plan(nn.Linear(512, 256), "he")]
         [0.0625]
-        >>> [(s.param, s.rows) for s in plan(nn.MultiheadAttention(16, 2), "he")]
-        [('in_proj_weight', (0, 16)), ('in_proj_weight', (16, 32)), ('in_proj_weight', (32, 48)), ('weight', None)]
+        >>> [(s.layer, s.rows) for s in plan(nn.MultiheadAttention(16, 2), "he")]  # q, k, v; out_proj
+        [('', (0, 16)), ('', (16, 32)), ('', (32, 48)), ('out_proj', None)]
     """
     spec = _make_spec(scheme, settings)
     return [step for step, _ in _plan(model, spec, fans, "plan")]
@@ -479,6 +492,28 @@ def draw_std_(
     spread of singular values. With ``fan_in``, ``std`` is meant for a block of that fan-in and a block of
     another fan-in gets ``std * sqrt(fan_in / its fan_in)`` (attention's k and v with their own kdim, vdim).
     Goes through a parametrization like every initializer here.
+
+    Args:
+        layer: One weight layer.
+        std: The entries' standard deviation, positive and finite.
+        distribution: ``normal``, ``uniform``, ``truncated_normal`` or ``orthogonal``.
+        generator: The random generator to draw from.
+        zero_bias: Zero the biases.
+        fan_in: The fan-in ``std`` is meant for, when the layer's blocks differ in fan-in.
+
+    Returns:
+        ``layer``, drawn in place.
+
+    Raises:
+        SignalpropError: A non-positive or non-finite std, or a parametrization that fixes the scale.
+
+    Examples:
+        An orthogonal draw has exactly the root mean square entry asked for:
+
+        >>> layer = draw_std_(nn.Linear(256, 128), 0.05, distribution="orthogonal",
+        ...                   generator=torch.Generator().manual_seed(0))
+        >>> round(float(layer.weight.detach().pow(2).mean().sqrt()), 6)
+        0.05
     """
     if not (math.isfinite(std) and std > 0):
         raise SignalpropError(f"draw_std_ needs a positive finite std, got {std!r}")
@@ -726,7 +761,8 @@ def delta_orthogonal_(
     Examples:
         >>> conv = delta_orthogonal_(nn.Conv2d(16, 32, 3), generator=torch.Generator().manual_seed(0))
         >>> w = conv.weight.detach()
-        >>> float(w[:, :, 0, 0].abs().max()), torch.allclose(w[:, :, 1, 1].T @ w[:, :, 1, 1], torch.eye(16), atol=1e-5)
+        >>> centre = w[:, :, 1, 1]
+        >>> float(w[:, :, 0, 0].abs().max()), torch.allclose(centre.T @ centre, torch.eye(16), atol=1e-5)
         (0.0, True)
     """
     return _run(m, "delta_orthogonal", {"gain": gain}, zero_bias=zero_bias, fans=None, generator=generator)

@@ -428,7 +428,18 @@ def weight_layers(model: nn.Module, *, strict: bool = False) -> Iterator[tuple[s
 
 
 class UnplannedLayerWarning(UserWarning):
-    """A weight layer was left as it is because no fan rule knows its type (the message names the fix)."""
+    """A weight layer was left as it is because no fan rule knows its type (the message names the fix).
+
+    Examples:
+        >>> import warnings
+        >>> class Tokens(nn.Module):
+        ...     def __init__(self): super().__init__(); self.cls = nn.Parameter(torch.zeros(2, 8))
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = list(weight_layers(nn.Sequential(nn.Linear(8, 8), Tokens()), strict=True))
+        >>> [type(w.message).__name__ for w in caught]
+        ['UnplannedLayerWarning']
+    """
 
 
 def unplanned(name: str, m: nn.Module) -> str:
@@ -438,12 +449,20 @@ def unplanned(name: str, m: nn.Module) -> str:
     = output units: fan_in = one row's size, fan_out = rows x kernel size) and names it with ``param=``
     when it is not called ``weight``.
 
-    >>> class MyLinear(nn.Module):
-    ...     def __init__(self): super().__init__(); self.w = nn.Parameter(torch.empty(8, 4))
-    >>> print(unplanned("fc", MyLinear()))  # doctest: +NORMALIZE_WHITESPACE
-    fc (MyLinear: w (8, 4)) left as it is: no fan rule for MyLinear;
-    sp.init.register_fans(MyLinear, lambda m: (m.w.shape[1], m.w.shape[0]), param="w") to draw it
-    (rows of w = output units)
+    Args:
+        name: The layer's qualified name (``""``: the model itself).
+        m: The layer.
+
+    Returns:
+        The sentence.
+
+    Examples:
+        >>> class MyLinear(nn.Module):
+        ...     def __init__(self): super().__init__(); self.w = nn.Parameter(torch.empty(8, 4))
+        >>> print(unplanned("fc", MyLinear()))  # doctest: +NORMALIZE_WHITESPACE
+        fc (MyLinear: w (8, 4)) left as it is: no fan rule for MyLinear;
+        sp.init.register_fans(MyLinear, lambda m: (m.w.shape[1], m.w.shape[0]), param="w") to draw it
+        (rows of w = output units)
     """
     return f"{name or '<model>'} ({_tensors(m)}) left as it is: no fan rule for {type(m).__name__}; " \
         f"{register_call(m)} to draw it{_rows_note(m)}"
@@ -455,6 +474,18 @@ def register_call(m: nn.Module) -> str:
     The rule reads the fans off ``m``'s first weight tensor (:func:`signalprop.layers.weight_names`) the way
     PyTorch reads a Linear or Conv weight ``[out, in, *kernel]``; ``param=`` names the tensor when it is not
     called ``weight``.
+
+    Args:
+        m: A layer of a type without a fan rule.
+
+    Returns:
+        The call, as Python source.
+
+    Examples:
+        >>> class Gate(nn.Module):
+        ...     def __init__(self): super().__init__(); self.weight = nn.Parameter(torch.empty(8, 4))
+        >>> register_call(Gate())
+        'sp.init.register_fans(Gate, lambda m: (m.weight.shape[1], m.weight.shape[0]))'
     """
     kind = type(m).__name__
     names = weight_names(m)

@@ -35,7 +35,25 @@ __all__ = ["recurrent_", "recurrent_plan"]
 
 
 def recurrent_plan(layer: nn.Module, name: str = "") -> list[InitStep]:
-    """The per-gate steps :func:`recurrent_` writes into one RNN/LSTM/GRU, as data (the layer is untouched)."""
+    """The per-gate steps :func:`recurrent_` writes into one RNN/LSTM/GRU, as data (the layer is untouched).
+
+    Args:
+        layer: An ``nn.RNN``, ``nn.LSTM`` or ``nn.GRU``.
+        name: The layer's qualified name, for the steps.
+
+    Returns:
+        One :class:`~signalprop.init.InitStep` per gate and weight matrix.
+
+    Raises:
+        SignalpropError: ``layer`` is not a recurrent layer.
+
+    Examples:
+        A GRU(4, 8): input gates ``N(0, 1/4)`` (LeCun et al. 1998), recurrent gates orthogonal, whose root
+        mean square entry is ``1/sqrt(8)``:
+
+        >>> [(s.param, s.scheme, round(s.std, 4)) for s in recurrent_plan(nn.GRU(4, 8))][2:4]
+        [('weight_ih_l0', 'lecun', 0.5), ('weight_hh_l0', 'orthogonal', 0.3536)]
+    """
     if not isinstance(layer, nn.RNNBase):
         raise SignalpropError(f"recurrent_plan needs an nn.RNN, nn.LSTM or nn.GRU, got {type(layer).__name__}")
     gain = math.sqrt(2.0) if getattr(layer, "nonlinearity", "tanh") == "relu" else 1.0
