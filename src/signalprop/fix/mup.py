@@ -48,7 +48,24 @@ OPTIMIZERS = ("adam", "sgd")
 
 @dataclass(frozen=True)
 class MupLayer:
-    """One weight layer's muP treatment: its role, width multiplier ``m``, init std and lr multipliers."""
+    """One weight layer's muP treatment: its role, width multiplier ``m``, init std and lr multipliers.
+
+    Attributes:
+        name: The layer's qualified name.
+        role: ``input``, ``hidden`` or ``readout``.
+        fan_in: Its fan-in (1 for an embedding).
+        fan_out: Its fan-out.
+        width_mult: ``m = width / base_width``.
+        std: The init std (Tensor Programs V, Table 3: ``1/sqrt(fan_in)``, the readout ``1/fan_in``).
+        weight_lr_mult: The weight's learning-rate multiplier.
+        bias_lr_mult: The bias's learning-rate multiplier.
+
+    Examples:
+        >>> import signalprop as sp
+        >>> readout = mup_plan(sp.models.mlp(2, 128, in_features=16, out_features=10), input_shape=(16,))["4"]
+        >>> readout.role, readout.std, readout.width_mult  # 1 / 128; 128 / 64
+        ('readout', 0.0078125, 2.0)
+    """
 
     name: str
     role: str
