@@ -227,7 +227,7 @@ def run(
         >>> len(r.checks), len(r.act_hist["standard"]), r.png is None  # four claims; a histogram per layer
         (4, 2, True)
     """
-    from ..measurement._measure import measure
+    from ..measurement import measure
 
     seed, cfg, folder, report = start(
         "glorot2010", seed=seed, config=config, quick=quick, presets=(QUICK, FULL), out=out, progress=progress
