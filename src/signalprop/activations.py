@@ -32,6 +32,8 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": torch.nn.functional.gelu,
     "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
     "silu": torch.nn.functional.silu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's GELU approximation
+    "relu_squared": lambda x: torch.relu(x).square(),  # Primer (So et al. 2021)
     "swish": torch.nn.functional.silu,
     "mish": torch.nn.functional.mish,
     "elu": torch.nn.functional.elu,
@@ -90,9 +92,9 @@ _MODULE_NAMES: dict[str, str] = {
     "NewGELUActivation": "gelu_tanh",
     "GELUTanh": "gelu_tanh",
     "FastGELUActivation": "gelu_tanh",
-    "QuickGELUActivation": "silu",
+    "QuickGELUActivation": "quick_gelu",
     "SiLUActivation": "silu",
-    "ReLUSquaredActivation": "relu",
+    "ReLUSquaredActivation": "relu_squared",
 }
 
 # PyTorch's torch.nn.init.calculate_gain convention, for side-by-side documentation.
