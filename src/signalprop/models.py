@@ -24,6 +24,12 @@ _ACT_MODULES: dict[str, type[nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
     "mish": nn.Mish,
     "softplus": nn.Softplus,
+    "celu": nn.CELU,
+    "hardtanh": nn.Hardtanh,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),  # type: ignore[dict-item]
+    "relu6": nn.ReLU6,
+    "softsign": nn.Softsign,
+    "hardswish": nn.Hardswish,
     "linear": nn.Identity,
     "identity": nn.Identity,
 }
@@ -33,8 +39,9 @@ def make_activation(act: ActLike) -> nn.Module:
     """A fresh activation module from a name (``"relu"``, ``"tanh"``, ...) or a copy of a module instance.
 
     Args:
-        act: One of the plain names (celu and the other parametrized forms are not among them: pass a
-            module, e.g. ``nn.LeakyReLU(0.2)``), or an ``nn.Module`` to copy.
+        act: A name (``"relu"``, ``"gelu_tanh"``, ...; with parameters as :func:`signalprop.theory.parse_name`
+            reads them: ``"leaky_relu(0.2)"``, ``"elu(0.5)"``, ``"softplus(2, 5)"``), or an ``nn.Module``
+            to copy.
 
     Returns:
         A new module, so that layers built with it do not share one instance.
@@ -45,13 +52,22 @@ def make_activation(act: ActLike) -> nn.Module:
     Examples:
         >>> make_activation("leaky_relu"), make_activation(nn.LeakyReLU(0.2))
         (LeakyReLU(negative_slope=0.01), LeakyReLU(negative_slope=0.2))
+        >>> make_activation("leaky_relu(0.2)"), make_activation("hardtanh(max_val=2)")
+        (LeakyReLU(negative_slope=0.2), Hardtanh(min_val=-1.0, max_val=2.0))
     """
     if isinstance(act, nn.Module):
         import copy
 
         return copy.deepcopy(act)
-    if isinstance(act, str) and act.lower() in _ACT_MODULES:
-        return _ACT_MODULES[act.lower()]()
+    if isinstance(act, str):
+        from .activations import parse_name
+
+        try:
+            key, params = parse_name(act)
+        except SignalpropError:
+            key, params = act, None
+        if key in _ACT_MODULES:
+            return _ACT_MODULES[key](*(params or ()))
     raise SignalpropError(
         f"cannot build an activation module from {act!r}; use one of {', '.join(sorted(_ACT_MODULES))} "
         "or pass an nn.Module instance such as nn.LeakyReLU(0.2)"
