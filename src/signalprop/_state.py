@@ -55,7 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._hooks import internal_run, is_real
 
-__all__ = ["ModelState", "eval_mode", "forked_rng", "preserved", "preserving", "same_bits"]
+__all__ = ["ModelState", "eval_mode", "forked_rng", "preserved", "preserving", "same_bits", "untracked"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -395,9 +395,29 @@ def preserving(fn: Callable[Concatenate[nn.Module, P], R]) -> Callable[Concatena
 
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[ModelState]:
-    """Everything signalprop's code on this thread changes about ``model`` inside the block is put back
-    on exit, also when the block raises (see the module docstring). Inside another ``preserved`` block of
-    the same model on this thread, the block joins that snapshot and restores on exit."""
+    """Put back on exit everything this thread changes about ``model`` inside the block, also on an error.
+
+    Parameter and buffer values (copy on write), tensor identity and the ``_parameters``/``_buffers``
+    entries are restored, random ops draw from the block's own generator (see the module docstring).
+    Inside another ``preserved`` block of the same model on this thread, the block joins that snapshot and
+    restores on exit.
+
+    Args:
+        model: The model to keep as found.
+
+    Yields:
+        The :class:`ModelState` of the block (``state.run(...)`` marks the forwards signalprop runs).
+
+    Examples:
+        A BatchNorm in train mode updates its running mean in a forward; the block puts it back:
+
+        >>> bn = nn.BatchNorm1d(3)
+        >>> with preserved(bn):
+        ...     _ = bn(torch.full((4, 3), 5.0))
+        ...     inside = bn.running_mean.tolist()
+        >>> inside, bn.running_mean.tolist()
+        ([0.5, 0.5, 0.5], [0.0, 0.0, 0.0])
+    """
     for st in _ACTIVE.get():
         if st.model is model:
             try:
@@ -413,6 +433,20 @@ def preserved(model: nn.Module) -> Iterator[ModelState]:
     finally:
         _ACTIVE.reset(token)
         st.restore()
+
+
+@contextlib.contextmanager
+def untracked() -> Iterator[None]:
+    """Run the block outside this thread's :func:`preserved` dispatch mode: for an operation that writes no
+    model state and must not pass its tensors through Python on the way (a collective). A no-op outside
+    ``preserved``."""
+    from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
+
+    if not any(isinstance(m, _Tracker) for m in _get_current_dispatch_mode_stack()):
+        yield
+        return
+    with _disable_current_modes():
+        yield
 
 
 # ---- modes and the global RNG -----------------------------------------------------------------------------------
