@@ -38,7 +38,7 @@ from ._rulekit import RuleContext, g, planned_fix
 __all__ = ["rule_attention_saturation", "watch_attention"]
 
 _ONE_HOT = 0.99  # a row whose largest probability exceeds this passes (almost) no gradient to its logits
-_SOFTMAX = {torch.softmax, torch.Tensor.softmax, F.softmax, torch.nn.functional.softmax}
+_SOFTMAX = {torch.softmax, torch.Tensor.softmax, F.softmax}
 _QK = re.compile(r"(^|_)(q|k|qk|qkv|kv|query|key|wq|wk|wqkv|c_attn|in_proj)(_|$)")
 
 

@@ -25,9 +25,20 @@ from ._rulekit import RuleContext, following_activation, g, label, norm_after, p
 __all__ = ["rule_weight_gain"]
 
 
+def _sound_scale(ctx: RuleContext, name: str, fan_in: Any) -> float:
+    """How many times He's gain (sqrt 2) the plan's own gain for this layer is, at least 1: a sigmoid chain's
+    critical init has a gain near 4 (sigmoid'(0) = 1/4), so its limit rises with it."""
+    step = ctx.plan.get(name) if ctx.plan is not None else None
+    std = getattr(step, "std", None)
+    if not isinstance(std, float) or not isinstance(fan_in, int | float) or not fan_in > 0:
+        return 1.0
+    return max(1.0, std * math.sqrt(fan_in) / math.sqrt(2.0))
+
+
 def rule_weight_gain(trace: Trace, ctx: RuleContext) -> list[Finding]:
     """exploding (weight gain): weight layers whose ``meta["weight_gain"]`` (``sqrt(fan_in E[w^2])``, recorded
-    by diagnose from the model) exceeds ``weight_gain_warning`` (4: a variance 8x He's) in two or more and at
+    by diagnose from the model) exceeds ``weight_gain_warning`` (4: a variance 8x He's; times the plan's gain
+    over He's where the plan's is larger, as for sigmoid) in two or more and at
     least half of the weight layers, while no forward drift shows it (else the exploding finding already
     names it); one warning for the worst, naming how many there are. A single layer that steps the signal up
     to the scale the others keep (an input layer under a fixed-point init, LSUV scaling a head that
@@ -39,7 +50,7 @@ def rule_weight_gain(trace: Trace, ctx: RuleContext) -> list[Finding]:
         gain = layer.meta.get("weight_gain")
         if isinstance(gain, float) and math.isfinite(gain) and "#" not in layer.name:
             judged += 1
-            if gain > limit:
+            if gain > limit * _sound_scale(ctx, layer.name, layer.meta.get("fan_in")):
                 hits.append((gain, i))
     if len(hits) < 2 or 2 * len(hits) < judged:
         return []  # one layer stepping the signal up to a scale the others keep is a choice, not the init's scale
