@@ -59,7 +59,7 @@ def _gated_class(base: type) -> type:
 def _new_gated(base: type) -> Any:
     """An empty instance of ``base``'s gated subclass (unpickling fills its ``__dict__``)."""
     cls = _gated_class(base)
-    return cls.__new__(cls)
+    return object.__new__(cls)
 
 
 def _fill_missing_gate(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
