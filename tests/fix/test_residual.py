@@ -307,25 +307,29 @@ def _update(net: nn.Module, seed: int, lr: float = 0.01) -> float:
         return float((net(x) - f0).norm() / f0.norm())
 
 
+def _geomean(xs: list[float]) -> float:
+    return math.exp(statistics.mean(math.log(v) for v in xs))
+
+
 @pytest.mark.slow
 def test_deepnorm_bounds_the_update_as_depth_grows() -> None:
-    """Post-LN, one SGD step of lr 0.01: the output moves 8x more at N = 24 than at N = 6 (measured: means
-    0.06 -> 0.5), and stays there; with DeepNorm it moves about 5e-4 at N = 6, 24 and 96. Per-seed spread
-    with DeepNorm is under 10%, so a mean within 1.5x of N = 6's is the bound holding; plain post-LN's
-    spread is about 50%, so 3x between N = 6 and 24 is far below the 8x measured."""
+    """Post-LN, one SGD step of lr 0.01 on the weight matrices, width 16, 8 seeds per depth (geometric means,
+    the plain updates being heavy-tailed). Measured: plain 0.05 at N = 6, 0.3-0.6 at N = 24 and 96 (per-seed
+    log spread about 0.6 at N = 24 and 1.1 at N = 96: standard errors of the log-mean 0.2 and 0.4, so 3x and
+    2x are each about 3 standard errors below the growth measured); with DeepNorm 8.6e-4, 8.6e-4, 8.4e-4
+    (per-seed spread about 10%, so 1.5x between depths would be the bound failing)."""
     plain, deep = {}, {}
     for n in (6, 24, 96):
         graph = sp.graph.capture(Encoder(n), torch.randn(2, 8, 16), methods=("hooks",))
         p, d = [], []
-        for s in range(4):
+        for s in range(8):
             torch.manual_seed(s)
             p.append(_update(Encoder(n), s))
             torch.manual_seed(s)
-            net = sp.fix.residual_(Encoder(n), "deepnorm", graph=graph)
-            d.append(_update(net, s))
-        plain[n], deep[n] = statistics.mean(p), statistics.mean(d)
-    assert plain[24] > 3 * plain[6] and plain[96] > 3 * plain[6]
-    assert max(deep.values()) < 1.5 * deep[6]
+            d.append(_update(sp.fix.residual_(Encoder(n), "deepnorm", graph=graph), s))
+        plain[n], deep[n] = _geomean(p), _geomean(d)
+    assert plain[24] > 3 * plain[6] and plain[96] > 2 * plain[6]
+    assert max(deep.values()) < 1.5 * min(deep.values())
     assert max(deep.values()) < plain[6] / 10
 
 
