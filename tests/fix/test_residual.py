@@ -404,3 +404,21 @@ def test_every_scheme_on_a_hand_written_pre_norm_transformer(scheme: str) -> Non
         assert torch.equal(out, x)
     if scheme == "depth_mup":
         assert float(net.layers[0].attn.o.residual_gate) == pytest.approx(8**-0.5)
+
+
+class _SharedEnd(nn.Module):
+    """The branch's last layer is also the readout: a gate on it would scale the readout too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x + self.out(torch.relu(self.fc(x))))
+
+
+def test_an_end_module_called_outside_its_branch_is_refused() -> None:
+    net = _SharedEnd()
+    with pytest.raises(SignalpropError, match="'out' ends a residual branch but is also called"):
+        sp.fix.residual_(net, "rezero", example_inputs=torch.randn(2, 8))
+    assert type(net.out) is nn.Linear and not _gates(net)  # refused before any change
