@@ -110,10 +110,11 @@ def residual_(
         The model.
 
     Raises:
-        SignalpropError: an unknown scheme, no way to capture the graph, no residual branch found, or
-        ``deepnorm`` on a model whose additions are not followed by a normalization (pre-norm).
+        SignalpropError: an unknown scheme, no way to capture the graph, no residual branch found, a
+            branch's end module also called outside it, or ``deepnorm`` on a model whose additions are not
+            followed by a normalization (pre-norm).
 
-    Example:
+    Examples:
         >>> import torch, signalprop as sp
         >>> net = sp.models.resnet((2, 2), 8, norm=False)
         >>> _ = sp.fix.residual_(net, "rezero", input_shape=(3, 8, 8))
