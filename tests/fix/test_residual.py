@@ -394,6 +394,14 @@ def test_auto_init_accepts_the_schemes(scheme: str) -> None:
         sp.fix.auto_init_(ResMLP(2, 8), residual="rezero")
 
 
+def test_auto_init_refuses_deepnorm_on_pre_norm_before_drawing() -> None:
+    net, x = Encoder(2, layer=PreNormLayer), torch.randn(2, 8, 16)
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(SignalpropError, match="post-norm"):
+        sp.fix.auto_init_(net, example_inputs=x, residual="deepnorm")
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
 @pytest.mark.parametrize("scheme", ["depth_mup", "rezero", "skipinit", "fixup"])
 def test_every_scheme_on_a_hand_written_pre_norm_transformer(scheme: str) -> None:
     net, x = Encoder(4, layer=PreNormLayer), torch.randn(2, 8, 16)

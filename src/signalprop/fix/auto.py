@@ -20,7 +20,7 @@ from .._errors import SignalpropError
 from ._common import Inputs, refuse_meta
 from .lsuv import run, warn_result
 from .plan import RESIDUAL_MODES, Plan, apply_plan, plan
-from .residual_schemes import SCHEMES, residual_
+from .residual_schemes import SCHEMES, check, residual_
 
 __all__ = ["auto_init_"]
 
@@ -95,6 +95,7 @@ def auto_init_(
                 "example_inputs=... (one batch) or input_shape=... (one sample's shape)"
             )
         graph = _capture(model, example_inputs, input_shape)
+        check(model, str(residual), graph)  # refused before any layer is drawn
     p: Plan = plan(model, example_inputs=example_inputs, input_shape=input_shape,
                    residual=None if gated else residual, graph=graph)
     apply_plan(model, p, generator=generator)

@@ -52,7 +52,7 @@ from ._gate import gate_
 from ._steps import LayerPlan
 from .residual import _module_of, _norm_after, residual_steps
 
-__all__ = ["SCHEMES", "deepnorm_factors", "residual_"]
+__all__ = ["SCHEMES", "check", "deepnorm_factors", "residual_"]
 
 SCHEMES: dict[str, str] = {
     "depth_mup": "each branch x 1/sqrt(L), a constant (Yang et al. 2023; Bordelon et al. 2023)",
@@ -131,25 +131,14 @@ def residual_(
         raise SignalpropError(f"residual_ needs an nn.Module, got {type(model).__name__}")
     refuse_meta(model, "residual_")
     g = _graph(model, example_inputs, input_shape, graph)
-    branches = [r for r in g.residuals if r.branch]
-    if not branches:
-        raise SignalpropError(
-            f"residual_ found no residual branch in {type(model).__name__} (captured by {g.method}): a branch "
-            "is an addition of two same-shape tensors that share an earlier tensor, with a weight layer on one "
-            "side (x + F(x)). Additions inside a module signalprop treats as one layer, or built from ops "
-            "the capture does not see, are not found; check sp.graph.capture(model, inputs).residuals"
-        )
+    branches, ends, consumers = check(model, scheme, g)
     modules = dict(model.named_modules())
-    node_of = {c.name: c.node for c in g.calls}
     L = len(branches)
     if scheme == "fixup":
-        _fixup(model, branches, node_of, modules)
+        _fixup(model, branches, {c.name: c.node for c in g.calls}, modules)
         return model
-    ends = _ends(g, branches, node_of, modules)
     if scheme == "deepnorm":
         alpha, beta = deepnorm_factors(L)
-        consumers = _consumers(g)
-        _check_post_norm(g, branches, modules, consumers)
         with torch.no_grad():
             for r in branches:
                 for call in r.branch:
@@ -164,6 +153,26 @@ def residual_(
         for end in ends:
             gate_(modules[end], 0.0, learnable=True)
     return model
+
+
+def check(model: nn.Module, scheme: str, graph: Any) -> tuple[list[Any], list[str], list[list[int]]]:
+    """Everything :func:`residual_` refuses, checked before it changes anything: (branches, end modules,
+    node consumers). :func:`signalprop.fix.auto_init_` calls it before its own writes."""
+    branches = [r for r in graph.residuals if r.branch]
+    if not branches:
+        raise SignalpropError(
+            f"residual_ found no residual branch in {type(model).__name__} (captured by {graph.method}): a "
+            "branch is an addition of two same-shape tensors that share an earlier tensor, with a weight layer "
+            "on one side (x + F(x)). Additions inside a module signalprop treats as one layer, or built from "
+            "ops the capture does not see, are not found; check sp.graph.capture(model, inputs).residuals"
+        )
+    modules = dict(model.named_modules())
+    node_of = {c.name: c.node for c in graph.calls}
+    consumers = _consumers(graph)
+    ends = [] if scheme == "fixup" else _ends(graph, branches, node_of, modules)
+    if scheme == "deepnorm":
+        _check_post_norm(graph, branches, modules, consumers)
+    return branches, ends, consumers
 
 
 def _graph(model: nn.Module, example_inputs: Inputs | None, input_shape: Sequence[int] | None, graph: Any) -> Any:
