@@ -51,11 +51,11 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _pop_mode_temporarily
 
 from ._hooks import internal_run, is_real
 
-__all__ = ["ModelState", "eval_mode", "forked_rng", "preserved", "preserving", "same_bits"]
+__all__ = ["ModelState", "eval_mode", "forked_rng", "preserved", "preserving", "same_bits", "untracked"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -413,6 +413,34 @@ def preserved(model: nn.Module) -> Iterator[ModelState]:
     finally:
         _ACTIVE.reset(token)
         st.restore()
+
+
+@contextlib.contextmanager
+def untracked() -> Iterator[contextlib.AbstractContextManager[Any]]:
+    """Run arithmetic on tensors signalprop made itself without the tracker's per-op cost.
+
+    Inside :func:`preserved` every op of this thread goes through the tracker's Python dispatch (about
+    20 us an op); predict's moment arithmetic runs thousands of ops on tiny tensors of its own, which can
+    never write the model. This lifts the tracker while the block runs when it is the innermost dispatch
+    mode (another mode on top, such as a fake-tensor mode, is left alone, and so is the tracker under it);
+    outside a preserved block it does nothing. Never read a model's attribute inside it: a
+    parametrization's code (spectral norm's ``u``, ``v``) would write unseen. What the block yields is a
+    context manager that puts the tracker back for a nested stretch that does touch the model.
+
+    Example:
+        >>> import torch
+        >>> with untracked() as tracked:
+        ...     with tracked:
+        ...         pass
+        ...     float(torch.ones(3).sum())
+        3.0
+    """
+    mode = _get_current_dispatch_mode()
+    if isinstance(mode, _Tracker):
+        with _pop_mode_temporarily():
+            yield mode
+    else:
+        yield contextlib.nullcontext()
 
 
 # ---- modes and the global RNG -----------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from torch import nn
 
 from .._errors import SignalpropError
 from .._hooks import internal_run
-from .._state import preserving
+from .._state import preserving, untracked
 from ..graph._analysis import ACTIVATION_OPS, activation_module, fn_activation
 from ..graph._graph import capture, example_inputs
 from ..graph._ir import Node, Ref
@@ -236,6 +236,33 @@ class _Predictor:
         self.n_float = 0
         self.cond = 0.0  # the input-second-moment part of the batch band already in the prediction
         self.context: list[str] = []  # the modules whose bodies are being walked (for messages)
+        self.layers = self._read_layers()
+        self.pure: set[int] = set()  # nodes whose rule and backward touch only predict's own tensors
+
+    def _read_layers(self) -> dict[str, R.LayerNumbers]:
+        """Every weight layer's fans, bias and mean(w^2), read before the walk: the weights' attributes
+        under the model's tracker (a parametrization's code runs there), their mean squares in one batched
+        computation with one transfer (:func:`_rules.mean_squares`)."""
+        names: list[str] = []
+        nums: list[R.LayerNumbers] = []
+        weights: list[torch.Tensor] = []
+        seen: set[str] = set()
+        for n in self.graph.nodes:
+            name = n.module or ""
+            if n.op != "call" or name in seen:
+                continue
+            seen.add(name)
+            m = self.modules.get(name)
+            if m is None or type(m).__name__ in MODULE_RULES or not _fan_layer(m):
+                continue
+            num, w = R.layer_numbers(m)
+            names.append(name)
+            nums.append(num)
+            weights.append(w)
+        with untracked():
+            w2s = R.mean_squares(weights)
+        return {k: R.LayerNumbers(u.fan_in, u.fan_out, u.n_in, u.bias, u.conv, u.overlap, w2)
+                for k, u, w2 in zip(names, nums, w2s)}
 
     def run(self, input_shape: Any) -> Trace:
         nodes = self.graph.nodes
@@ -271,28 +298,59 @@ class _Predictor:
         return v
 
     def _walk(self, nodes: Sequence[Node]) -> None:
-        for n in nodes:
-            if n.op in ("alias", "const"):
-                continue
-            out, back, used = self._forward(n)
-            self.vals[n.index] = out
-            if back is not None and not out.known:
-                self.backs[n.index] = back
-                self.data_in[n.index] = used
+        """Each node's moments in order; nodes that touch only predict's own tensors run untracked, the
+        others (module attributes, replayed ops, registered rules) under the model's tracker."""
+        with untracked() as tracked:
+            for n in nodes:
+                if n.op in ("alias", "const"):
+                    continue
+                if self._is_pure(n):
+                    self.pure.add(n.index)
+                    out, back, used = self._forward(n)
+                else:
+                    with tracked:
+                        out, back, used = self._forward(n)
+                self._keep(n, out, back, used)
+
+    def _keep(self, n: Node, out: R.Moments, back: R.Back | None, used: list[int]) -> None:
+        self.vals[n.index] = out
+        if back is not None and not out.known:
+            self.backs[n.index] = back
+            self.data_in[n.index] = used
 
     def _backward(self, nodes: Sequence[Node], g2: dict[int, torch.Tensor]) -> None:
         """Push E[g^2] from each node to its data inputs, in reverse order, accumulating in ``g2``."""
-        for n in reversed(nodes):
-            if n.index not in g2 or n.index not in self.backs:
-                continue
-            for j, gin in zip(self.data_in[n.index], self.backs[n.index](g2[n.index])):
-                if gin is None or j not in self.node_of or self.node_of[j].op in ("const", "input"):
+        with untracked() as tracked:
+            for n in reversed(nodes):
+                if n.index not in g2 or n.index not in self.backs:
                     continue
-                if self.val(j).known:
-                    continue
-                if n.op == "fn" and n.name in O.BROADCAST_OPS:
-                    gin = _sum_to(gin, self.val(n.index).shape or (), self.val(j).shape or ())
-                g2[j] = g2[j] + gin if j in g2 else gin
+                if n.index in self.pure:
+                    gins = self.backs[n.index](g2[n.index])
+                else:
+                    with tracked:
+                        gins = self.backs[n.index](g2[n.index])
+                for j, gin in zip(self.data_in[n.index], gins):
+                    if gin is None or j not in self.node_of or self.node_of[j].op in ("const", "input"):
+                        continue
+                    if self.val(j).known:
+                        continue
+                    if n.op == "fn" and n.name in O.BROADCAST_OPS:
+                        gin = _sum_to(gin, self.val(n.index).shape or (), self.val(j).shape or ())
+                    g2[j] = g2[j] + gin if j in g2 else gin
+
+    def _is_pure(self, n: Node) -> bool:
+        """True for a weight layer read before the walk (:meth:`_read_layers`) or an activation that runs no
+        model code: its forward and backward are arithmetic on predict's own tensors, run untracked."""
+        if n.op == "call":
+            if n.body and self._body_known(n):
+                return False
+            name = n.module or ""
+            m = self.modules.get(name)
+            if m is None or type(m).__name__ in MODULE_RULES:
+                return False
+            return name in self.layers or (activation_module(m) and _stateless(m))
+        # a functional activation on data (on known values only it is replayed, maybe in place)
+        return n.op == "fn" and n.name in ACTIVATION_OPS and any(not self.val(i).known for i in n.inputs)
 
     def _forward(self, n: Node) -> Step:
         if n.op == "input":
@@ -349,8 +407,9 @@ class _Predictor:
             return lambda x: MODULE_RULES[kind](m, x, n)
         if isinstance(m, nn.Embedding):
             return None if n.body else (lambda x: R.embedding(m.weight, x if data else None, shape))
-        if has_fan_rule(m) and not isinstance(m, nn.MultiheadAttention | nn.RNNBase):
-            return lambda x: R.weight_layer(m, x, shape)
+        if _fan_layer(m):
+            nums = self.layers.get(n.module or "")
+            return lambda x: R.weight_layer(m, x, shape, nums)
         if activation_module(m):
             return lambda x: R.activation(m, x)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -489,6 +548,10 @@ class _Predictor:
             if x is None or x.lazy is not None or (x.known and not isinstance(x.value, torch.Tensor)):
                 fwd = Stats()
                 bwd = None
+            elif x.src is None or _stateless(x.src[0]):  # the band evaluates the activation
+                with untracked():
+                    fwd, meta = B.stats(x, self.batch, self.cond)
+                    bwd = B.grad_stats(g2.get(i), fwd.numel)
             else:
                 fwd, meta = B.stats(x, self.batch, self.cond)
                 bwd = B.grad_stats(g2.get(i), fwd.numel)
@@ -497,6 +560,20 @@ class _Predictor:
         meta_t = {"input_shape": input_shape, "input_var": self.input_var, "graph": self.graph.method,
                   "capture_failures": dict(self.graph.failures), "batch": self.batch}
         return Trace(layers, source="predicted", meta=meta_t)
+
+
+def _fan_layer(m: nn.Module) -> bool:
+    """A module the weight-layer rule predicts (a fan rule; attention and recurrent layers have their own)."""
+    return has_fan_rule(m) and not isinstance(m, nn.MultiheadAttention | nn.RNNBase)
+
+
+def _stateless(act: Any) -> bool:
+    """An activation whose evaluation runs no model code that could write: a name or function, or one of
+    torch's own activation modules holding no parameter, buffer or parametrization."""
+    if not isinstance(act, nn.Module):
+        return True
+    return (type(act).__module__.startswith("torch.nn.") and not act._parameters and not act._buffers
+            and not act._modules)
 
 
 def _placeholder(node: Node, x: R.Moments) -> torch.Tensor:
