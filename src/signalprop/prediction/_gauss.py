@@ -131,6 +131,9 @@ def act_moments(act: Any, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | No
 
     Elements are computed once per distinct (m, v, rho) when there are many (a full spatial map); the
     piecewise-linear activations use closed forms throughout (:func:`_piecewise_cov` for the covariance)."""
+    slope = piecewise_slope(act)
+    if slope is not None and m.numel() == 1 and v.numel() == 1 and (s is None or s.numel() == 1):
+        return _piecewise_scalar(slope, m, v, s)
     m, v = torch.broadcast_tensors(m, v)
     shared = s is not None and bool((s > 0).any())
     if shared:
@@ -144,7 +147,6 @@ def act_moments(act: Any, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | No
     if flat[0].numel() > 4096:
         uniq, inv = unique_rows(*flat)
         flat = (uniq[:, 0], uniq[:, 1], uniq[:, 2])
-    slope = piecewise_slope(act)
     if slope is not None:
         res = _piecewise_rows(slope, *flat, shared)
     else:
@@ -166,6 +168,24 @@ def act_moments(act: Any, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | No
     res = res.reshape(*m.shape, -1)
     return res[..., 0], res[..., 1], res[..., 2], res[..., 3], (res[..., 4] if shared else
                                                                   (torch.zeros_like(m) if s is not None else None))
+
+
+def _piecewise_scalar(slope: float, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`act_moments` of a piecewise-linear activation when every element shares one (m, v, s): the
+    same closed forms on one-element arrays, read and written back in two transfers (a deep chain of
+    bias-free layers spends its time here, once a layer)."""
+    shape = torch.broadcast_shapes(m.shape, v.shape, *(() if s is None else (s.shape,)))
+    mv = torch.cat([m.reshape(1), v.reshape(1)] + ([] if s is None else [s.reshape(1)])).to(torch.float64)
+    vals = mv.numpy()
+    cm, cv = vals[0:1], vals[1:2]
+    shared = s is not None and vals[2] > 0
+    if shared:
+        cr = np.clip(vals[2:3] / cv if cv[0] > 0 else np.zeros(1), 0.0, 1.0)
+    e1, e2, e4, d2 = _piecewise(slope, cm, cv)
+    cols = [e1, e2, e4, d2] + ([_piecewise_cov(slope, cm, cv, cr, e1)] if shared else [np.zeros(1)])
+    res = torch.from_numpy(np.concatenate(cols)).reshape(5, *([1] * len(shape))).expand(5, *shape)
+    return res[0], res[1], res[2], res[3], (res[4] if s is not None else None)
 
 
 def _piecewise_rows(slope: float, m: torch.Tensor, v: torch.Tensor, rho: torch.Tensor, shared: bool

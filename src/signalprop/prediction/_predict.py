@@ -261,7 +261,11 @@ class _Predictor:
             weights.append(w)
         with untracked():
             w2s = R.mean_squares(weights)
-        return {k: R.LayerNumbers(u.fan_in, u.fan_out, u.n_in, u.bias, u.conv, u.overlap, w2)
+            biases = [u.bias for u in nums if u.bias is not None]
+            zero = iter(torch.stack([b.abs().amax() == 0 for b in biases]).tolist() if biases else [])
+        # a zero bias is dropped: the mean stays one number for every element (the rules' scalar path)
+        return {k: R.LayerNumbers(u.fan_in, u.fan_out, u.n_in, None if u.bias is not None and next(zero)
+                                  else u.bias, u.conv, u.overlap, w2)
                 for k, u, w2 in zip(names, nums, w2s)}
 
     def run(self, input_shape: Any) -> Trace:

@@ -293,18 +293,29 @@ def weight_op(w2: float, fan_in: float, fan_out: float, n_in: float, bias: torch
     dim, and a convolution's :func:`overlap_corr`; functional ops (``F.linear``, ``F.conv1d`` on a
     parametrized weight) call it directly. Two outputs at one position correlate through the weights'
     rows, ``w_i . w_j / |w_i||w_j|`` of mean square 1 / fan_in: ``corr = (C - 1) / fan_in + overlap``."""
-    q_in = float(x.q.mean())
+    sc = scalars(x)
+    if sc is not None:  # one (m, v, s) for every element: the same sums on host floats
+        m_, v_, s_, m4_ = sc
+        q_in = m_ * m_ + v_
+        cross = _between_scalar(x, m_, s_)
+    else:
+        q_in = float(x.q.mean())
+        cross = between(x)
     gain = fan_in * w2
     compact = (1,) * len(shape)
     var = torch.full(compact, gain * q_in, dtype=torch.float64)
-    shared = torch.full(compact, gain * between(x), dtype=torch.float64)
+    shared = torch.full(compact, gain * cross, dtype=torch.float64)
     mean = torch.zeros(compact, dtype=torch.float64)
     chan = 1 if conv else len(shape) - 1
     if isinstance(bias, torch.Tensor):
         b = bias.detach().to(torch.float64)
         mean = mean + b.reshape([-1] + [1] * (len(shape) - 1 - chan))
     lv = x.lv
-    if x.rnd:
+    if x.rnd and sc is not None:
+        f4 = m4_ if m4_ is not None else m_**4 + 6 * m_ * m_ * v_ + 3 * v_ * v_
+        beta = _ieee_div(f4 - q_in * q_in, q_in**2) if q_in > 0 else 0.0
+        lv += max(beta, 0.0) / n_in
+    elif x.rnd:
         q = x.q.reshape(-1)
         beta = float((x.fourth().reshape(-1).mean() - (q * q).mean()) / q.mean() ** 2) if q.mean() > 0 else 0.0
         lv += max(beta, 0.0) / n_in
@@ -316,6 +327,43 @@ def weight_op(w2: float, fan_in: float, fan_out: float, n_in: float, bias: torch
     c_out = shape[chan] if shape else 1
     corr = (c_out - 1) / max(fan_in, 1.0) + overlap
     return Moments(mean, var, None, None, lv, True, tuple(shape), clamp_shared(shared, var), chan, corr=corr), back
+
+
+def _ieee_div(a: float, b: float) -> float:
+    """a / b as a float64 tensor divides: a zero divisor (an underflowed square) gives inf or nan."""
+    if b != 0:
+        return a / b
+    return math.nan if a == 0 or math.isnan(a) else math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def scalars(x: Moments) -> tuple[float, float, float, float | None] | None:
+    """``(mean, var, s, m4)`` as floats when each is one number for every element (a bias-free or zero-bias
+    chain), else None: the rules then skip a dozen one-element tensor ops a layer."""
+    m4 = x.m4
+    if x.mean.numel() != 1 or x.var.numel() != 1 or (x.s is not None and x.s.numel() != 1) or (
+            m4 is not None and m4.numel() != 1):
+        return None
+    return (x.mean.item(), x.var.item(), 0.0 if x.s is None else x.s.item(),
+            None if m4 is None else m4.item())
+
+
+def _between_scalar(x: Moments, m: float, s: float) -> float:
+    """:func:`between` for one mean ``m`` and shared part ``s`` everywhere, with the same float operations."""
+    shape = tuple(x.shape or ())
+    nd = len(shape)
+    if nd == 0:
+        return s + m * m
+    chan = nd - 1 if x.chan is None else x.chan % nd
+    pos = [d for d in range(1, nd) if d != chan]
+    n_pos = math.prod(shape[d] for d in pos)
+    if n_pos <= 1:
+        return s + m * m
+    factor = 1.0
+    for d in pos:
+        factor *= shape[d]
+    s1 = m * factor
+    s2 = m * m * factor
+    return s + (s1 * s1 - s2) / (n_pos * (n_pos - 1))
 
 
 def between(x: Moments) -> float:
