@@ -44,3 +44,22 @@ def test_batched_mean_squares_match_one_tensor_reads() -> None:
         ref = float(w.double().pow(2).mean()) if w.numel() else 0.0
         assert math.isclose(v, ref, rel_tol=1e-7), (tuple(w.shape), v, ref)
         assert v == R.mean_square(w)
+
+
+def test_one_number_closed_forms_match_the_array_ones() -> None:
+    """The host-float ReLU / leaky-ReLU moments (one mean and variance for every element) equal the array
+    closed forms they stand in for, also at zero variance and far in the tails. Phi is erf/erfc of the math
+    library instead of torch's (an ulp apart); in the lower tail the closed forms cancel (``E[r^2]`` at
+    m = -3, v = 0.5 is 1e-7 of its terms), so each moment is held to 1e-12 of its scale ``E[u^2]^(p/2)``."""
+    import numpy as np
+
+    from signalprop.prediction import _gauss as G
+
+    for slope in (0.0, 0.2, 1.0):
+        for m in (-3.0, -0.4, 0.0, 1e-3, 0.7, 50.0):
+            for v in (0.0, 1e-300, 1e-6, 0.5, 2.0, 1e4):
+                want = G._piecewise(slope, np.array([m]), np.array([v]))
+                got = G._piecewise_float(slope, m, v)
+                q = m * m + v
+                for w, x, scale in zip(want, got, (math.sqrt(q), q, q * q, 1.0)):
+                    assert math.isclose(float(w[0]), x, rel_tol=1e-12, abs_tol=1e-12 * scale), (slope, m, v, w, x)
