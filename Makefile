@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# mup (the muP reference, compared against in tests/fix/test_mup_package.py): without the plotting
+	# dependencies it declares (torchvision would pull a CUDA torch).
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt mup
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -28,8 +31,9 @@ typecheck: setup
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d build/site
 
+# Two workers, one thread each: on the 2 cores CI has, torch's own threads would only contend.
 unit: setup
-	$(VENV)/bin/python -m pytest -n 2 -q tests --doctest-modules src/signalprop
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -n 2 -q tests --doctest-modules src/signalprop
 
 test: lint typecheck docs unit
 

@@ -51,7 +51,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _pop_mode_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes, _get_current_dispatch_mode_stack
 
 from ._hooks import internal_run, is_real
 
@@ -395,9 +395,29 @@ def preserving(fn: Callable[Concatenate[nn.Module, P], R]) -> Callable[Concatena
 
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[ModelState]:
-    """Everything signalprop's code on this thread changes about ``model`` inside the block is put back
-    on exit, also when the block raises (see the module docstring). Inside another ``preserved`` block of
-    the same model on this thread, the block joins that snapshot and restores on exit."""
+    """Put back on exit everything this thread changes about ``model`` inside the block, also on an error.
+
+    Parameter and buffer values (copy on write), tensor identity and the ``_parameters``/``_buffers``
+    entries are restored, random ops draw from the block's own generator (see the module docstring).
+    Inside another ``preserved`` block of the same model on this thread, the block joins that snapshot and
+    restores on exit.
+
+    Args:
+        model: The model to keep as found.
+
+    Yields:
+        The :class:`ModelState` of the block (``state.run(...)`` marks the forwards signalprop runs).
+
+    Examples:
+        A BatchNorm in train mode updates its running mean in a forward; the block puts it back:
+
+        >>> bn = nn.BatchNorm1d(3)
+        >>> with preserved(bn):
+        ...     _ = bn(torch.full((4, 3), 5.0))
+        ...     inside = bn.running_mean.tolist()
+        >>> inside, bn.running_mean.tolist()
+        ([0.5, 0.5, 0.5], [0.0, 0.0, 0.0])
+    """
     for st in _ACTIVE.get():
         if st.model is model:
             try:
@@ -417,15 +437,14 @@ def preserved(model: nn.Module) -> Iterator[ModelState]:
 
 @contextlib.contextmanager
 def untracked() -> Iterator[contextlib.AbstractContextManager[Any]]:
-    """Run arithmetic on tensors signalprop made itself without the tracker's per-op cost.
+    """Run the block outside this thread's :func:`preserved` dispatch mode (a no-op outside ``preserved``).
 
     Inside :func:`preserved` every op of this thread goes through the tracker's Python dispatch (about
-    20 us an op); predict's moment arithmetic runs thousands of ops on tiny tensors of its own, which can
-    never write the model. This lifts the tracker while the block runs when it is the innermost dispatch
-    mode (another mode on top, such as a fake-tensor mode, is left alone, and so is the tracker under it);
-    outside a preserved block it does nothing. Never read a model's attribute inside it: a
-    parametrization's code (spectral norm's ``u``, ``v``) would write unseen. What the block yields is a
-    context manager that puts the tracker back for a nested stretch that does touch the model.
+    20 us an op). Two kinds of work write no model state and must not pay that: a collective (its tensors
+    must not pass through Python on the way), and predict's moment arithmetic, thousands of ops on tiny
+    tensors of its own. Never read a model's attribute inside the block: a parametrization's code (spectral
+    norm's ``u``, ``v``) would write unseen. The block gets a context manager that puts the tracker back
+    for a nested stretch that does touch the model.
 
     Example:
         >>> import torch
@@ -435,12 +454,12 @@ def untracked() -> Iterator[contextlib.AbstractContextManager[Any]]:
         ...     float(torch.ones(3).sum())
         3.0
     """
-    mode = _get_current_dispatch_mode()
-    if isinstance(mode, _Tracker):
-        with _pop_mode_temporarily():
-            yield mode
-    else:
+    trackers = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, _Tracker)]
+    if not trackers:
         yield contextlib.nullcontext()
+        return
+    with _disable_current_modes():
+        yield trackers[-1]
 
 
 # ---- modes and the global RNG -----------------------------------------------------------------------------------
