@@ -49,7 +49,6 @@ it; add a rule with :func:`register_rule`.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -69,6 +68,7 @@ from ..layers import is_norm
 from ..trace import LayerStats, Stats, Trace
 from . import _attention as A
 from . import _band as B
+from . import _inputs as I
 from . import _ops as O
 from . import _pool as P
 from . import _rules as R
@@ -151,73 +151,20 @@ def predict(
     cond = 0.0
     if inputs is not None:
         args, kwargs = example_inputs(model, inputs)
-        flat = [t for t in _tensors((args, kwargs)) if t.is_floating_point()]
-        batch = batch if batch is not None else _batch_of(args, kwargs)
+        flat = [t for t in I.tensors((args, kwargs)) if t.is_floating_point()]
+        batch = batch if batch is not None else I.batch_of(args, kwargs)
         if input_var is None and flat and batch:
-            cond = _input_relvar(flat[0], batch)
+            cond = I.input_relvar(flat[0], batch)
     else:
         args, kwargs = example_inputs(model, input_shape=input_shape)
         flat = []
-    variances = _input_vars(input_var, flat, inputs is not None)
-    g = graph if graph is not None else capture(model, _capture_inputs(args, kwargs))
-    shape = list(input_shape) if input_shape is not None else [list(t.shape[1:]) for t in _tensors((args, kwargs))]
+    variances = I.input_vars(input_var, flat, inputs is not None)
+    g = graph if graph is not None else capture(model, I.capture_inputs(args, kwargs))
+    shape = list(input_shape) if input_shape is not None else [list(t.shape[1:]) for t in I.tensors((args, kwargs))]
     with torch.no_grad(), internal_run():
         p = _Predictor(model, g, variances, batch)
         p.cond = cond
         return p.run(shape)
-
-
-def _capture_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The example inputs in the form capture takes: a tuple of positional inputs or a dict of keywords."""
-    if kwargs and args:
-        raise SignalpropError("predict takes inputs as a tensor, a tuple (positional) or a dict (keyword)")
-    return dict(kwargs) if kwargs else tuple(args)
-
-
-def _input_relvar(x: torch.Tensor, batch: int) -> float:
-    """Relative variance of a batch's input mean square, ``kappa_x / (B n_x)`` (``_band``)."""
-    t = x.detach().double()
-    q = float(t.pow(2).mean())
-    if not (q > 0 and math.isfinite(q)):
-        return 0.0
-    kappa = max(float(t.pow(4).mean()) / (q * q) - 1.0, 0.0)
-    return kappa / (batch * max(t[0].numel() if t.dim() else 1, 1))
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    from ..graph._ir import map_refs
-
-    found: list[torch.Tensor] = []
-    map_refs(obj, lambda o: found.append(o) if isinstance(o, torch.Tensor) else None)
-    return found
-
-
-def _batch_of(args: Any, kwargs: Any) -> int | None:
-    ts = [t for t in _tensors((args, kwargs)) if t.dim() >= 1]
-    return int(ts[0].shape[0]) if ts else None
-
-
-def _input_vars(input_var: Any, flat: list[torch.Tensor], given: bool) -> list[float] | float:
-    """One variance per floating input (a list) or one for all (a float), checked."""
-    if input_var is None:
-        if not given:
-            return 1.0
-        out = [float(t.detach().double().pow(2).mean()) if t.numel() else 1.0 for t in flat]
-        bad = [v for v in out if not (math.isfinite(v) and v > 0)]
-        if bad:
-            raise SignalpropError("an example input's mean square is not a positive finite number; pass "
-                                  "input_var= explicitly")
-        return out
-    vals = list(input_var) if isinstance(input_var, list | tuple) else [input_var]
-    for v in vals:
-        if isinstance(v, bool) or not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-            raise SignalpropError(f"input_var must be a positive finite number (or one per floating input), "
-                                  f"got {input_var!r}")
-    if isinstance(input_var, list | tuple):
-        if given and len(vals) != len(flat):
-            raise SignalpropError(f"input_var has {len(vals)} values for {len(flat)} floating inputs")
-        return [float(v) for v in vals]
-    return float(vals[0])
 
 
 class _Predictor:
@@ -530,9 +477,9 @@ class _Predictor:
             out, back = R.dropout(x, float(p), bool(train))
             return out, back, data[:1]
         if name in ("add", "sub", "rsub"):
-            return _add(n, ins)
+            return O.add(n, ins)
         if name in ("mul", "div", "neg"):
-            return _mul(n, ins)
+            return O.mul(n, ins)
         if "pool" in name:
             out, back = _pool(n, None, x)
             return out, back, data[:1]
@@ -618,55 +565,3 @@ def _sum_to(g: torch.Tensor, out_shape: tuple[int, ...], in_shape: tuple[int, ..
     if tuple(out_shape) == tuple(in_shape) or not out_shape:
         return g if g.dim() == len(in_shape) else g.reshape((1,) * len(in_shape)) if g.numel() == 1 else g
     return g.expand(out_shape).sum_to_size(in_shape)
-
-
-def _add(n: Node, ins: dict[int, R.Moments]) -> Step:
-    """Sum (or difference) of independent values: means add (subtract), variances and shared parts add."""
-    a, ia = O.operand(n, 0, ins, "input")
-    b, ib = O.operand(n, 1, ins, "other")
-    alpha = float(_arg(n, 2, "alpha", 1.0))
-    sign = -1.0 if n.name == "sub" else 1.0
-    if n.name == "rsub":
-        a, b, ia, ib, sign = b, a, ib, ia, -1.0
-    s = sign * alpha
-    mean = a.mean + s * b.mean
-    var = a.var + s * s * b.var
-    shared = a.shared + s * s * b.shared if (a.s is not None or b.s is not None) else None
-    va, vb = float(a.var.mean()), float(b.var.mean())
-    lv = (va * va * a.lv + (s * s * vb) ** 2 * b.lv) / ((va + s * s * vb) ** 2) if va + vb > 0 else 0.0
-    chan = a.chan if a.chan is not None else b.chan
-    out = R.Moments(mean, var, None, None, lv, a.rnd or b.rnd, O.bshape(a, b), R.clamp_shared(shared, var), chan,
-                    corr=max(a.corr, b.corr))
-    used = [i for i, v in ((ia, a), (ib, b)) if i is not None and not v.known]
-
-    def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
-        return [g2 if i == ia else g2 * s * s for i in used]
-
-    return out, back, used
-
-
-def _mul(n: Node, ins: dict[int, R.Moments]) -> Step:
-    """Product of independent values: E[ab] = E[a]E[b], E[(ab)^2] = E[a^2]E[b^2]; division by a known value
-    multiplies by its reciprocal."""
-    a, ia = O.operand(n, 0, ins, "input")
-    if n.name == "neg":
-        b, ib = R.const(-1.0), None
-    else:
-        b, ib = O.operand(n, 1, ins, "other")
-        if n.name == "div":
-            b = R.const(1.0 / b.mean)
-            ib = None
-    mean = a.mean * b.mean
-    var = (a.q * b.q - mean * mean).clamp_min(0)
-    shared = None
-    if a.s is not None or b.s is not None:  # E[(ab)_1 (ab)_2] = E[a_1 a_2] E[b_1 b_2] for independent a, b
-        shared = a.cross * b.cross - mean * mean
-    chan = a.chan if a.chan is not None else b.chan
-    out = R.Moments(mean, var, None, None, max(a.lv, b.lv), a.rnd or b.rnd, O.bshape(a, b),
-                    R.clamp_shared(shared, var), chan, corr=max(a.corr, b.corr))
-    used = [i for i, v in ((ia, a), (ib, b)) if i is not None and not v.known]
-
-    def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
-        return [g2 * (b.q if i == ia else a.q) for i in used]
-
-    return out, back, used
