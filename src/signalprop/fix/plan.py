@@ -161,7 +161,8 @@ def plan(
         raise SignalpropError(
             f"residual must be 'fixup', 'zero' or None, got {residual!r}: 'fixup' scales each residual "
             "branch's output by L^(-1/2) (Zhang et al. 2019), 'zero' starts each branch at zero "
-            "(Goyal et al. 2017), None leaves branches to the per-layer schemes"
+            "(Goyal et al. 2017), None leaves branches to the per-layer schemes; 'depth_mup', 'rezero', "
+            "'skipinit' and 'deepnorm' gate the branches after init: auto_init_(residual=...) or sp.fix.residual_"
         )
     if not isinstance(model, nn.Module):
         raise SignalpropError(f"plan needs an nn.Module, got {type(model).__name__}")
