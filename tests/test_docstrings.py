@@ -32,6 +32,7 @@ DOCUMENTED = [
     "signalprop.init",
     "signalprop.fix",
     "signalprop.diagnosis",
+    "signalprop.prediction",
     "signalprop.experiments.he2015",
     "signalprop.experiments.glorot2010",
     "signalprop.experiments.criticality",

@@ -72,12 +72,10 @@ from . import _inputs as I
 from . import _ops as O
 from . import _pool as P
 from . import _rules as R
+from ._registry import MODULE_RULES, PredictWarning
 
-Rule = Callable[[nn.Module, "R.Moments", Node], "tuple[R.Moments, R.Back]"]
 Step = tuple["R.Moments", "R.Back | None", list[int]]
 
-MODULE_RULES: dict[str, Rule] = {}
-"""Module class name -> rule(module, input moments, node) -> (output moments, backward). One line to add."""
 
 IDENTITY_OPS = frozenset({"to", "type", "float", "half", "double", "bfloat16", "detach", "alias", "clone",
                           "contiguous", "identity", "lift_fresh_copy", "type_as", "copy"})
@@ -96,18 +94,6 @@ VALUE_FREE_OPS = frozenset({"ones_like", "zeros_like", "full_like", "empty_like"
 NO_OPS = frozenset({"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_async",
                     "sym_constrain_range_for_size", "sym_constrain_range", "_check_is_size"})
 SHAPE_MODULES = frozenset({"Flatten", "Unflatten", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d"})
-
-
-class PredictWarning(UserWarning):
-    """Some module or op has no prediction rule and was passed through unchanged."""
-
-
-def register_rule(kind: str, rule: Rule) -> None:
-    """Add a prediction rule for modules of class name ``kind`` (see :data:`MODULE_RULES`)."""
-    if not isinstance(kind, str) or not callable(rule):
-        raise SignalpropError("register_rule needs a module class name (str) and a callable "
-                              "rule(module, moments, node) -> (moments, backward)")
-    MODULE_RULES[kind] = rule
 
 
 @preserving  # the capture and the weight reads leave the model as found (spectral norm's u, v included)
@@ -132,13 +118,31 @@ def predict(
     the first dimension of ``inputs``; with ``input_shape``, None: the band of an infinite batch). A graph
     captured before from the same inputs can be passed to skip capture.
 
-    Returns a :class:`~signalprop.Trace` with ``source="predicted"`` and one entry per module call, named
-    as ``sp.measure`` names them; ``fwd.var_band`` is the 90% band of one network on one batch.
+    Args:
+        model: The model; its weights are read, never changed.
+        input_shape: The shape of one sample without the batch dimension, or None when ``inputs`` is given.
+        inputs: Example inputs as ``sp.measure`` takes them (tensor, tuple, dict).
+        input_var: The floating inputs' variance: one number, one per floating input, or None.
+        graph: A graph captured before from the same inputs (:func:`signalprop.graph.capture`).
+        batch: The batch one measurement averages over, for the band (None: an infinite batch).
 
-    >>> import signalprop as sp
-    >>> t = sp.predict(sp.models.mlp(3, 64, bias=False), (64,))
-    >>> t["4"].fwd.var > 0
-    True
+    Returns:
+        A :class:`~signalprop.Trace` with ``source="predicted"`` and one entry per module call, named as
+        ``sp.measure`` names them; ``fwd.var_band`` is the 90% band of one network on one batch.
+
+    Raises:
+        SignalpropError: Not a module, neither or both of ``input_shape`` and ``inputs``, or inputs that do
+            not fit the model.
+
+    Examples:
+        He's formula on a bias-free ReLU MLP with orthogonal weights of gain sqrt(2) (so n Var[w] = 2
+        exactly, whatever the draw): every weight layer's output keeps E[y^2] = 1/2 n Var[w] x 2 = 2:
+
+        >>> import signalprop as sp
+        >>> net = sp.init.orthogonal_(sp.models.mlp(3, 64, bias=False), gain=2 ** 0.5)
+        >>> t = sp.predict(net, (64,))
+        >>> [round(t[name].fwd.rms ** 2, 6) for name in ("0", "2", "4", "6")]
+        [2.0, 2.0, 2.0, 2.0]
     """
     if not isinstance(model, nn.Module):
         raise SignalpropError(f"predict needs an nn.Module, got {type(model).__name__}")
@@ -228,7 +232,7 @@ class _Predictor:
             warnings.warn(
                 "predict has no rule for " + ", ".join(f"{k} (x{v})" for k, v in self.unknown.items())
                 + " and passed their inputs through unchanged; add one with "
-                "signalprop.predict.register_rule(kind, rule)",
+                "signalprop.prediction.register_rule(kind, rule)",
                 PredictWarning, stacklevel=3,
             )
         return self._trace(g2, input_shape)
@@ -427,7 +431,7 @@ class _Predictor:
         if n.shape is not None and tuple(x.shape or ()) != tuple(n.shape):
             raise SignalpropError(
                 f"predict has no rule for {label} ({n.name}), which changes the shape from "
-                f"{x.shape} to {n.shape}; add one with signalprop.predict.register_rule("
+                f"{x.shape} to {n.shape}; add one with signalprop.prediction.register_rule("
                 f"{owner!r}, rule), where rule(module, moments, node) returns (moments, backward)"
             )
         self.unknown[label] = self.unknown.get(label, 0) + 1
