@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# mup (the muP reference, compared against in tests/fix/test_mup_package.py): without the plotting
+	# dependencies it declares (torchvision would pull a CUDA torch).
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt mup
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -121,7 +121,8 @@ def test_lightning_callback_records_training_and_logs_at_global_steps(tmp_path: 
     hist = cb.monitor.history
     assert [r.step for r in hist] == [0, 2, 4]
     assert hist[0].trace.names == ["net.0", "net.1", "net.2", "net.3", "net.4"]  # no validation calls
-    assert cb.global_steps == {0: 1, 1: 2, 2: 3, 3: 4, 4: 5, 5: 6}  # optimizer steps taken, as Lightning counts
+    assert cb.global_steps == {0: 1, 2: 3, 4: 5}  # recorded steps -> optimizer steps taken, Lightning's count
+    assert all(r.loss is not None and math.isfinite(r.loss) and r.loss > 0 for r in hist)  # training_step's loss
     assert (tmp_path / "train.png").exists()
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == before
     logger.experiment.flush()
@@ -137,3 +138,41 @@ def test_lightning_callback_checks_its_arguments_early() -> None:
         SignalpropCallback(every=0)
     with pytest.raises(sp.SignalpropError, match="sets tensorboard= itself"):
         SignalpropCallback(tensorboard=object())
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:lightning.*")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning:torch.*")
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+@pytest.mark.slow
+def test_lightning_callback_memory_stays_bounded_and_names_a_nonfinite_loss() -> None:
+    """400 steps with keep=8: the step map holds at most 2 x 64 entries, each kept record's step among them;
+    a loss that turns infinite at one batch is named with its step."""
+    pytest.importorskip("lightning")
+    import lightning.pytorch as pl
+
+    from signalprop.integrations.lightning import SignalpropCallback
+    from signalprop.monitor import NonFiniteWarning
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 1)
+
+        def training_step(self, batch: tuple[torch.Tensor], idx: int) -> dict[str, torch.Tensor]:
+            loss = self.net(batch[0]).square().mean()
+            return {"loss": loss * (float("inf") if self.global_step == 300 else 1.0)}
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=2)
+    cb = SignalpropCallback(every=1, keep=8, log=False)
+    trainer = pl.Trainer(max_steps=400, callbacks=[cb], logger=False, accelerator="cpu", devices=1,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with pytest.warns(NonFiniteWarning, match="step 300"):
+        trainer.fit(Net(), loader)
+    assert cb.monitor is not None and cb.monitor.recorded == 400
+    assert len(cb.global_steps) <= 2 * 64 + 1
+    assert {r.step for r in cb.monitor.history} <= set(cb.global_steps)
+    assert cb.global_steps[399] == 400

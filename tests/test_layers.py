@@ -121,3 +121,47 @@ def test_plan_keeps_an_unknown_weight_layer_and_says_why() -> None:
         p = sp.fix.plan(_net(), example_inputs=torch.randn(4, 6))
     assert p["2"].scheme == "lsuv" and p["2"].lsuv and p["2"].target_std == 1.0
     assert "register_fans(MyLinear" in p["2"].reason
+
+
+# ---- the channel dimension: one rule for measure, the Monitor and the fixes ------------------------------------
+class _ChannelsLast(nn.Module):
+    """A ConvNeXt-style block: a depthwise conv, then Linear layers on (N, H, W, C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.pw = nn.Linear(6, 10)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.pw(self.dw(x).permute(0, 2, 3, 1)))
+
+
+def test_channels_last_linear_keeps_channels_at_the_end() -> None:
+    import signalprop as sp
+    from signalprop.layers import ChannelDims
+
+    torch.manual_seed(0)
+    model, x = _ChannelsLast(), torch.randn(4, 6, 5, 7)
+    trace = sp.measure(model, x)
+    assert trace["dw"].meta["channel_dim"] == 1
+    assert trace["pw"].meta["channel_dim"] == -1  # (N, H, W, C): the 10 features, not H = 5
+    # The ReLU after it is read by rank (4-D: dim 1), the same in measure and in a fresh rule.
+    dims = ChannelDims()
+    assert trace["act"].meta["channel_dim"] == dims(model.act, torch.zeros(4, 5, 7, 10)) == 1
+
+
+def test_monitor_and_measure_give_one_channel_dim_per_layer() -> None:
+    import signalprop as sp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6, 5))
+    x = torch.randn(4, 3, 8)
+    trace = sp.measure(model, x)
+    with sp.Monitor(model, every=1) as mon:
+        model(x).square().mean().backward()
+        mon.step()
+    rec = mon.history[-1]
+    for name in ("0", "1", "3"):
+        assert rec.trace[name].meta["channel_dim"] == trace[name].meta["channel_dim"], name
+    assert trace["1"].meta["channel_dim"] == 1  # the ReLU keeps the Conv1d's (N, C, L) layout

@@ -58,6 +58,9 @@ def _worker(rank: int, port: int, sizes: tuple[int, ...]) -> None:
                 assert sa.hist.counts == sb.hist.counts, a.name
         assert whole[0].fwd.nonfinite_frac > 0
     finally:
+        # Both ranks leave together: a rank that tears gloo down while its peer is still inside the last
+        # collective's exchange aborts that peer ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 

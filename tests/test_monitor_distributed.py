@@ -56,6 +56,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         sampled.history[0].trace.to_json(Path(out_dir) / f"sampled{rank}.json")
         assert exact.history[0].trace.meta["world_size"] == WORLD
     finally:
+        # Both ranks leave together: a rank that tears gloo down while its peer is still inside the last
+        # collective's exchange aborts that peer ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 

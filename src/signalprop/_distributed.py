@@ -41,8 +41,7 @@ def reduce_rows(vec: torch.Tensor, max_index: list[int], group_size: int) -> tor
         vec = vec.cpu()
     vec = vec.contiguous()
     out = torch.empty(group_size * vec.numel(), dtype=vec.dtype, device=vec.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.12
-    gather(out, vec)
+    _all_gather(out, vec)
     parts = out.view(group_size, vec.numel())
     red = parts.sum(0)
     if max_index:
@@ -67,6 +66,28 @@ def gather_sizes(n: int, device: torch.device, group_size: int) -> list[int]:
     if dist.get_backend() == "gloo":
         device = torch.device("cpu")
     out = torch.zeros(group_size, dtype=torch.int64, device=device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, torch.tensor([n], dtype=torch.int64, device=device))
+    _all_gather(out, torch.tensor([n], dtype=torch.int64, device=device))
     return [int(v) for v in out.tolist()]
+
+
+_IN_FLIGHT: list[torch.Tensor] = []
+
+
+def _all_gather(out: torch.Tensor, vec: torch.Tensor) -> None:
+    """``all_gather_into_tensor(out, vec)``, the two tensors kept referenced until the next collective.
+
+    gloo's worker thread drops its reference to a finished collective's tensors a moment after ``wait``
+    returns; were that the last reference, it would free the tensors' Python objects and need the GIL,
+    while ``destroy_process_group`` right after the last collective holds the GIL and joins that thread:
+    a deadlock (seen at the end of a 2-rank run). Holding the last pair here keeps that release off the
+    worker thread. Inside a :func:`signalprop._state.preserved` block the collective runs outside its
+    dispatch mode, which would otherwise hand the collective's tensors to Python on the way.
+    """
+    import torch.distributed as dist
+
+    from ._state import untracked
+
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.12
+    with untracked():  # a collective writes no model state: not through the Python dispatch mode
+        gather(out, vec)
+    _IN_FLIGHT[:] = [out, vec]

@@ -55,7 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._hooks import internal_run, is_real
 
-__all__ = ["ModelState", "eval_mode", "forked_rng", "preserved", "preserving", "same_bits"]
+__all__ = ["ModelState", "eval_mode", "forked_rng", "preserved", "preserving", "same_bits", "untracked"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -413,6 +413,20 @@ def preserved(model: nn.Module) -> Iterator[ModelState]:
     finally:
         _ACTIVE.reset(token)
         st.restore()
+
+
+@contextlib.contextmanager
+def untracked() -> Iterator[None]:
+    """Run the block outside this thread's :func:`preserved` dispatch mode: for an operation that writes no
+    model state and must not pass its tensors through Python on the way (a collective). A no-op outside
+    ``preserved``."""
+    from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
+
+    if not any(isinstance(m, _Tracker) for m in _get_current_dispatch_mode_stack()):
+        yield
+        return
+    with _disable_current_modes():
+        yield
 
 
 # ---- modes and the global RNG -----------------------------------------------------------------------------------

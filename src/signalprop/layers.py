@@ -14,10 +14,11 @@ layer whose fans no rule knows (a custom layer) is still a weight layer: init an
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["NORM_TYPES", "is_norm", "is_norm_kind", "is_weight_layer", "weight_names"]
+__all__ = ["NORM_TYPES", "ChannelDims", "channel_layout", "is_norm", "is_norm_kind", "is_weight_layer", "weight_names"]
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -70,3 +71,74 @@ def is_weight_layer(m: nn.Module) -> bool:
     if is_norm(m) or isinstance(m, parametrize.ParametrizationList):
         return False  # a ParametrizationList holds the originals of its parent's parametrized weight
     return bool(weight_names(m))
+
+
+# ---- where a layer's output keeps its channels ----------------------------------------------------------------
+_CHANNEL_FIRST: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._NormBase,  # BatchNorm, InstanceNorm: (N, C, ...)
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+_CHANNEL_LAST: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.Embedding,
+    nn.LayerNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+_CHANNEL_LAST_NAMES = ("Conv1D",)  # transformers' GPT-2 Conv1D: x @ W + b, features last
+
+
+def channel_layout(m: nn.Module) -> str | None:
+    """Where ``m``'s output keeps its channels, from its type alone: ``"first"`` (dim 1: convolutions,
+    BatchNorm, pooling), ``"last"`` (Linear-like layers, LayerNorm, RMSNorm, Embedding) or None (unknown).
+
+    >>> channel_layout(nn.Conv2d(3, 8, 3)), channel_layout(nn.Linear(3, 8)), channel_layout(nn.ReLU())
+    ('first', 'last', None)
+    """
+    if isinstance(m, _CHANNEL_FIRST):
+        return "first"
+    if isinstance(m, _CHANNEL_LAST) or type(m).__name__ in _CHANNEL_LAST_NAMES:
+        return "last"
+    return None
+
+
+class ChannelDims:
+    """The channel dimension of each module output in one model: the one rule measure, the Monitor and the
+    fixes use for per-channel statistics (dead units, a bias's broadcast dimension).
+
+    A layer of known layout (:func:`channel_layout`) says where its channels are: dim 1 for (N, C, ...),
+    the last dim for (..., features). Any other module's output is read by its rank: 2-D as (N, features),
+    4-D and higher as (N, C, ...), and 3-D as (N, C, L) when a channel-first layer of the same model gave
+    that shape (a Conv1d stack's activation), else as (B, T, features). 0-D and 1-D tensors have none.
+
+    Example:
+        >>> dims = ChannelDims()
+        >>> dims(nn.Conv1d(4, 8, 3), torch.zeros(2, 8, 5)), dims(nn.ReLU(), torch.zeros(2, 8, 5))
+        (1, 1)
+        >>> dims(nn.ReLU(), torch.zeros(2, 7, 16)), dims(nn.Linear(3, 8), torch.zeros(2, 4, 4, 8))
+        (-1, -1)
+    """
+
+    def __init__(self) -> None:
+        self._channel_first: set[tuple[int, ...]] = set()
+
+    def __call__(self, module: nn.Module, t: torch.Tensor) -> int | None:
+        """The channel dimension of ``t``, the output of ``module`` (negative: counted from the end)."""
+        if t.dim() <= 1:
+            return None
+        layout = channel_layout(module)
+        if layout == "last":
+            return -1
+        if layout == "first":
+            if t.dim() == 3:
+                self._channel_first.add(tuple(t.shape))
+            return 1
+        if t.dim() != 3:
+            return 1
+        return 1 if tuple(t.shape) in self._channel_first else -1

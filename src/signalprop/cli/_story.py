@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .. import init as spinit
-from ..diagnosis._diagnose import Report, diagnose, diagnose_trace
+from ..diagnosis import Report, diagnose, diagnose_trace
 from ..init.fans import fans
-from ..measurement._measure import measure
+from ..measurement import measure
 from ..trace import Trace
 
 # ---- (a) the question's toy arithmetic --------------------------------------------------------------
@@ -188,7 +188,7 @@ class BandCheck:
 
 def band_check(depth: int = 30, width: int = 128, nets: int = 8, batch: int = 64, seed: int = 0) -> BandCheck:
     """He-initialized ReLU MLPs: sp.predict's band against ``nets`` single networks measured on N(0,1) data."""
-    from ..prediction._predict import predict
+    from ..prediction import predict
 
     factory = lambda: _mlp(depth, width)  # noqa: E731
     model = initialized(factory, "he", seed)

@@ -25,7 +25,7 @@ from torch import nn
 from .._errors import SignalpropError
 
 if TYPE_CHECKING:
-    from ..diagnosis._diagnose import Report
+    from ..diagnosis import Report
 
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
 

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .._errors import SignalpropError
-    from ..diagnosis._diagnose import diagnose
+    from ..diagnosis import diagnose
     from ._target import (
         check_forward,
         check_input_arguments,

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..diagnosis._diagnose import diagnose
+    from ..diagnosis import diagnose
     from ..fix import auto_init_, lsuv_run, plan
     from ._target import (
         check_forward,

@@ -175,7 +175,7 @@ def run(
     the activation variance falls layer after layer (top/bottom < 1/10), the normalized init keeps the
     gradient variance within a ratio at least 5x narrower than the standard one, and within 4x overall.
     """
-    from ..measurement._measure import measure
+    from ..measurement import measure
 
     seed, cfg, folder, report = start(
         "glorot2010", seed=seed, config=config, quick=quick, presets=(QUICK, FULL), out=out, progress=progress

@@ -13,13 +13,11 @@ from torch import nn
 
 from .._errors import SignalpropError
 from .._inputs import Inputs as Inputs
+from ..layers import channel_layout
 
 # Layers that carry a weight but take no signal to mix (an index lookup): LSUV and the fan-based schemes
 # have no fan-in to act on, so they are left alone (their scale is a modelling choice, not a propagation one).
 _NOT_MIXING = (nn.Embedding, nn.EmbeddingBag)
-
-_CONV_TYPES = (nn.modules.conv._ConvNd,)
-
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every weight layer that mixes its inputs, in ``named_modules`` order.
@@ -36,13 +34,14 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def channel_dim(layer: nn.Module, out: torch.Tensor) -> int | None:
     """The output dimension along which ``layer``'s bias broadcasts, or None when it cannot be told.
 
-    Convolutions put channels at dim 1 (N, C, ...); Linear-like layers (nn.Linear, transformers' Conv1D,
-    nn.Bilinear) at the last dim. The size must match the bias, or None is returned.
+    Layers whose channels come first (:func:`signalprop.layers.channel_layout`: convolutions, BatchNorm) at
+    dim 1 (N, C, ...); every other weight layer (nn.Linear, transformers' Conv1D, nn.Bilinear, custom
+    ``F.linear`` layers) at the last dim. The size must match the bias, or None is returned.
     """
     bias = getattr(layer, "bias", None)
     if not isinstance(bias, torch.Tensor) or out.dim() == 0:
         return None
-    dim = 1 if isinstance(layer, _CONV_TYPES) and out.dim() >= 2 else out.dim() - 1
+    dim = 1 if channel_layout(layer) == "first" and out.dim() >= 2 else out.dim() - 1
     if out.shape[dim] != bias.numel():
         return None
     return dim

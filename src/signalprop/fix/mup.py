@@ -17,7 +17,11 @@ input         1 / fan_in       lr               lr * m
 hidden        1 / fan_in       lr / m           lr
 readout       1 / fan_in^2     lr / m           lr / m
 biases        0                lr               lr * m (readout: lr)
+vectors       kept             lr               lr * m
 ============  ===============  ===============  ================
+
+*Vectors* are the other one-dimensional parameters whose length is a width (a LayerNorm's gain and bias):
+like a bias, SGD moves them by ``lr / m`` per coordinate unless their rate grows with the width.
 
 Attention logits are scaled by ``1/d`` instead of ``1/sqrt(d)`` (keys and queries become correlated as they
 train, so their dot product grows like ``d``) in every attention module that exposes its scale as a
@@ -196,7 +200,8 @@ def mup_(model: nn.Module, example_inputs: Inputs | None = None, *, lr: float, i
     Weights are drawn from N(0, std^2) with the plan's std, biases set to zero, attention logits scaled
     by 1/d where the module allows it. Pass the result to the optimizer: ``torch.optim.Adam(groups)``; each
     group carries its ``lr`` and, for reading, ``mup_role`` and ``width_mult``. Parameters outside the weight
-    layers (norm gains, tokens) keep their values and the base ``lr``.
+    layers keep their values; those of one dimension along a width (norm gains and biases: role ``vector``)
+    get the biases' rate, the others (tokens, scalars) the base ``lr``.
 
     Example:
         >>> import torch, signalprop as sp
@@ -230,7 +235,12 @@ def mup_(model: nn.Module, example_inputs: Inputs | None = None, *, lr: float, i
                 else:
                     p.zero_()
                     put(p, f"{layer.role} bias", layer.width_mult, layer.bias_lr_mult)
+    widths = {x.fan_out for x in plan.layers if x.role != "readout"} | {x.fan_in for x in plan.layers
+                                                                          if x.role != "input"}
     for p in model.parameters():
+        if p.dim() == 1 and float(p.numel()) in widths:  # a norm's gain or bias along a width: vector-like
+            m = p.numel() / base_width
+            put(p, "vector", m, m if optimizer == "sgd" else 1.0)
         put(p, "other", 1.0, 1.0)
     notes = list(plan.notes)
     _attention_scales_(model, notes)

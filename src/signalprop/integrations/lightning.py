@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
@@ -48,8 +49,10 @@ class SignalpropCallback(Callback):
         ``on_nonfinite``, ...).
 
     After ``fit``, ``callback.monitor`` holds the Monitor and its ``history``; ``callback.global_steps``
-    maps each Monitor step (training batches seen, from 0) to the trainer's ``global_step`` after that
-    batch's optimizer step (optimizer steps taken, Lightning's count), the step TensorBoard gets.
+    maps each recorded Monitor step (training batches seen, from 0) still in the history to the trainer's
+    ``global_step`` after that batch's optimizer step (optimizer steps taken, Lightning's count), the step
+    TensorBoard gets. The loss ``training_step`` returns goes to ``Monitor.step(loss=...)``: a non-finite one
+    is named in a warning and kept in ``Record.loss``.
     """
 
     def __init__(
@@ -81,10 +84,15 @@ class SignalpropCallback(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.monitor is None:
+        mon = self.monitor
+        if mon is None:
             return
-        self.global_steps[self.monitor.current_step] = int(trainer.global_step)
-        self.monitor.step()
+        if mon.current_step % mon.every == 0:  # a recorded step
+            self.global_steps[mon.current_step] = int(trainer.global_step)
+        mon.step(loss=_loss_of(outputs))
+        if len(self.global_steps) > 2 * max(mon.keep or 0, 64):
+            kept = {r.step for r in mon.history}  # the steps a record still refers to (amortized: rarely)
+            self.global_steps = {k: v for k, v in self.global_steps.items() if k in kept}
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.monitor is None:
@@ -103,6 +111,13 @@ class SignalpropCallback(Callback):
         from .tensorboard import log_record
 
         log_record(self._writer, record, step=self.global_steps.get(record.step, record.step))
+
+
+def _loss_of(outputs: Any) -> Any:
+    """The loss in what ``training_step`` returned (a tensor, or a dict with ``"loss"``), or None."""
+    if isinstance(outputs, dict):
+        outputs = outputs.get("loss")
+    return outputs if isinstance(outputs, torch.Tensor) and outputs.numel() == 1 else None
 
 
 class _Probe(nn.Module):

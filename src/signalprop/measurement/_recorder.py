@@ -21,21 +21,10 @@ from torch import nn
 
 from .._hooks import HookSet
 from .._inputs import first_float_tensor
+from ..layers import ChannelDims
 from ..stats import RowBatch, tensor_histogram
 
 __all__ = ["Call", "PassOptions", "Recorder", "first_float_tensor"]
-
-_CHANNEL_FIRST_3D = (
-    nn.Conv1d,
-    nn.ConvTranspose1d,
-    nn.BatchNorm1d,
-    nn.InstanceNorm1d,
-    nn.MaxPool1d,
-    nn.AvgPool1d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveMaxPool1d,
-)
-
 
 @dataclass
 class Call:
@@ -87,7 +76,7 @@ class Recorder:
         self.note = ""
         self._pending: dict[int, list[Call]] = {}
         self._counts: dict[int, int] = {}
-        self._channel_first_shapes: set[tuple[int, ...]] = set()
+        self.channel_dim = ChannelDims()
         self._hooks = HookSet()
         self._thread = threading.get_ident()
 
@@ -176,21 +165,10 @@ class Recorder:
 
         return hook
 
-    def _channel_dim(self, module: nn.Module, t: torch.Tensor) -> int | None:
-        if t.dim() <= 1:
-            return None
-        if t.dim() != 3:
-            return 1
-        shape = tuple(t.shape)
-        if isinstance(module, _CHANNEL_FIRST_3D):
-            self._channel_first_shapes.add(shape)
-            return 1
-        return 1 if shape in self._channel_first_shapes else -1
-
     def _record_forward(self, call: Call, module: nn.Module, out: torch.Tensor) -> None:
         call.shape = tuple(out.shape)
         call.dtype = str(out.dtype).replace("torch.", "")
-        call.channel_dim = self._channel_dim(module, out)
+        call.channel_dim = self.channel_dim(module, out)
         opts = self.opts
         if opts.fwd_ranges is not None:
             lo, hi = opts.fwd_ranges[call.index]

@@ -78,9 +78,9 @@ from torch import nn
 from .._distributed import world_size
 from .._errors import SignalpropError
 from .._hooks import HookSet, is_internal, is_real
-from ..layers import is_weight_layer
-from ..measurement._measure import ModuleFilter, select_modules
-from ..measurement._recorder import PassOptions, Recorder, first_float_tensor
+from .._inputs import first_float_tensor
+from ..layers import ChannelDims, is_weight_layer
+from ..measurement import ModuleFilter, select_modules
 from ..trace import Trace
 from ._alerts import Alerts
 from ._batch import PrefixBatch
@@ -222,7 +222,7 @@ class Monitor:
         self._losses: list[tuple[int, Loss]] = []
         """Losses given since the last recorded step closed (tensors wait for its transfer)."""
         self._batch = self._new_batch()
-        self._shapes = Recorder([], PassOptions(), False)  # measure's channel-dimension rule, shared
+        self._channel_dim = ChannelDims()  # the one channel-dimension rule, as in measure
         self._param_list: list[tuple[str, nn.Parameter]] = []
         self._param_norms: ParamNorms | None = None
         self._param_cols: tuple[tuple[str, int], ...] = ()
@@ -364,7 +364,7 @@ class Monitor:
             return
         call.shape = tuple(out.shape)
         call.dtype = str(out.dtype).replace("torch.", "")
-        call.channel_dim = self._shapes._channel_dim(mod, out)
+        call.channel_dim = self._channel_dim(mod, out)
         call.out = queue(out, call.channel_dim, self._batch, self.sample, self._bins())
         if step.device is None:
             step.device = out.device
