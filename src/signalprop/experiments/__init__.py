@@ -7,8 +7,8 @@
 * :mod:`~signalprop.experiments.criticality`: the tanh order-to-chaos phase diagram with the chi1 = 1 line
   and the depth scale xi_c, and measured correlations of real deep networks against the c-map
   (Poole et al. 2016; Schoenholz et al. 2017).
-* :mod:`~signalprop.experiments.xiao2018`: a 1,000-layer vanilla tanh CNN at the critical point trains with
-  delta-orthogonal kernels and not with Gaussian ones (Xiao et al. 2018).
+* :mod:`~signalprop.experiments.xiao2018`: a deep vanilla tanh CNN (100-1,000 layers) at the critical point trains
+  with delta-orthogonal kernels and not with Gaussian ones (Xiao et al. 2018).
 
 Each has ``run(out=None, quick=False, seed=0, *, progress=False, config=None) -> Result``; ``Result`` holds
 the numbers, ``checks`` (the paper's claims as booleans), ``ok``, ``summary()`` and the ``png`` / ``json``
