@@ -31,8 +31,9 @@ typecheck: setup
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d build/site
 
+# Two workers, one thread each: on the 2 cores CI has, torch's own threads would only contend.
 unit: setup
-	$(VENV)/bin/python -m pytest -n 2 -q tests --doctest-modules src/signalprop
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -n 2 -q tests --doctest-modules src/signalprop
 
 test: lint typecheck docs unit
 

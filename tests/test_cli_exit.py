@@ -89,14 +89,14 @@ def test_bad_input_exits_2_in_one_line(run: Any, tmp_path: Path, argv: tuple[str
 def _break(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     """Make one step inside ``command`` fail the way a bug would."""
     import signalprop.cli._story
-    import signalprop.diagnosis._diagnose
+    import signalprop.diagnosis
     import signalprop.experiments
     import signalprop.fix
     import signalprop.theory
 
     targets = {
         "demo": (signalprop.cli._story, "toy"),
-        "diagnose": (signalprop.diagnosis._diagnose, "diagnose"),
+        "diagnose": (signalprop.diagnosis, "diagnose"),
         "fix": (signalprop.fix, "auto_init_"),
         "gain": (signalprop.theory, "second_moment"),
         "critical": (signalprop.theory, "critical_weight_var"),

@@ -47,3 +47,12 @@ def test_bad_arguments_are_clear() -> None:
         sp.models.mlp(3, 8, "nope")
     with pytest.raises(SignalpropError, match="blocks"):
         sp.models.resnet(())
+
+
+@pytest.mark.parametrize("name", ["leaky_relu(0.2)", "elu(0.5)", "celu(2)", "softplus(2, 5)", "hardtanh(-2, 3)",
+                                  "gelu_tanh", "relu6", "tanh"])
+def test_make_activation_reads_the_names_theory_writes(name: str) -> None:
+    m = sp.models.make_activation(name)
+    assert sp.theory.activation_name(m) == sp.theory.activation_name(name)
+    x = torch.linspace(-4, 4, 41, dtype=torch.float64)
+    assert torch.allclose(m(x), sp.theory.resolve(name)(x), rtol=1e-12, atol=1e-12)

@@ -16,11 +16,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import signalprop as sp
+from signalprop.measurement._rowbatch import RowBatch
 from signalprop.monitor import Monitor, NonFiniteWarning
 from signalprop.monitor import _batch as batch_mod
 from signalprop.monitor._batch import PrefixBatch
 from signalprop.monitor._sums import compact_sums, sample_of
-from signalprop.stats import RowBatch, expand_compact, tensor_sums
+from signalprop.stats import expand_compact, tensor_sums
 
 
 def _reference_row(t: torch.Tensor, cd: int | None, sample: int) -> list[float]:

@@ -158,7 +158,7 @@ def test_histogram_counts_every_finite_element() -> None:
 
 
 def test_row_batch_rows_equal_standalone_rows() -> None:
-    from signalprop.stats import RowBatch
+    from signalprop.measurement._rowbatch import RowBatch
 
     tensors = [torch.randn(4, 6, 5, 5).relu(), torch.randn(3, 7, 2) * 1e3, torch.randn(5, 9).double(),
                torch.randn(2, 300, 300).bfloat16(), torch.tensor(2.0), torch.zeros(0, 4)]

@@ -35,6 +35,8 @@ NUMPY_ACTS: dict[str, Callable[[float], float]] = {
     "gelu_tanh": lambda x: 0.5 * x * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
     "silu": lambda x: x * special.expit(x),
     "swish": lambda x: x * special.expit(x),
+    "quick_gelu": lambda x: x * special.expit(1.702 * x),
+    "relu_squared": lambda x: max(x, 0.0) ** 2,
     "mish": lambda x: x * math.tanh(_softplus(x)),
     "elu": lambda x: x if x > 0 else math.expm1(x),
     "celu": lambda x: x if x > 0 else math.expm1(x),

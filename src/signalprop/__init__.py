@@ -58,7 +58,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 }
 # the stage packages and lower layers, reachable as attributes (``sp.layers.is_weight_layer``) as the
 # public sub-packages are, though not star-exported
-_SUBMODULES = ("diagnosis", "layers", "measurement", "prediction", "stats", "trace")
+_SUBMODULES = ("activations", "diagnosis", "layers", "measurement", "prediction", "stats", "trace")
 
 __all__ = [
     "Finding",

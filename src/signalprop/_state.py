@@ -395,9 +395,29 @@ def preserving(fn: Callable[Concatenate[nn.Module, P], R]) -> Callable[Concatena
 
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[ModelState]:
-    """Everything signalprop's code on this thread changes about ``model`` inside the block is put back
-    on exit, also when the block raises (see the module docstring). Inside another ``preserved`` block of
-    the same model on this thread, the block joins that snapshot and restores on exit."""
+    """Put back on exit everything this thread changes about ``model`` inside the block, also on an error.
+
+    Parameter and buffer values (copy on write), tensor identity and the ``_parameters``/``_buffers``
+    entries are restored, random ops draw from the block's own generator (see the module docstring).
+    Inside another ``preserved`` block of the same model on this thread, the block joins that snapshot and
+    restores on exit.
+
+    Args:
+        model: The model to keep as found.
+
+    Yields:
+        The :class:`ModelState` of the block (``state.run(...)`` marks the forwards signalprop runs).
+
+    Examples:
+        A BatchNorm in train mode updates its running mean in a forward; the block puts it back:
+
+        >>> bn = nn.BatchNorm1d(3)
+        >>> with preserved(bn):
+        ...     _ = bn(torch.full((4, 3), 5.0))
+        ...     inside = bn.running_mean.tolist()
+        >>> inside, bn.running_mean.tolist()
+        ([0.5, 0.5, 0.5], [0.0, 0.0, 0.0])
+    """
     for st in _ACTIVE.get():
         if st.model is model:
             try:

@@ -34,21 +34,57 @@ _NORM_SUFFIXES = ("Norm", "LayerNorm", "RMSNorm", "Norm1d", "Norm2d", "Norm3d", 
 
 
 def is_norm_kind(kind: str) -> bool:
-    """True for a module class name that reads as a normalization layer (``LlamaRMSNorm``, ``BatchNorm2d``,
-    ``T5LayerNorm``, ``MobileViTConvLayer``'s ``BatchNorm2d``); an activation class named ``...Norm...`` is not."""
+    """True for a module class name that reads as a normalization layer.
+
+    ``LlamaRMSNorm``, ``BatchNorm2d``, ``T5LayerNorm`` do; an activation class named ``...Norm...`` does
+    not. For layers known only by their class name (a trace's ``kind``).
+
+    Args:
+        kind: A module class name.
+
+    Returns:
+        Whether it ends like a normalization layer's name.
+
+    Examples:
+        >>> is_norm_kind("LlamaRMSNorm"), is_norm_kind("BatchNorm2d"), is_norm_kind("Linear")
+        (True, True, False)
+    """
     return kind.endswith(_NORM_SUFFIXES) and "Activation" not in kind
 
 
 def is_norm(m: nn.Module) -> bool:
-    """True for a normalization layer: one of :data:`NORM_TYPES`, or a class whose name reads as one
-    (transformers' ``LlamaRMSNorm``, ``T5LayerNorm``, ...)."""
+    """True for a normalization layer: one of :data:`NORM_TYPES`, or a class whose name reads as one.
+
+    Args:
+        m: Any module (transformers' ``LlamaRMSNorm``, ``T5LayerNorm``, ... count by name).
+
+    Returns:
+        Whether ``m`` divides its input's scale out.
+
+    Examples:
+        >>> is_norm(nn.BatchNorm2d(3)), is_norm(nn.Linear(2, 2))
+        (True, False)
+    """
     return isinstance(m, NORM_TYPES) or is_norm_kind(type(m).__name__)
 
 
 def weight_names(m: nn.Module) -> list[str]:
-    """Names of the tensors of two or more dimensions that ``m`` owns directly, in registration order:
-    its parameters, and the tensors it computes through a parametrization (``weight_norm``,
-    ``spectral_norm``, ``orthogonal``) under their parametrized name (``weight``, not ``original0``)."""
+    """Names of the tensors of two or more dimensions that ``m`` owns directly, in registration order.
+
+    Its parameters, and the tensors it computes through a parametrization (``weight_norm``,
+    ``spectral_norm``, ``orthogonal``) under their parametrized name (``weight``, not ``original0``).
+
+    Args:
+        m: Any module; its children are not looked into.
+
+    Returns:
+        The attribute names, possibly empty.
+
+    Examples:
+        >>> from torch.nn.utils.parametrizations import weight_norm
+        >>> weight_names(weight_norm(nn.Linear(3, 4))), weight_names(nn.MultiheadAttention(4, 2))
+        (['weight'], ['in_proj_weight'])
+    """
     names = [k for k, p in m._parameters.items() if p is not None and p.dim() >= 2]
     if parametrize.is_parametrized(m):
         for k, plist in m.parametrizations.items():  # type: ignore[union-attr,operator]
@@ -67,6 +103,16 @@ def is_weight_layer(m: nn.Module) -> bool:
     That is Linear, Bilinear, ConvNd, ConvTransposeNd, Embedding(Bag), MultiheadAttention (``in_proj_weight``),
     RNN/LSTM/GRU, transformers' Conv1D, a layer under ``weight_norm`` and any custom layer holding its own
     weight matrix (used through ``F.linear`` or ``F.conv2d``): the layers an initialization acts on.
+
+    Args:
+        m: Any module.
+
+    Returns:
+        Whether :func:`weight_names` finds a weight and ``m`` is not a normalization layer (:func:`is_norm`).
+
+    Examples:
+        >>> is_weight_layer(nn.Conv2d(1, 2, 3)), is_weight_layer(nn.Embedding(5, 3)), is_weight_layer(nn.BatchNorm1d(4))
+        (True, True, False)
     """
     if is_norm(m) or isinstance(m, parametrize.ParametrizationList):
         return False  # a ParametrizationList holds the originals of its parent's parametrized weight
@@ -95,11 +141,18 @@ _CHANNEL_LAST_NAMES = ("Conv1D",)  # transformers' GPT-2 Conv1D: x @ W + b, feat
 
 
 def channel_layout(m: nn.Module) -> str | None:
-    """Where ``m``'s output keeps its channels, from its type alone: ``"first"`` (dim 1: convolutions,
-    BatchNorm, pooling), ``"last"`` (Linear-like layers, LayerNorm, RMSNorm, Embedding) or None (unknown).
+    """Where ``m``'s output keeps its channels, from its type alone.
 
-    >>> channel_layout(nn.Conv2d(3, 8, 3)), channel_layout(nn.Linear(3, 8)), channel_layout(nn.ReLU())
-    ('first', 'last', None)
+    Args:
+        m: Any module.
+
+    Returns:
+        ``"first"`` (dim 1: convolutions, BatchNorm, pooling), ``"last"`` (Linear-like layers, LayerNorm,
+        RMSNorm, Embedding) or None (unknown).
+
+    Examples:
+        >>> channel_layout(nn.Conv2d(3, 8, 3)), channel_layout(nn.Linear(3, 8)), channel_layout(nn.ReLU())
+        ('first', 'last', None)
     """
     if isinstance(m, _CHANNEL_FIRST):
         return "first"
@@ -117,7 +170,7 @@ class ChannelDims:
     4-D and higher as (N, C, ...), and 3-D as (N, C, L) when a channel-first layer of the same model gave
     that shape (a Conv1d stack's activation), else as (B, T, features). 0-D and 1-D tensors have none.
 
-    Example:
+    Examples:
         >>> dims = ChannelDims()
         >>> dims(nn.Conv1d(4, 8, 3), torch.zeros(2, 8, 5)), dims(nn.ReLU(), torch.zeros(2, 8, 5))
         (1, 1)

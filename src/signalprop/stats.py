@@ -21,8 +21,8 @@ The fast path computes on the device only what the host cannot know, a *compact 
     compact[0] C_SUMSQ   compact[1] C_ZEROS   compact[2] C_MAXV   compact[3] C_NEGMIN   compact[4:] channel sums
 
 (:func:`compact_row`); the element counts are known on the host, SUM is the total of the channel sums and
-NONFINITE is 0, so :func:`expand_compact` rebuilds the full row from it on the host. measure's
-:class:`RowBatch`, the Monitor's per-tensor rows and its batched sample store
+NONFINITE is 0, so :func:`expand_compact` rebuilds the full row from it on the host. measure's RowBatch
+(``signalprop.measurement._rowbatch``), the Monitor's per-tensor rows and its batched sample store
 (``signalprop.monitor._batch``) all produce this layout.
 
 Every entry except MAXV and NEGMIN is a sum over elements, so rows of the same tensor split across
@@ -91,12 +91,35 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def default_channel_dim(ndim: int) -> int | None:
-    """The channel dimension used when none is given: 1 for (N, C, ...) and (N, F), none for 0-D and 1-D."""
+    """The channel dimension used when none is given: 1 for (N, C, ...) and (N, F), none for 0-D and 1-D.
+
+    Args:
+        ndim: The tensor's number of dimensions.
+
+    Returns:
+        1, or None (the whole tensor is one channel).
+
+    Examples:
+        >>> default_channel_dim(4), default_channel_dim(2), default_channel_dim(1)
+        (1, 1, None)
+    """
     return 1 if ndim >= 2 else None
 
 
 def row_length(t_shape: Sequence[int], channel_dim: int | None) -> int:
-    """Length of the row :func:`tensor_sums` returns for a tensor of this shape and channel dimension."""
+    """Length of the row :func:`tensor_sums` returns for a tensor of this shape and channel dimension.
+
+    Args:
+        t_shape: The tensor's shape.
+        channel_dim: Its channel dimension (negative counts from the end), or None for no channels.
+
+    Returns:
+        :data:`HEADER` plus the number of channels (1 without channels).
+
+    Examples:
+        >>> row_length((8, 16, 4, 4), 1), row_length((8,), None)
+        (26, 11)
+    """
     if channel_dim is None or len(t_shape) == 0:
         return HEADER + 1
     return HEADER + int(t_shape[channel_dim % len(t_shape)])
@@ -150,27 +173,25 @@ def tensor_sums(
 ) -> torch.Tensor:
     """Reduce ``t`` to a 1-D float64 row of sums on ``t``'s device, without a host synchronization.
 
-    Parameters
-    ----------
-    t:
-        Any floating-point tensor; dimension 0 is taken as the batch dimension.
-    channel_dim:
-        Dimension holding channels for ``chan_sq_mean`` / ``chan_var``; ``None`` for no channels (the whole
-        tensor counts as one channel). Default: :func:`default_channel_dim` (1 for 2-D and higher).
-    careful:
-        Mask inf/nan elements, count them, and take all statistics over the finite elements, accumulating in
-        float64. Costs about 5x the fast path; :func:`signalprop.measure` uses it only for tensors whose fast
-        sums were not finite.
+    Args:
+        t: Any floating-point tensor; dimension 0 is taken as the batch dimension.
+        channel_dim: Dimension holding channels for ``chan_sq_mean`` / ``chan_var``; ``None`` for no
+            channels (the whole tensor counts as one channel). Default: :func:`default_channel_dim` (1 for
+            2-D and higher).
+        careful: Mask inf/nan elements, count them, and take all statistics over the finite elements,
+            accumulating in float64. Costs about 5x the fast path; :func:`signalprop.measure` uses it only
+            for tensors whose fast sums were not finite.
 
-    Returns
-    -------
-    A float64 tensor of length :func:`row_length` (layout in the module docstring).
+    Returns:
+        A float64 tensor of length :func:`row_length` (layout in the module docstring).
 
-    Example
-    -------
-    >>> row = tensor_sums(torch.ones(4, 3))
-    >>> stats_from_sums(row).mean, stats_from_sums(row).var
-    (1.0, 0.0)
+    Raises:
+        SignalpropError: ``t`` is not a floating-point tensor, or ``channel_dim`` is out of range.
+
+    Examples:
+        >>> row = tensor_sums(torch.ones(4, 3))
+        >>> stats_from_sums(row).mean, stats_from_sums(row).var
+        (1.0, 0.0)
     """
     t = _check_tensor(t)
     t = t.detach()
@@ -240,26 +261,71 @@ def tensor_sums(
 
 
 def full_sum(t: torch.Tensor) -> torch.Tensor:
-    """The non-finite check of a whole tensor: its sum (0-d, on its device), float32 accumulation for float32
-    and half types. One read of every element; finite unless an element is inf/nan or the sum passes 3.4e38."""
+    """The non-finite check of a whole tensor: its sum (0-d, on its device), without a host synchronization.
+
+    float32 accumulation for float32 and half types. One read of every element; finite unless an element
+    is inf/nan or the sum passes 3.4e38. It is the CHECK entry of a row.
+
+    Args:
+        t: Any floating-point tensor.
+
+    Returns:
+        A 0-d tensor on ``t``'s device.
+
+    Examples:
+        >>> full_sum(torch.ones(3, dtype=torch.float16)).item(), full_sum(torch.tensor([1.0, float("inf")])).item()
+        (3.0, inf)
+    """
     return t.sum(dtype=torch.float32 if t.dtype in _LOW_PRECISION else t.dtype)
 
 
 def compact_row(
     sumsq: torch.Tensor, zeros: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, chan: torch.Tensor
 ) -> torch.Tensor:
-    """The compact row(s) ``[sumsq, zeros, max, -min, channel sums...]``, float64, on the device: from the
-    0-d reductions of one tensor (``chan`` of shape (C,)) or the (k,) reductions of k samples at once
-    (``chan`` (k, C); one row each). One stack and one cat."""
+    """The compact row(s) ``[sumsq, zeros, max, -min, channel sums...]``, float64, on the device.
+
+    From the 0-d reductions of one tensor (``chan`` of shape (C,)) or the (k,) reductions of k samples at
+    once (``chan`` (k, C); one row each). One stack and one cat.
+
+    Args:
+        sumsq: The sum of squares.
+        zeros: The count of exact zeros in the zero sample.
+        hi: The largest element.
+        lo: The smallest element (stored negated, so that ranks combine both extremes with MAX).
+        chan: The per-channel sums.
+
+    Returns:
+        A float64 tensor of length :data:`COMPACT_HEADER` + C, or of shape (k, COMPACT_HEADER + C).
+
+    Examples:
+        >>> t = torch.tensor([[1.0, -1.0], [3.0, 0.0]])
+        >>> compact_row((t * t).sum(), (t == 0).sum(), t.max(), t.min(), t.sum(0)).tolist()
+        [11.0, 1.0, 3.0, 1.0, 4.0, -1.0]
+    """
     f64 = torch.float64
     head = torch.stack([sumsq.to(f64), zeros.to(f64), hi.to(f64), -lo.to(f64)], -1)
     return torch.cat([head, chan.to(f64)], -1)
 
 
 def expand_compact(compact: Sequence[float], numel: float, n: float, zero_n: float) -> list[float]:
-    """The full row (layout in the module docstring) of a host copy of a compact row of a tensor of ``numel``
-    elements whose moments cover ``n`` of them (a sample: fewer; its CHECK is then the sample's own sum,
-    see :func:`with_check`) with a zero sample of ``zero_n``."""
+    """The full row (layout in the module docstring) of a host copy of a compact row.
+
+    SUM is the total of the channel sums (``math.fsum`` when finite) and is also the CHECK; NONFINITE is 0.
+
+    Args:
+        compact: The compact row, as :func:`compact_row` lays it out.
+        numel: Elements in the tensor.
+        n: Elements the moments cover (a sample: fewer; its CHECK is then the sample's own sum, see
+            :func:`with_check`).
+        zero_n: Size of the zero sample.
+
+    Returns:
+        The full row as a list of floats, :func:`tensor_sums`' layout.
+
+    Examples:
+        >>> expand_compact([11.0, 1.0, 3.0, 1.0, 4.0, -1.0], 4, 4, 4)
+        [4.0, 4.0, 3.0, 11.0, 1.0, 4.0, 0.0, 3.0, 3.0, 1.0, 4.0, -1.0]
+    """
     sumsq, zeros, maxv, negmin = compact[:COMPACT_HEADER]
     chan = list(compact[COMPACT_HEADER:])
     s = math.fsum(chan) if all(math.isfinite(x) for x in chan) else sum(chan)
@@ -267,7 +333,21 @@ def expand_compact(compact: Sequence[float], numel: float, n: float, zero_n: flo
 
 
 def with_check(row: Sequence[float], check: float, numel: float) -> list[float]:
-    """A host row of a sample with the whole tensor's CHECK (its :func:`full_sum`) and NUMEL put in."""
+    """A host row of a sample with the whole tensor's CHECK (its :func:`full_sum`) and NUMEL put in.
+
+    Args:
+        row: The sample's full row.
+        check: The whole tensor's :func:`full_sum`, as a float.
+        numel: Elements in the whole tensor.
+
+    Returns:
+        A copy of ``row`` with ``CHECK`` and ``NUMEL`` replaced.
+
+    Examples:
+        >>> row = with_check(expand_compact([11.0, 1.0, 3.0, 1.0, 4.0, -1.0], 4, 4, 4), 5.0, 100)
+        >>> row[NUMEL], row[N], row[CHECK]
+        (100, 4.0, 5.0)
+    """
     out = list(row)
     out[CHECK] = check
     out[NUMEL] = numel
@@ -279,6 +359,17 @@ def rows_finite(rows: torch.Tensor) -> torch.Tensor:
 
     A row whose SUM, SUMSQ and CHECK are finite came from a tensor without inf/nan (an overflowing float32
     sum of squares also reads as not finite: recompute such rows with ``careful=True``).
+
+    Args:
+        rows: Rows of :func:`tensor_sums`' layout, stacked along the leading dimensions.
+
+    Returns:
+        A bool tensor of shape ``rows.shape[:-1]``.
+
+    Examples:
+        >>> rows = torch.stack([tensor_sums(torch.ones(2, 2)), tensor_sums(torch.tensor([[1.0, float("nan")]]))])
+        >>> rows_finite(rows).tolist()
+        [True, False]
     """
     head = rows[..., [SUM, SUMSQ, CHECK]]
     return torch.isfinite(head).all(-1) & (rows[..., NONFINITE] == 0)
@@ -293,6 +384,21 @@ def stats_from_sums(row: torch.Tensor | Sequence[float], *, hist: Histogram | No
     fast path whose sums are not finite has ``nonfinite_frac = nan`` and nan moments: the fast path cannot
     tell how many elements are bad; use ``careful=True`` for that row. All counts are float64, exact up to
     2^53 elements.
+
+    Args:
+        row: A row of :func:`tensor_sums` (or the sum of such rows over ranks), on any device or the host.
+        hist: A histogram to attach (:func:`histogram_from_counts`).
+
+    Returns:
+        The :class:`~signalprop.trace.Stats`.
+
+    Raises:
+        SignalpropError: The row is shorter than a header and one channel sum.
+
+    Examples:
+        >>> s = stats_from_sums(tensor_sums(torch.tensor([[1.0, -1.0], [3.0, 1.0]])))
+        >>> s.mean, s.var, s.absmax, s.chan_sq_mean, s.chan_var  # column means 2 and 0
+        (1.0, 2.0, 3.0, 2.0, 1.0)
     """
     if isinstance(row, torch.Tensor):
         vals = row.detach().to("cpu", torch.float64).tolist()
@@ -347,6 +453,22 @@ def tensor_histogram(t: torch.Tensor, *, bins: int, lo: float, hi: float) -> tor
 
     Values outside [lo, hi] are not counted (pick the range from a first pass's absmax, as measure does).
     Counts of the same tensor split across ranks add up. Low-precision tensors are counted in float32.
+
+    Args:
+        t: Any floating-point tensor.
+        bins: The number of bins, a positive integer.
+        lo: The left edge of the first bin.
+        hi: The right edge of the last bin (``hi == lo`` widens the range to [lo - 0.5, hi + 0.5]).
+
+    Returns:
+        A float64 tensor of ``bins`` counts on ``t``'s device.
+
+    Raises:
+        SignalpropError: ``bins`` is not a positive integer, or the range is not finite with lo <= hi.
+
+    Examples:
+        >>> tensor_histogram(torch.tensor([0.0, 0.5, 1.0, 2.0, float("nan")]), bins=2, lo=0.0, hi=1.0).tolist()
+        [1.0, 2.0]
     """
     t = _check_tensor(t).detach()
     if not isinstance(bins, int) or bins < 1:
@@ -363,7 +485,20 @@ def tensor_histogram(t: torch.Tensor, *, bins: int, lo: float, hi: float) -> tor
 
 
 def histogram_from_counts(counts: torch.Tensor | Sequence[float], lo: float, hi: float) -> Histogram:
-    """A :class:`~signalprop.trace.Histogram` from counts over ``len(counts)`` equal bins of [lo, hi]."""
+    """A :class:`~signalprop.trace.Histogram` from counts over ``len(counts)`` equal bins of [lo, hi].
+
+    Args:
+        counts: The counts, e.g. :func:`tensor_histogram`'s (summed over ranks).
+        lo: The left edge of the first bin.
+        hi: The right edge of the last bin.
+
+    Returns:
+        The Histogram, counts rounded to integers.
+
+    Examples:
+        >>> histogram_from_counts(torch.tensor([1.0, 2.0]), 0.0, 1.0)
+        Histogram(edges=(0.0, 0.5, 1.0), counts=(1, 2))
+    """
     vals = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
     if hi == lo:
         lo, hi = lo - 0.5, hi + 0.5
@@ -400,123 +535,3 @@ def _fast_parts(
     zsrc = _zero_sample(flat, _zero_stride(max(1, flat.numel() // max(1, t.shape[0]))))
     zeros = (zsrc == 0).sum()
     return sumsq, lo, hi, zeros, chan, zsrc.numel()
-
-
-class RowBatch:
-    """Many tensors' rows, built with as few device operations as possible and moved to the host at once.
-
-    ``add(t)`` runs the reductions of :func:`tensor_sums` (five kernels on the fast path, against some
-    twenty small operations for a standalone row) and returns a key; :meth:`device_vector` packs
-    everything into one float64 device tensor (SUM-reducible except at :meth:`max_positions`), and
-    :meth:`rows` unpacks the host copy of that vector into rows in :func:`tensor_sums`' layout. Per-tensor
-    Python and kernel-launch overhead is what a many-layer measurement pays for besides the reads
-    themselves, so this is what :func:`signalprop.measure` and a monitor should use.
-    """
-
-    def __init__(self) -> None:
-        self._entries: list[tuple[str, int]] = []
-        self._sumsq: list[torch.Tensor] = []
-        self._lo: list[torch.Tensor] = []
-        self._hi: list[torch.Tensor] = []
-        self._zeros: list[torch.Tensor] = []
-        self._chan: list[torch.Tensor] = []
-        self._counts: list[tuple[int, int, int]] = []  # numel, zero_n, channels
-        self._rows: list[torch.Tensor] = []
-        self._layout: tuple[int, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def add(
-        self,
-        t: torch.Tensor,
-        *,
-        channel_dim: int | Literal["auto"] | None = "auto",
-        careful: bool = False,
-    ) -> int:
-        """Queue the reductions of ``t`` (arguments as :func:`tensor_sums`); returns the entry's key."""
-        t = _check_tensor(t).detach()
-        cd = default_channel_dim(t.dim()) if channel_dim == "auto" else channel_dim
-        if careful or t.numel() == 0 or t.dim() == 0 or (cd is not None and not -t.dim() <= cd < t.dim()):
-            self._entries.append(("row", len(self._rows)))
-            self._rows.append(tensor_sums(t, channel_dim=cd, careful=careful))
-            return len(self._entries) - 1
-        if cd is not None:
-            cd %= t.dim()
-        sumsq, lo, hi, zeros, chan, zero_n = _fast_parts(t, cd)
-        self._entries.append(("fast", len(self._sumsq)))
-        self._sumsq.append(sumsq)
-        self._lo.append(lo)
-        self._hi.append(hi)
-        self._zeros.append(zeros)
-        self._chan.append(chan)
-        self._counts.append((t.numel(), zero_n, chan.numel()))
-        return len(self._entries) - 1
-
-    def device_vector(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """Everything queued, as one float64 tensor on ``device`` (default: that of the first entry).
-
-        Layout: [numel..., zero_n..., sumsq..., zeros..., channel sums..., full rows..., max..., -min...]."""
-        parts = [*self._sumsq, *self._rows, *self._chan]
-        if not parts:
-            return torch.zeros(0, dtype=torch.float64)
-        dev = torch.device(device) if device is not None else parts[0].device
-        f = len(self._sumsq)
-        pieces: list[torch.Tensor] = []
-        if f:
-            counts = [float(c[0]) for c in self._counts] + [float(c[1]) for c in self._counts]
-            pieces.append(torch.tensor(counts, dtype=torch.float64, device=dev))
-            pieces.append(_stack64(self._sumsq, dev))
-            pieces.append(_stack64(self._zeros, dev))
-            pieces.append(_cat64(self._chan, dev))
-        pieces.extend(r.to(dev) for r in self._rows)
-        if f:
-            pieces.append(_stack64(self._hi, dev))
-            pieces.append(-_stack64(self._lo, dev))
-        vec = torch.cat(pieces)
-        self._layout = (f, sum(c[2] for c in self._counts), sum(r.numel() for r in self._rows), vec.numel())
-        return vec
-
-    def max_positions(self) -> list[int]:
-        """Positions of :meth:`device_vector` to combine across ranks with MAX (all others: SUM)."""
-        f, nchan, _, total = self._layout
-        pos = list(range(total - 2 * f, total))
-        start = 4 * f + nchan
-        for r in self._rows:
-            pos.extend(start + p for p in MAX_POSITIONS)
-            start += r.numel()
-        return sorted(pos)
-
-    def rows(self, vec: torch.Tensor) -> list[list[float]]:
-        """Unpack a host copy of :meth:`device_vector` (possibly reduced over ranks) into one row per entry."""
-        f, nchan, nrows, total = self._layout
-        v = vec.tolist()
-        numel, zero_n = v[0:f], v[f : 2 * f]
-        sumsq, zeros = v[2 * f : 3 * f], v[3 * f : 4 * f]
-        chan_all = v[4 * f : 4 * f + nchan]
-        rows_all = v[4 * f + nchan : 4 * f + nchan + nrows]
-        hi, neglo = v[total - 2 * f : total - f], v[total - f :]
-        fast: list[list[float]] = []
-        c0 = 0
-        for i, (_, _, c) in enumerate(self._counts):
-            compact = [sumsq[i], zeros[i], hi[i], neglo[i], *chan_all[c0 : c0 + c]]
-            c0 += c
-            fast.append(expand_compact(compact, numel[i], numel[i], zero_n[i]))
-        full: list[list[float]] = []
-        r0 = 0
-        for r in self._rows:
-            full.append(rows_all[r0 : r0 + r.numel()])
-            r0 += r.numel()
-        return [fast[i] if kind == "fast" else full[i] for kind, i in self._entries]
-
-
-def _stack64(ts: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
-    if all(t.dtype == ts[0].dtype and t.device == dev for t in ts):
-        return torch.stack(ts).to(torch.float64)
-    return torch.stack([t.to(dev, torch.float64) for t in ts])
-
-
-def _cat64(ts: list[torch.Tensor], dev: torch.device) -> torch.Tensor:
-    if all(t.dtype == ts[0].dtype and t.device == dev for t in ts):
-        return torch.cat(ts).to(torch.float64)
-    return torch.cat([t.to(dev, torch.float64) for t in ts])

@@ -11,7 +11,6 @@ Schoenholz et al. 2017 (depth scales xi_q, xi_c); Hanin & Nica 2019 (finite-widt
 
 from __future__ import annotations
 
-import ast
 import math
 from collections.abc import Callable
 from functools import lru_cache
@@ -23,269 +22,16 @@ from torch import nn
 
 from ._errors import SignalpropError
 
-ActLike = str | Callable[[torch.Tensor], torch.Tensor] | nn.Module | None
-
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "linear": lambda x: x,
-    "identity": lambda x: x,
-    "relu": torch.relu,
-    "leaky_relu": lambda x: torch.nn.functional.leaky_relu(x, 0.01),
-    "relu6": torch.nn.functional.relu6,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "gelu": torch.nn.functional.gelu,
-    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-    "silu": torch.nn.functional.silu,
-    "swish": torch.nn.functional.silu,
-    "mish": torch.nn.functional.mish,
-    "elu": torch.nn.functional.elu,
-    "selu": torch.nn.functional.selu,
-    "celu": torch.nn.functional.celu,
-    "softplus": torch.nn.functional.softplus,
-    "softsign": torch.nn.functional.softsign,
-    "hardtanh": torch.nn.functional.hardtanh,
-    "hardswish": torch.nn.functional.hardswish,
-    "erf": torch.erf,
-    "sin": torch.sin,
-}
-"""Activation name -> float64 tensor function. Adding one is one line (dks' ``_ACTIVATION_TABLE`` habit)."""
-
-_F = torch.nn.functional
-_PARAMETERS: dict[str, tuple[tuple[str, float], ...]] = {
-    "leaky_relu": (("negative_slope", 0.01),),
-    "elu": (("alpha", 1.0),),
-    "celu": (("alpha", 1.0),),
-    "softplus": (("beta", 1.0), ("threshold", 20.0)),
-    "hardtanh": (("min_val", -1.0), ("max_val", 1.0)),
-}
-"""Activations a name can carry parameters for, ``leaky_relu(0.2)`` or ``hardtanh(min_val=-2, max_val=2)``:
-name -> (parameter, default) in the order of the ``torch.nn.functional`` call. :func:`activation_name`
-writes a module with other than the defaults in this form, and :func:`resolve` reads it back."""
-
-_WITH_PARAMETERS: dict[str, Callable[..., Callable[[torch.Tensor], torch.Tensor]]] = {
-    "leaky_relu": lambda a: lambda x: _F.leaky_relu(x, a),
-    "elu": lambda a: lambda x: _F.elu(x, a),
-    "celu": lambda a: lambda x: _F.celu(x, a),
-    "softplus": lambda b, t: lambda x: _F.softplus(x, b, t),
-    "hardtanh": lambda lo, hi: lambda x: _F.hardtanh(x, lo, hi),
-}
-
-# nn.Module class name -> registry name, for modules whose parameters do not change the function.
-_MODULE_NAMES: dict[str, str] = {
-    "Identity": "linear",
-    "ReLU": "relu",
-    "ReLU6": "relu6",
-    "Tanh": "tanh",
-    "Sigmoid": "sigmoid",
-    "SiLU": "silu",
-    "Mish": "mish",
-    "SELU": "selu",
-    "Softsign": "softsign",
-    "Hardswish": "hardswish",
-    "Softplus": "softplus",
-    "GELU": "gelu",
-    "ELU": "elu",
-    "CELU": "celu",
-    "LeakyReLU": "leaky_relu",
-    "Hardtanh": "hardtanh",
-    "PReLU": "leaky_relu",
-    # transformers' activation classes
-    "GELUActivation": "gelu",
-    "NewGELUActivation": "gelu_tanh",
-    "GELUTanh": "gelu_tanh",
-    "FastGELUActivation": "gelu_tanh",
-    "QuickGELUActivation": "silu",
-    "SiLUActivation": "silu",
-    "ReLUSquaredActivation": "relu",
-}
-
-# PyTorch's torch.nn.init.calculate_gain convention, for side-by-side documentation.
-_TORCH_GAIN: dict[str, float] = {
-    "linear": 1.0,
-    "identity": 1.0,
-    "sigmoid": 1.0,
-    "tanh": 5.0 / 3.0,
-    "relu": math.sqrt(2.0),
-    "selu": 3.0 / 4.0,
-}
-
-
-def known_activations() -> list[str]:
-    """The activation names :func:`resolve` accepts."""
-    return sorted(_ACTIVATIONS)
-
-
-def resolve(act: ActLike) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A float64 tensor function for ``act``: a name, a tensor callable, or an ``nn.Module`` instance.
-
-    Module parameters are honoured (``LeakyReLU(0.2)``, ``ELU(alpha=0.5)``, ``GELU(approximate="tanh")``);
-    the module's forward is called directly, so its hooks are never triggered and it is never changed.
-    """
-    if act is None:
-        return _ACTIVATIONS["linear"]
-    if isinstance(act, str):
-        key, params = parse_name(act)
-        if params is None:
-            return _ACTIVATIONS[key]
-        return _WITH_PARAMETERS[key](*params)
-    if isinstance(act, nn.Module):
-        return _module_fn(act)
-    if callable(act):
-        return act
-    raise SignalpropError(
-        f"cannot use {type(act).__name__} as an activation: pass a name ({', '.join(known_activations())}), "
-        "a tensor function, or an nn.Module instance such as nn.LeakyReLU(0.2)"
-    )
-
-
-def parse_name(act: str) -> tuple[str, tuple[float, ...] | None]:
-    """``"leaky_relu(0.2)"`` -> ``("leaky_relu", (0.2,))``; ``"Tanh"`` -> ``("tanh", None)``.
-
-    The name is case-blind and takes ``-`` for ``_``; the parameters of the names in :data:`_PARAMETERS` are
-    numbers, by position or by keyword, the rest taking their defaults. Raises :class:`SignalpropError`
-    naming what is wrong: an unknown name, parameters on a name that takes none, a bad value.
-    """
-    text = act.strip()
-    head, paren, rest = text.partition("(")
-    key = head.strip().lower().replace("-", "_")
-    if key not in _ACTIVATIONS:
-        raise SignalpropError(
-            f"unknown activation {act!r}; known names are: {', '.join(known_activations())}, and with "
-            f"parameters {_forms()}. You can also pass a tensor function (torch.tanh, lambda x: ...) or an "
-            "nn.Module instance."
-        )
-    if not paren:
-        return key, None
-    if key not in _PARAMETERS:
-        raise SignalpropError(f"activation {key!r} takes no parameters, got {act!r}; names with parameters: {_forms()}")
-    spec = _PARAMETERS[key]
-    example = f"{key}({', '.join(_number(d) for _, d in spec)})"
-    try:
-        call = ast.parse(f"_({rest}", mode="eval").body
-        assert isinstance(call, ast.Call)
-        given = [ast.literal_eval(a) for a in call.args]
-        named = {str(k.arg): ast.literal_eval(k.value) for k in call.keywords}
-    except (SyntaxError, ValueError, AssertionError):
-        raise SignalpropError(f"bad activation {act!r}: write numbers in the parentheses, e.g. {example}") from None
-    names = [n for n, _ in spec]
-    unknown = sorted(set(named) - set(names)) if None not in named else ["**"]
-    if len(given) > len(spec) or unknown or any(n in named for n in names[: len(given)]):
-        raise SignalpropError(
-            f"bad activation {act!r}: {key} takes {', '.join(names)} (by position or keyword), e.g. {example}"
-        )
-    values = [*given, *(named.get(n, d) for n, d in spec[len(given):])]
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-        raise SignalpropError(f"bad activation {act!r}: the parameters must be finite numbers, e.g. {example}")
-    params = tuple(float(v) for v in values)
-    try:
-        _WITH_PARAMETERS[key](*params)(torch.zeros(1, dtype=torch.float64))
-    except (RuntimeError, ValueError) as exc:  # torch's own check, e.g. celu's alpha = 0
-        raise SignalpropError(f"bad activation {act!r}: {str(exc).strip().splitlines()[0]}") from None
-    if key == "hardtanh" and not params[0] < params[1]:
-        raise SignalpropError(f"bad activation {act!r}: hardtanh needs min_val < max_val, e.g. {example}")
-    return key, params
-
-
-def _forms() -> str:
-    return ", ".join(f"{k}({', '.join(n for n, _ in spec)})" for k, spec in _PARAMETERS.items())
-
-
-def _number(x: float) -> str:
-    """The shortest text that reads back as exactly ``x``: 0.2, 1e-05, 0.123456789."""
-    short = f"{x:g}"
-    return short if float(short) == x else repr(float(x))
-
-
-def _with(key: str, *params: float) -> str:
-    """``key`` with its parameters, ``leaky_relu(0.2)``, trailing defaults left out; ``key`` alone at defaults."""
-    defaults = [d for _, d in _PARAMETERS[key]]
-    values = list(params)
-    if key != "leaky_relu":  # leaky_relu keeps its slope in the name, the one number users look for
-        while values and values[-1] == defaults[len(values) - 1]:
-            values.pop()
-    return f"{key}({', '.join(_number(v) for v in values)})" if values else key
-
-
-def _module_fn(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    cls = type(m).__name__
-    if cls == "LeakyReLU":
-        slope = float(getattr(m, "negative_slope", 0.01))
-        return lambda x: torch.nn.functional.leaky_relu(x, slope)
-    if cls == "PReLU":
-        slope = _prelu_slope(m)
-        return lambda x: torch.nn.functional.leaky_relu(x, slope)
-    if isinstance(m, nn.ELU):
-        alpha = float(m.alpha)
-        return lambda x: torch.nn.functional.elu(x, alpha)
-    if isinstance(m, nn.GELU):
-        approx = m.approximate
-        return lambda x: torch.nn.functional.gelu(x, approximate=approx)
-    if isinstance(m, nn.Softplus):
-        beta, threshold = float(m.beta), float(m.threshold)
-        return lambda x: torch.nn.functional.softplus(x, beta, threshold)
-    if isinstance(m, nn.Hardtanh):
-        lo, hi = float(m.min_val), float(m.max_val)
-        return lambda x: torch.nn.functional.hardtanh(x, lo, hi)
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        try:
-            return m.forward(x)
-        except RuntimeError:  # a module whose parameters are float32 only
-            return m.forward(x.float()).double()
-
-    return call
-
-
-def _prelu_slope(m: nn.Module) -> float:
-    """A PReLU's slope: the mean of its learned slopes (one per channel, or one shared)."""
-    weight = m.weight
-    assert isinstance(weight, torch.Tensor)
-    w = weight.detach().to(torch.float64).flatten()
-    return float(w.mean()) if w.numel() else 0.25
-
-
-def activation_name(act: ActLike) -> str:
-    """A short human name for ``act`` ("relu", "leaky_relu(0.2)", "tanh", "<lambda>", ...).
-
-    Every name it gives a known activation, parameters included (``nn.ELU(0.5)`` -> ``"elu(0.5)"``,
-    ``nn.PReLU()`` -> ``"leaky_relu(0.25)"``), is one :func:`resolve` and :func:`gain` accept, for the same
-    function. Names are canonical: ``"Leaky-ReLU( 0.20 )"`` -> ``"leaky_relu(0.2)"``.
-    """
-    if act is None:
-        return "linear"
-    if isinstance(act, str):
-        try:
-            key, params = parse_name(act)
-        except SignalpropError:
-            return act.lower()
-        return key if params is None else f"{key}({', '.join(_number(p) for p in params)})"
-    if isinstance(act, nn.Module):
-        cls = type(act).__name__
-        base = _MODULE_NAMES.get(cls, cls)
-        if isinstance(act, nn.LeakyReLU):
-            return _with("leaky_relu", float(act.negative_slope))
-        if cls == "PReLU":  # its slopes are learned float32 values: the shortest text of the float32 mean
-            return _with("leaky_relu", float(str(np.float32(_prelu_slope(act)))))
-        if isinstance(act, nn.ELU):
-            return _with("elu", float(act.alpha))
-        if isinstance(act, nn.CELU):
-            return _with("celu", float(act.alpha))
-        if isinstance(act, nn.Softplus):
-            return _with("softplus", float(act.beta), float(act.threshold))
-        if cls == "Hardtanh" and isinstance(act, nn.Hardtanh):  # not its subclass ReLU6 (relu6)
-            return _with("hardtanh", float(act.min_val), float(act.max_val))
-        if isinstance(act, nn.GELU) and act.approximate == "tanh":
-            return "gelu_tanh"
-        return base
-    for name, fn in _ACTIVATIONS.items():
-        if fn is act:
-            return name
-    return getattr(act, "__name__", type(act).__name__)
-
-
-def activation_key(m: nn.Module) -> str | None:
-    """The registry name of an activation module, or None when ``m`` is not a known activation."""
-    return _MODULE_NAMES.get(type(m).__name__)
+# signalprop.activations' public names are sp.theory's too; graph and diagnosis read its tables from here.
+from .activations import _MODULE_NAMES as _MODULE_NAMES
+from .activations import _PARAMETERS as _PARAMETERS
+from .activations import _TORCH_GAIN
+from .activations import ActLike as ActLike
+from .activations import activation_key as activation_key
+from .activations import activation_name as activation_name
+from .activations import known_activations as known_activations
+from .activations import parse_name as parse_name
+from .activations import resolve as resolve
 
 
 # ---- quadrature ---------------------------------------------------------------------------------
@@ -303,12 +49,37 @@ def _rule(panels: int, order: int, half_width: float = 12.0) -> tuple[torch.Tens
 
 
 def gauss_nodes(fine: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quadrature nodes z and weights w with sum(w * f(z)) ~ E[f(z)], z ~ N(0,1) (float64)."""
+    """Quadrature nodes z and weights w with sum(w * f(z)) ~ E[f(z)], z ~ N(0,1) (float64).
+
+    Args:
+        fine: 24 panels of 16 nodes per half-line (768 nodes) when True, else 12 of 10 (240 nodes), the
+            rule the two-dimensional expectations of :func:`cmap` use on each axis.
+
+    Returns:
+        ``(z, w)``, two float64 tensors of the same length; the weights sum to 1.
+
+    Examples:
+        >>> z, w = gauss_nodes()
+        >>> len(z), round(float(w.sum()), 12), round(float((w * z**4).sum()), 12)
+        (768, 1.0, 3.0)
+    """
     return _rule(24, 16) if fine else _rule(12, 10)
 
 
 def expect(f: Callable[[torch.Tensor], torch.Tensor], *, fine: bool = True) -> float:
-    """E[f(z)] for z ~ N(0, 1)."""
+    """E[f(z)] for z ~ N(0, 1), by the quadrature of :func:`gauss_nodes`.
+
+    Args:
+        f: A float64 tensor function, applied elementwise to the nodes.
+        fine: Use the fine rule (768 nodes) or the coarse one (240).
+
+    Returns:
+        The expectation as a float.
+
+    Examples:
+        >>> round(expect(lambda z: z**2), 12), round(expect(torch.relu), 6)  # 1, 1/sqrt(2 pi)
+        (1.0, 0.398942)
+    """
     z, w = gauss_nodes(fine)
     with torch.no_grad():
         return float((w * f(z)).sum())
@@ -331,12 +102,36 @@ def _moment(act: ActLike, q: Any, power: int) -> Any:
 
 
 def second_moment(act: ActLike, q: Any = 1.0) -> Any:
-    """E[phi(sqrt(q) z)^2], z ~ N(0,1): the factor a layer passes on (He et al. 2015, Eq. 7 uses 1/2 for ReLU)."""
+    """E[phi(sqrt(q) z)^2], z ~ N(0,1): the factor a layer passes on (He et al. 2015, Eq. 7 uses 1/2 for ReLU).
+
+    Args:
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
+        q: The pre-activation variance, a float or an array of them.
+
+    Returns:
+        A float for a scalar ``q``, else a float64 array of ``q``'s shape, flattened.
+
+    Examples:
+        >>> second_moment("relu"), second_moment("relu", [1.0, 4.0]).tolist()
+        (0.5, [0.5, 2.0])
+    """
     return _moment(act, q, 2)
 
 
 def mean_act(act: ActLike, q: Any = 1.0) -> Any:
-    """E[phi(sqrt(q) z)]: the mean an activation adds (ReLU: sqrt(q / 2 pi))."""
+    """E[phi(sqrt(q) z)], z ~ N(0,1): the mean an activation adds (ReLU: sqrt(q / 2 pi)).
+
+    Args:
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
+        q: The pre-activation variance, a float or an array of them.
+
+    Returns:
+        A float for a scalar ``q``, else a float64 array.
+
+    Examples:
+        >>> round(mean_act("relu", 2 * math.pi), 12)
+        1.0
+    """
     return _moment(act, q, 1)
 
 
@@ -346,8 +141,18 @@ def gain(act: ActLike) -> float:
     relu -> sqrt(2) (He et al. 2015), linear -> 1, tanh -> 1.5925 (PyTorch's ``calculate_gain`` says
     5/3, a heuristic from LeCun et al. 1998 that targets a fixed point, not the second moment).
 
-    >>> round(gain("relu"), 6)
-    1.414214
+    Args:
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
+
+    Returns:
+        1 / sqrt(:func:`second_moment` (act, 1)).
+
+    Raises:
+        SignalpropError: The activation's second moment is zero or not finite.
+
+    Examples:
+        >>> round(gain("relu"), 6), round(gain("tanh"), 4), round(gain("linear"), 4)
+        (1.414214, 1.5925, 1.0)
     """
     m2 = second_moment(act, 1.0)
     if not m2 > 0 or not math.isfinite(m2):
@@ -359,7 +164,21 @@ def gain(act: ActLike) -> float:
 
 
 def torch_gain(act: ActLike) -> float | None:
-    """PyTorch's ``calculate_gain`` value for ``act`` (None where PyTorch has no entry), for comparison."""
+    """PyTorch's ``calculate_gain`` value for ``act`` (None where PyTorch has no entry), for comparison.
+
+    PyTorch's table: linear, identity and sigmoid 1, tanh 5/3, relu sqrt(2), selu 3/4, leaky ReLU
+    sqrt(2 / (1 + slope^2)); :func:`gain` computes the value from the activation instead.
+
+    Args:
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
+
+    Returns:
+        The table's value, or None for an activation PyTorch does not list (GELU, SiLU, ...).
+
+    Examples:
+        >>> round(torch_gain("tanh"), 6), round(torch_gain("leaky_relu(0.2)"), 6), torch_gain("gelu")
+        (1.666667, 1.38675, None)
+    """
     if isinstance(act, nn.LeakyReLU):
         return math.sqrt(2.0 / (1 + act.negative_slope**2))
     name = activation_name(act)
@@ -378,6 +197,17 @@ def kurtosis_factor(act: ActLike, q: float = 1.0) -> float:
 
     One layer of width n multiplies the signal's variance by a random factor of relative variance beta/n
     (Hanin 2018; Hanin & Nica 2019). ReLU: 5; identity (a Gaussian input): 2.
+
+    Args:
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
+        q: The pre-activation variance (scale-free activations such as ReLU give the same beta at every q).
+
+    Returns:
+        beta, a float.
+
+    Examples:
+        >>> round(kurtosis_factor("relu"), 9), round(kurtosis_factor("linear"), 9)
+        (5.0, 2.0)
     """
     m2 = _moment(act, q, 2)
     m4 = _moment(act, q, 4)
@@ -405,7 +235,22 @@ def _derivs(act: ActLike, x: torch.Tensor, order: int = 1) -> list[torch.Tensor]
 
 
 def deriv_second_moment(act: ActLike, q: Any = 1.0) -> Any:
-    """E[phi'(sqrt(q) z)^2]: the factor a layer passes on to gradients (times weight variance)."""
+    """E[phi'(sqrt(q) z)^2], z ~ N(0,1): the factor a layer passes on to gradients (times weight variance).
+
+    The backward analogue of :func:`second_moment` (He et al. 2015, Sec. 2.2; Poole et al. 2016, Eq. 9);
+    phi' comes from autograd, and ``q`` is floored at 1e-12.
+
+    Args:
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
+        q: The pre-activation variance, a float or an array of them.
+
+    Returns:
+        A float for a scalar ``q``, else a float64 array.
+
+    Examples:
+        >>> deriv_second_moment("relu"), round(deriv_second_moment("tanh", 1e-12), 9)  # 1/2, tanh'(0)^2
+        (0.5, 1.0)
+    """
     qs, scalar = _as_q(q)
     z, w = gauss_nodes()
     x = torch.sqrt(qs.clamp_min(_Q_FLOOR))[:, None] * z[None, :]
@@ -446,6 +291,19 @@ def qmap(act: ActLike, q: Any, *, weight_var: float, bias_var: float = 0.0) -> A
     """The length map q_{l+1} = weight_var * E[phi(sqrt(q_l) z)^2] + bias_var (Poole et al. 2016, Eq. 3).
 
     ``q`` is a pre-activation variance (a float or an array); ReLU at weight_var 2 keeps every q.
+
+    Args:
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
+        q: The pre-activation variance q_l, a float or an array of them.
+        weight_var: sigma_w^2, the weight variance times fan-in.
+        bias_var: sigma_b^2, the bias variance.
+
+    Returns:
+        q_{l+1}: a float for a scalar ``q``, else a float64 array.
+
+    Examples:
+        >>> qmap("relu", 3.0, weight_var=2.0)
+        3.0
     """
     return weight_var * second_moment(act, q) + bias_var
 
@@ -463,6 +321,21 @@ def fixed_point(
     quadrature), then bisection in log q on the first sign change in the direction r(q0) points.
     Returns ``inf`` when q grows without bound (ReLU above weight_var 2), 0 when it dies out (tanh below
     weight_var 1 at bias 0), and ``q0`` when the map is the identity (ReLU at weight_var 2, bias 0).
+
+    Args:
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
+        weight_var: sigma_w^2, the weight variance times fan-in.
+        bias_var: sigma_b^2, the bias variance.
+        q0: The starting variance (the input's), which picks the fixed point when there are several.
+
+    Returns:
+        q*, a float: 0, a positive number, or ``inf``.
+
+    Examples:
+        >>> round(fixed_point("tanh", weight_var=1.5, bias_var=0.05), 6)
+        0.418037
+        >>> fixed_point("relu", weight_var=3.0), fixed_point("tanh", weight_var=0.5)
+        (inf, 0.0)
     """
 
     def r(q: Any) -> Any:
@@ -495,6 +368,20 @@ def chi1(act: ActLike, *, weight_var: float, bias_var: float = 0.0, q: float | N
 
     chi1 < 1 is the ordered phase (gradients vanish), > 1 the chaotic one (they explode); ReLU: weight_var/2.
     ``q`` overrides the fixed point (use the actual pre-activation variance of a finite-depth net).
+
+    Args:
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
+        weight_var: sigma_w^2, the weight variance times fan-in.
+        bias_var: sigma_b^2, the bias variance.
+        q: The pre-activation variance to evaluate at; default the fixed point q* of :func:`fixed_point`
+            (q = 1 where q* is infinite: the ReLU family's chi1 is the same at every q).
+
+    Returns:
+        chi1, a float.
+
+    Examples:
+        >>> chi1("relu", weight_var=2.0)
+        1.0
     """
     if q is None:
         q = fixed_point(act, weight_var=weight_var, bias_var=bias_var)
@@ -513,6 +400,22 @@ def critical_weight_var(act: ActLike, *, bias_var: float = 0.0, lo: float = 1e-3
     is 1 / E[phi'(0)^2] exactly (tanh: 1, erf: pi/4; Poole et al. 2016, Sec. 3), returned as such. A root
     search could only approach it: chi1 - 1 touches 0 there without crossing fast, so bisection stops about
     1e-8 above it, where the q-map has a spurious fixed point q* ~ 1e-8 instead of 0.
+
+    Args:
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
+        bias_var: sigma_b^2, the bias variance.
+        lo: The smallest weight variance searched.
+        hi: The largest weight variance searched.
+
+    Returns:
+        sigma_w^2 with :func:`chi1` = 1, a float.
+
+    Raises:
+        SignalpropError: chi1 does not cross 1 for weight variances in [lo, hi] (too large a bias variance).
+
+    Examples:
+        >>> critical_weight_var("tanh"), round(critical_weight_var("erf"), 12) == round(math.pi / 4, 12)
+        (1.0, True)
     """
     if bias_var == 0.0:
         wv0 = _ordered_edge(act)
@@ -579,7 +482,23 @@ def _usable_q(act: ActLike, weight_var: float, bias_var: float) -> float:
 def cmap(act: ActLike, c: Any, *, weight_var: float, bias_var: float = 0.0, q: float | None = None) -> Any:
     """The correlation map c_{l+1} = (weight_var * E[phi(u1) phi(u2)] + bias_var) / q* (Poole et al. 2016).
 
-    u1, u2 are N(0, q*) with correlation c; vectorized over c. At c = 1 it returns 1.
+    u1, u2 are N(0, q*) with correlation c; vectorized over c. At c = 1 it returns 1. For ReLU at
+    weight_var 2 it is the arc-cosine kernel (Cho & Saul 2009): (sqrt(1 - c^2) + (pi - arccos c) c) / pi.
+
+    Args:
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
+        c: The correlation of two inputs' pre-activations, a float or an array in [-1, 1].
+        weight_var: sigma_w^2, the weight variance times fan-in.
+        bias_var: sigma_b^2, the bias variance.
+        q: The pre-activation variance both inputs have; default the fixed point q* (1 where q* is 0 or
+            infinite).
+
+    Returns:
+        c_{l+1}: a float for a scalar ``c``, else a float64 array.
+
+    Examples:
+        >>> round(cmap("relu", 0.0, weight_var=2.0) * math.pi, 9)  # 1/pi
+        1.0
     """
     if q is None:
         q = _usable_q(act, weight_var, bias_var)
@@ -594,7 +513,21 @@ def c_fixed_point(
     """The stable fixed point c* of :func:`cmap` below 1 (chaotic phase), or 1 (ordered phase).
 
     cmap(c) - c is evaluated on a grid of c (one vectorized quadrature); the largest sign change from
-    + to - below 1 is refined by bisection.
+    + to - below 1 is refined by bisection. In the ordered phase (chi1 < 1) every pair of inputs ends up
+    perfectly correlated; in the chaotic phase they settle at c* < 1 (Poole et al. 2016, Fig. 2).
+
+    Args:
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
+        weight_var: sigma_w^2, the weight variance times fan-in.
+        bias_var: sigma_b^2, the bias variance.
+        q: The pre-activation variance; default the fixed point q* (1 where q* is 0 or infinite).
+
+    Returns:
+        c*, a float in [-1, 1].
+
+    Examples:
+        >>> c_fixed_point("tanh", weight_var=1.0, bias_var=0.05)
+        1.0
     """
     if q is None:
         q = _usable_q(act, weight_var, bias_var)
@@ -615,6 +548,22 @@ def depth_scales(act: ActLike, *, weight_var: float, bias_var: float = 0.0) -> t
     xi_q^-1 = -log(chi1 + weight_var * E[phi''(u) phi(u)]) and xi_c^-1 = -log(chi_c), with
     chi_c = weight_var * E[phi'(u1) phi'(u2)] at the correlation fixed point c*. xi_c diverges (inf) on the
     critical line chi1 = 1; deep signal propagation is possible for about 6 xi_c layers.
+
+    Args:
+        act: The activation phi: a name, a tensor function or an ``nn.Module`` (:func:`resolve`).
+        weight_var: sigma_w^2, the weight variance times fan-in.
+        bias_var: sigma_b^2, the bias variance.
+
+    Returns:
+        ``(xi_q, xi_c)`` in layers; ``inf`` where a quantity never decays (on the critical line, or for
+        ReLU at weight_var 2, whose q-map keeps every q).
+
+    Examples:
+        >>> xi_q, xi_c = depth_scales("tanh", weight_var=1.5, bias_var=0.05)
+        >>> round(xi_q, 2), round(xi_c, 2)
+        (1.68, 15.79)
+        >>> depth_scales("relu", weight_var=2.0)
+        (inf, inf)
     """
     q = fixed_point(act, weight_var=weight_var, bias_var=bias_var)
     if not math.isfinite(q) or q <= 0:

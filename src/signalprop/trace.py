@@ -20,16 +20,28 @@ NAN = float("nan")
 
 @dataclass(frozen=True)
 class Histogram:
-    """Counts of values in bins; ``edges`` has one more entry than ``counts``."""
+    """Counts of values in bins; ``edges`` has one more entry than ``counts``.
+
+    Attributes:
+        edges: The bin edges, increasing; bin i is [edges[i], edges[i + 1]).
+        counts: The number of values in each bin.
+
+    Examples:
+        >>> h = Histogram(edges=(0.0, 0.5, 1.0), counts=(1, 2))
+        >>> sum(h.counts), Histogram.from_dict(h.to_dict()) == h
+        (3, True)
+    """
 
     edges: tuple[float, ...]
     counts: tuple[int, ...]
 
     def to_dict(self) -> dict[str, Any]:
+        """The histogram as JSON-safe lists, ``{"edges": [...], "counts": [...]}``."""
         return {"edges": list(self.edges), "counts": list(self.counts)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Histogram:
+        """The histogram :meth:`to_dict` wrote."""
         return cls(tuple(float(e) for e in d["edges"]), tuple(int(c) for c in d["counts"]))
 
 
@@ -41,6 +53,26 @@ class Stats:
     ``var_band`` is only set on predictions: the (lo, hi) interval in which one network of that finite
     width lands 90% of the time (Hanin & Nica 2019). ``chan_sq_mean`` and ``chan_var`` are the average over
     channels of each channel's squared mean and variance (Brock et al. 2021, Signal Propagation Plots).
+    Unknown numbers are ``nan``.
+
+    Attributes:
+        mean: The mean of the elements.
+        var: Their population variance.
+        std: sqrt(var).
+        rms: The root mean square, sqrt(mean^2 + var).
+        absmax: The largest absolute value.
+        zero_frac: The fraction of exact zeros (of a sample of the elements on large tensors).
+        nonfinite_frac: The fraction of inf/nan elements; the moments cover the finite ones.
+        numel: The number of elements.
+        var_band: The 90% band of a finite-width network's variance (predictions only), or None.
+        chan_sq_mean: The average over channels of each channel's squared mean.
+        chan_var: The average over channels of each channel's variance.
+        hist: A histogram of the values, when one was asked for.
+
+    Examples:
+        >>> s = Stats.from_moments(3.0, 16.0)
+        >>> s.std, s.rms, s.finite
+        (4.0, 5.0, True)
     """
 
     mean: float = NAN
@@ -65,7 +97,21 @@ class Stats:
         var_band: tuple[float, float] | None = None,
         **extra: Any,
     ) -> Stats:
-        """Stats known only through mean and variance (predictions): std and rms follow, the rest is nan."""
+        """Stats known only through mean and variance (predictions): std and rms follow, the rest is nan.
+
+        Args:
+            mean: The mean.
+            var: The variance (a negative one from round-off is clipped to 0).
+            var_band: The 90% band of the variance, for a finite-width prediction.
+            **extra: Other fields, e.g. ``numel``.
+
+        Returns:
+            The Stats.
+
+        Examples:
+            >>> Stats.from_moments(0.0, 4.0).std
+            2.0
+        """
         var = max(float(var), 0.0) if math.isfinite(var) else float(var)
         return cls(
             mean=float(mean),
@@ -82,6 +128,7 @@ class Stats:
         return not (self.nonfinite_frac > 0)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-safe values: nan becomes None, inf ``"inf"`` (the trace schema)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -95,6 +142,7 @@ class Stats:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Stats:
+        """The Stats :meth:`to_dict` wrote; missing fields take their defaults."""
         kw: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in d:
@@ -118,6 +166,21 @@ class LayerStats:
     ``name`` is the qualified module name from ``named_modules()`` (``#k`` for the k-th reuse, k >= 1);
     ``kind`` the module's class name; ``weight_layer`` is True for modules with a weight of their own that
     mixes inputs (Linear, Conv, ...), the layers that initialization schemes act on.
+
+    Attributes:
+        name: The qualified module name, ``#k`` appended for the k-th reuse.
+        kind: The module's class name.
+        fwd: Statistics of the output.
+        bwd: Statistics of the gradient with respect to the output, or None.
+        shape: The output's shape.
+        dtype: The output's dtype, e.g. ``"float32"``.
+        weight_layer: Whether the module is a weight layer (:func:`signalprop.layers.is_weight_layer`).
+        meta: Free-form context, e.g. ``{"call": 1}`` for a reused module.
+
+    Examples:
+        >>> layer = LayerStats(name="fc", kind="Linear", fwd=Stats.from_moments(0.0, 1.0), weight_layer=True)
+        >>> layer.fwd.std, LayerStats.from_dict(layer.to_dict()).name
+        (1.0, 'fc')
     """
 
     name: str
@@ -130,6 +193,7 @@ class LayerStats:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The layer as JSON-safe values (the trace schema's layer entry)."""
         return {
             "name": self.name,
             "kind": self.kind,
@@ -143,6 +207,7 @@ class LayerStats:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerStats:
+        """The layer :meth:`to_dict` wrote."""
         return cls(
             name=d["name"],
             kind=d["kind"],
@@ -159,7 +224,23 @@ class Trace(Sequence[LayerStats]):
     """An ordered list of :class:`LayerStats`, one per module call, in execution order.
 
     ``source`` is ``"measured"`` or ``"predicted"``; ``meta`` holds free-form context (input shape,
-    dtype, how the graph was captured, ...). Index by position or by layer name.
+    dtype, how the graph was captured, ...). Index by position or by layer name; a slice is a Trace.
+    :func:`signalprop.measure` and :func:`signalprop.predict` return one.
+
+    Args:
+        layers: The layers, in execution order.
+        source: ``"measured"`` or ``"predicted"``.
+        meta: Free-form context, copied.
+
+    Examples:
+        >>> t = Trace([
+        ...     LayerStats("fc", "Linear", Stats.from_moments(0.0, 2.0), weight_layer=True),
+        ...     LayerStats("act", "ReLU", Stats.from_moments(0.5, 0.25)),
+        ... ])
+        >>> t.names, t["act"].fwd.std, len(t.weight_layers())
+        (['fc', 'act'], 0.5, 1)
+        >>> Trace.from_json(t.to_json()) == t
+        True
     """
 
     def __init__(
@@ -205,6 +286,7 @@ class Trace(Sequence[LayerStats]):
 
     @property
     def names(self) -> list[str]:
+        """The layer names, in order."""
         return [layer.name for layer in self._layers]
 
     def weight_layers(self) -> Trace:
@@ -212,15 +294,18 @@ class Trace(Sequence[LayerStats]):
         return Trace([x for x in self._layers if x.weight_layer], source=self.source, meta=self.meta)
 
     def with_layers(self, layers: Sequence[LayerStats]) -> Trace:
+        """A Trace of ``layers`` with this one's source and meta."""
         return Trace(layers, source=self.source, meta=self.meta)
 
     def replace_layer(self, index: int, **changes: Any) -> Trace:
+        """A copy with the layer at ``index`` changed (``dataclasses.replace`` keywords, e.g. ``fwd=...``)."""
         layers = list(self._layers)
         layers[index] = replace(layers[index], **changes)
         return self.with_layers(layers)
 
     # ---- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The trace as JSON-safe values, format ``"signalprop.trace/1"``."""
         return {
             "format": "signalprop.trace/1",
             "source": self.source,
@@ -230,6 +315,7 @@ class Trace(Sequence[LayerStats]):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Trace:
+        """The trace :meth:`to_dict` wrote; raises SignalpropError for a dict of another format."""
         if d.get("format", "").split("/")[0] != "signalprop.trace":
             raise SignalpropError(
                 "not a signalprop trace: expected a dict with format 'signalprop.trace/1' "
@@ -259,6 +345,18 @@ def dump_json(data: dict[str, Any], path: str | Path | None = None, *, indent: i
 
     ``allow_nan=False``: a stray nan or inf raises instead of writing the non-standard ``NaN`` that other
     JSON readers reject; the ``to_dict`` methods turn them into null and ``"inf"`` first.
+
+    Args:
+        data: A JSON-safe dict.
+        path: A file to write the text to.
+        indent: JSON indentation; None for one line.
+
+    Returns:
+        The JSON text.
+
+    Examples:
+        >>> dump_json({"std": [1.0, None, "inf"]}, indent=None)
+        '{"std": [1.0, null, "inf"]}'
     """
     text = json.dumps(data, indent=indent, allow_nan=False)
     if path is not None:

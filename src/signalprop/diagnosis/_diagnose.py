@@ -57,6 +57,19 @@ class Report:
     ``ok`` is False when any finding is a warning or an error. Rendering delegates to
     :mod:`signalprop.report` (rich table, matplotlib plots, one self-contained HTML file); ``to_json`` and
     :meth:`from_json` round-trip findings, trace, prediction and meta.
+
+    Attributes:
+        findings: What the rules found, worst first.
+        trace: The trace judged (measured, saved or predicted), annotated.
+        predicted: The prediction from the weights, when there is one.
+        meta: The verdict's settings and notes (``meta["notes"]``: what could not be judged, and why).
+
+    Examples:
+        >>> import torch, signalprop as sp
+        >>> net = sp.init.he_(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)))
+        >>> report = sp.diagnose_trace(sp.measure(net, torch.randn(32, 16)))
+        >>> report.ok, Report.from_json(report.to_json()).ok
+        (True, True)
     """
 
     findings: list[Finding]
@@ -77,6 +90,7 @@ class Report:
 
     @property
     def kinds(self) -> set[str]:
+        """The kinds of the findings."""
         return {f.kind for f in self.findings}
 
     def summary(self) -> str:
@@ -117,6 +131,7 @@ class Report:
         return Path(path)
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (format ``signalprop.report/1``)."""
         return {
             "format": _FORMAT,
             "ok": self.ok,
@@ -132,6 +147,7 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Report:
+        """The report :meth:`to_dict` wrote."""
         if str(d.get("format", "")).split("/")[0] != "signalprop.report":
             raise SignalpropError(
                 "not a signalprop report: expected a dict with format 'signalprop.report/1' (as written by "
@@ -196,6 +212,34 @@ def diagnose_trace(
     inputs), which the fix texts quote; ``predicted`` the finite-width band; ``rules`` replaces
     :data:`RULES`. Never raises on non-finite or huge statistics; raises :class:`SignalpropError` for a
     trace measured on an empty batch (it holds no values to judge).
+
+    Args:
+        trace: The trace to judge.
+        model: The model it was measured on, for fans, activations, norm gains and the fix plan.
+        predicted: A prediction (:func:`signalprop.predict`) for the finite-width band.
+        factor: How many times a layer's std may drift from the reference layer's before it is a finding
+            (beyond ``factor**2``: an error).
+        input_stats: Statistics of the inputs (``mean``, ``std``, ...), when known.
+        thresholds: Overrides of :data:`THRESHOLDS` by name.
+        rules: Rules to run instead of :data:`RULES`.
+
+    Returns:
+        The :class:`Report`.
+
+    Raises:
+        SignalpropError: ``trace`` is not a Trace, is empty, or a setting is out of range.
+
+    Examples:
+        Weights of std 1 in a 64-wide ReLU net multiply the std by about ``sqrt(64 / 2) = 5.7`` per layer
+        (He et al. 2015, Eq. 10):
+
+        >>> import torch, signalprop as sp
+        >>> net = sp.models.mlp(6, 64, "relu")
+        >>> with torch.no_grad():
+        ...     _ = [m.weight.normal_(0, 1) for m in net if isinstance(m, nn.Linear)]
+        >>> report = diagnose_trace(sp.measure(net, torch.randn(64, 64)), model=net)
+        >>> report.ok, "exploding" in report.kinds
+        (False, True)
     """
     if not isinstance(trace, Trace):
         raise SignalpropError(
@@ -289,6 +333,36 @@ def diagnose(
     The model is left as found (parameters, buffers, grads, modes, hooks, RNG), and the very models this
     exists to explain (inf, NaN, 1e30 activations) give a Report, not an exception. An empty batch raises
     :class:`SignalpropError`; a batch of one sample judges what it can and says what it cannot.
+
+    Args:
+        model: The model to diagnose.
+        inputs: One batch: a tensor, a tuple (positional) or a dict (keyword arguments).
+        factor: How many times a layer's std may drift from the reference layer's (default 10).
+        predicted: True predicts from the weights, False skips it, a Trace is used as given.
+        thresholds: Overrides of :data:`THRESHOLDS` by name.
+        rules: Rules to run instead of :data:`RULES`.
+        graph: A ``signalprop.graph.capture`` result to reuse.
+        **measure_kwargs: Passed to :func:`signalprop.measure`.
+
+    Returns:
+        The :class:`Report`: ``ok``, the findings with their fixes, the measured and predicted traces.
+
+    Raises:
+        SignalpropError: ``model`` is not a module, the batch is empty, or a setting is out of range.
+
+    Examples:
+        Weights of std 1 in a 64-wide ReLU net: the forward std grows about ``sqrt(64 / 2) = 5.7`` per
+        layer (He et al. 2015, Eq. 10); the fix quotes the readout's std, ``sqrt(1 / 64)``:
+
+        >>> import torch, signalprop as sp
+        >>> net = sp.models.mlp(10, 64, "relu")
+        >>> with torch.no_grad():
+        ...     _ = [m.weight.normal_(0, 1) for m in net if isinstance(m, nn.Linear)]
+        >>> report = diagnose(net, torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+        >>> report.ok, sorted(f.kind for f in report.findings if f.severity == "error")
+        (False, ['exploding', 'grad_exploding'])
+        >>> report.by_kind("exploding")[0].data["fix_std"]
+        0.125
     """
     if not isinstance(model, nn.Module):
         raise SignalpropError(f"diagnose needs an nn.Module, got {type(model).__name__}")

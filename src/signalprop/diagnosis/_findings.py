@@ -33,6 +33,26 @@ class Finding:
     ``""`` for findings about the whole network. ``message`` says what is wrong with the numbers;
     ``fix`` says what to do, naming the scheme and the exact std it would set. ``data`` holds the numbers
     behind the message (ratios, stds, fractions) for programs and plots.
+
+    Attributes:
+        kind: One of :data:`KINDS` (``exploding``, ``vanishing``, ``dead_units``, ...).
+        severity: ``info``, ``warning`` or ``error``.
+        layer: Where, as above.
+        message: What is wrong, with the numbers.
+        fix: What to do.
+        data: The numbers behind the message.
+
+    Raises:
+        SignalpropError: An unknown kind or severity.
+
+    Examples:
+        >>> f = Finding("vanishing", "warning", "features.3", "forward std 0.004, 0.02x the first layer's",
+        ...             fix="sp.init.he_(model)", data={"ratio": 0.02})
+        >>> print(f)
+        [warning] vanishing features.3: forward std 0.004, 0.02x the first layer's
+          fix: sp.init.he_(model)
+        >>> f.rank, Finding.from_dict(f.to_dict()) == f
+        (1, True)
     """
 
     kind: str
@@ -65,6 +85,7 @@ class Finding:
         return f"{text}\n  fix: {self.fix}" if self.fix else text
 
     def to_dict(self) -> dict[str, Any]:
+        """The finding as JSON-ready data (inf as a string, NaN as null inside ``data``)."""
         from ..trace import _jsonable
 
         return {
@@ -78,6 +99,7 @@ class Finding:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Finding:
+        """The finding :meth:`to_dict` wrote, inf and NaN restored."""
         return cls(
             kind=d["kind"],
             severity=d["severity"],

@@ -48,6 +48,13 @@ ACT = "tanh"
 
 @dataclass(frozen=True)
 class Config:
+    """Everything that decides a run: the heat map's grid, the measured networks, their inputs and band.
+
+    Examples:
+        >>> Config().width, Config().depth, QUICK.width, QUICK.depth
+        (1000, 30, 500, 20)
+    """
+
     weight_var: tuple[float, float, int] = (0.5, 4.0, 24)
     """(lo, hi, count) of the heat map's sigma_w^2 axis."""
     bias_var: tuple[float, float, int] = (0.0, 0.3, 13)
@@ -85,7 +92,16 @@ QUICK = Config(weight_var=(0.5, 4.0, 6), bias_var=(0.0, 0.3, 3), width=500, dept
 
 @dataclass
 class PointResult:
-    """One measured network: its (sigma_w^2, sigma_b^2), chi1, xi_c and per-layer correlations."""
+    """One measured network: its (sigma_w^2, sigma_b^2), chi1, xi_c and per-layer correlations.
+
+    ``phase``: ordered (chi1 < 1), critical or chaotic (chi1 > 1), Poole et al. (2016); ``worst``: the
+    largest deviation from the c-map in units of the band.
+
+    Examples:
+        >>> p = PointResult(1.3, 0.05, 0.88, 7.8, [[0.5, 0.4]], [[0.5, 0.45]], [[0.1, 0.1]])
+        >>> p.phase, round(p.worst, 6)
+        ('ordered', 0.5)
+    """
 
     weight_var: float
     bias_var: float
@@ -100,6 +116,7 @@ class PointResult:
 
     @property
     def phase(self) -> str:
+        """``critical`` within 1e-3 of chi1 = 1, else ``ordered`` (chi1 < 1) or ``chaotic``."""
         return "critical" if abs(self.chi1 - 1) < 1e-3 else ("ordered" if self.chi1 < 1 else "chaotic")
 
     @property
@@ -111,6 +128,18 @@ class PointResult:
 
 @dataclass
 class Result(Outcome):
+    """The phase diagram (xi_c over the grid, the chi1 = 1 line), the measured networks and the verdicts.
+
+    Examples:
+        Tanh with no bias is critical at ``sigma_w^2 = 1`` (Poole et al. 2016):
+
+        >>> cfg = Config(weight_var=(0.5, 4.0, 2), bias_var=(0.0, 0.3, 2), points=((1.3, 0.05), (3.0, 0.05)),
+        ...              start_corr=(0.5,), width=50, depth=3)
+        >>> r = run(config=cfg)
+        >>> [round(w, 3) for w in r.critical_line], [p.phase for p in r.points]
+        ([1.0, 2.505], ['ordered', 'chaotic'])
+    """
+
     config: Config
     seed: int
     weight_vars: list[float]
@@ -126,6 +155,7 @@ class Result(Outcome):
     json: Path | None = None
 
     def summary(self) -> str:
+        """Plain text: the grid, the chi1 = 1 line, each network's correlations against the c-map, the checks."""
         c = self.config
         lines = [f"criticality: tanh phase diagram ({len(self.weight_vars)} x {len(self.bias_vars)} grid) and "
                  f"{len(self.points)} real {c.depth}-layer, width-{c.width} networks ({fmt_seconds(self.seconds)})"]
@@ -144,7 +174,26 @@ class Result(Outcome):
 def predicted_correlations(weight_var: float, bias_var: float, start_corr: float, depth: int,
                            input_var: float = 1.0) -> tuple[list[float], list[float]]:
     """(c_l, q_l) for layers 1..depth of a tanh net whose inputs have variance ``input_var``, correlation
-    ``start_corr``: layer 1 is q_1 = w q_in + b, c_1 = (w q_in c_0 + b) / q_1, then qmap and cmap."""
+    ``start_corr``: layer 1 is q_1 = w q_in + b, c_1 = (w q_in c_0 + b) / q_1, then qmap and cmap.
+
+    The q-map and c-map of Poole et al. (2016), Eqs. 3 and 5 (:func:`signalprop.theory.qmap`,
+    :func:`signalprop.theory.cmap`).
+
+    Args:
+        weight_var: sigma_w^2.
+        bias_var: sigma_b^2.
+        start_corr: The inputs' correlation c_0.
+        depth: Layers.
+        input_var: The inputs' second moment q_in.
+
+    Returns:
+        ``(cs, qs)``: the correlation and the pre-activation variance at layers 1..depth.
+
+    Examples:
+        >>> cs, qs = predicted_correlations(1.0, 0.0, 0.5, 3)
+        >>> [round(c, 4) for c in cs], [round(q, 4) for q in qs]
+        ([0.5, 0.4726, 0.4621], [1.0, 0.3943, 0.2365])
+    """
     from .. import theory
 
     q = weight_var * input_var + bias_var
@@ -174,6 +223,24 @@ def tolerance(weight_var: float, bias_var: float, cs: list[float], qs: list[floa
     the deviations from the c-map had no mean and a std of 0.64-0.86 of this sigma (largest |z| 3.4), so
     the estimate is conservative by about a fifth and a 4-sigma band is not crossed by a correct map; a map
     with twice the weight variance is.
+
+    Args:
+        weight_var: sigma_w^2.
+        bias_var: sigma_b^2.
+        cs: The predicted correlations (:func:`predicted_correlations`).
+        qs: The predicted variances.
+        width: Units per layer.
+        sigmas: Standard deviations of the band.
+
+    Returns:
+        The band's half-width at each layer.
+
+    Examples:
+        At layer 1: ``4 sqrt(2 (1 - 0.5^2)^2 / 1000) + 1/1000``:
+
+        >>> cs, qs = predicted_correlations(1.0, 0.0, 0.5, 3)
+        >>> [round(b, 4) for b in tolerance(1.0, 0.0, cs, qs, 1000)]
+        [0.1352, 0.1919, 0.2366]
     """
     from .. import theory
 
@@ -191,7 +258,25 @@ def tolerance(weight_var: float, bias_var: float, cs: list[float], qs: list[floa
 
 # ---- measurement -----------------------------------------------------------------------------------
 def build(weight_var: float, bias_var: float, *, width: int, depth: int, seed: int) -> nn.Sequential:
-    """``depth`` x (Linear(width, width) -> Tanh), weights N(0, weight_var / width), biases N(0, bias_var)."""
+    """``depth`` x (Linear(width, width) -> Tanh), weights N(0, weight_var / width), biases N(0, bias_var).
+
+    The mean-field network of Poole et al. (2016), without a read-out layer.
+
+    Args:
+        weight_var: sigma_w^2.
+        bias_var: sigma_b^2.
+        width: Units per layer.
+        depth: Layers.
+        seed: Seeds the weights and biases.
+
+    Returns:
+        The network, ``2 * depth`` modules.
+
+    Examples:
+        >>> net = build(1.5, 0.05, width=8, depth=3, seed=0)
+        >>> len(net), type(net[1]).__name__
+        (6, 'Tanh')
+    """
     from .. import init
     from ..models import mlp
 
@@ -211,6 +296,19 @@ def input_pairs(start_corr: tuple[float, ...], width: int, seed: int) -> torch.T
 
     Rows 2k and 2k+1 are pair k. Built by Gram-Schmidt from Gaussian draws, so the input itself adds no
     sampling noise to the comparison.
+
+    Args:
+        start_corr: One correlation per pair.
+        width: Entries per input.
+        seed: Seeds the draws.
+
+    Returns:
+        A float64 tensor ``[2 * len(start_corr), width]``.
+
+    Examples:
+        >>> x = input_pairs((0.5,), 100, seed=0)
+        >>> tuple(x.shape), round(float(x[1].pow(2).mean()), 6), round(float(x[0] @ x[1] / 100), 6)
+        ((2, 100), 1.0, 0.5)
     """
     g = generator(seed)
     rows = []
@@ -225,7 +323,24 @@ def input_pairs(start_corr: tuple[float, ...], width: int, seed: int) -> torch.T
 
 
 def measure_correlations(model: nn.Sequential, pairs: torch.Tensor) -> list[list[float]]:
-    """Correlation <h_1, h_2> / (|h_1| |h_2|) of each pair's pre-activations after every Linear, in float64."""
+    """Correlation <h_1, h_2> / (|h_1| |h_2|) of each pair's pre-activations after every Linear, in float64.
+
+    Args:
+        model: A ``Sequential`` of Linear and activation layers (converted to float64 in place).
+        pairs: Rows 2k and 2k+1 are pair k (:func:`input_pairs`).
+
+    Returns:
+        One list per pair: the correlation after each Linear.
+
+    Examples:
+        The identity keeps the correlation:
+
+        >>> net = nn.Sequential(nn.Linear(100, 100, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.copy_(torch.eye(100))
+        >>> [[round(c, 6) for c in cs] for cs in measure_correlations(net, input_pairs((0.5,), 100, seed=0))]
+        [[0.5]]
+    """
     out: list[list[float]] = [[] for _ in range(pairs.shape[0] // 2)]
     h = pairs.to(torch.float64)
     model = model.to(torch.float64)
@@ -270,6 +385,26 @@ def run(
     ``seed`` seeds the networks and the input pairs. ``checks``: at every point, pair and layer the measured
     correlation stays within the width-derived band around the iterated c-map; the ordered point ends
     closer to c = 1 than the chaotic one.
+
+    Poole et al. (2016); Schoenholz et al. (2017): xi_c = -1 / log chi_c is the depth over which
+    correlations reach their fixed point, infinite on the critical line chi1 = 1.
+
+    Args:
+        out: Folder for ``criticality.png`` and ``criticality.json`` (created); None writes nothing.
+        quick: The test-sized preset :data:`QUICK` instead of :data:`FULL`.
+        seed: Seeds the networks and the input pairs.
+        progress: True prints progress lines on stderr; a callable receives them.
+        config: A :class:`Config` that overrides the preset ``quick`` picks.
+
+    Returns:
+        The :class:`Result`.
+
+    Examples:
+        >>> cfg = Config(weight_var=(0.5, 4.0, 2), bias_var=(0.0, 0.3, 2), points=((1.3, 0.05), (3.0, 0.05)),
+        ...              start_corr=(0.5,), width=50, depth=3)
+        >>> r = run(config=cfg)
+        >>> len(r.xi_c), len(r.xi_c[0]), len(r.points[0].measured[0])  # 2 x 2 grid; 3 layers
+        (2, 2, 3)
     """
     from .. import theory
 

@@ -77,7 +77,14 @@ SCHEMES = ("xavier", "he")
 
 @dataclass(frozen=True)
 class Config:
-    """Everything that decides a run. Both schemes at one depth share all of it, seed included."""
+    """Everything that decides a run. Both schemes at one depth share all of it, seed included.
+
+    :data:`FULL` is the default run, :data:`QUICK` the test-sized one.
+
+    Examples:
+        >>> Config().depths, QUICK.depths, QUICK.steps
+        ((22, 30), (30,), 400)
+    """
 
     depths: tuple[int, ...] = (22, 30)
     width: int = 16
@@ -118,7 +125,16 @@ QUICK = Config(depths=(30,), steps=400, lr=0.005, window=50, margin=0.25)
 
 @dataclass
 class Result(Outcome):
-    """Loss curves and the verdicts; ``png`` and ``json`` are None when ``out`` was None."""
+    """Loss curves and the verdicts; ``png`` and ``json`` are None when ``out`` was None.
+
+    ``checks`` holds the paper's claims as booleans, ``ok`` is True when all hold, ``summary()`` says it
+    in plain text.
+
+    Examples:
+        >>> r = run(config=Config(depths=(3,), steps=4, window=2, batch_size=8))
+        >>> sorted(r.final_loss[3]), r.png is None
+        (['he', 'xavier'], True)
+    """
 
     config: Config
     seed: int
@@ -138,6 +154,7 @@ class Result(Outcome):
     json: Path | None = None
 
     def summary(self) -> str:
+        """Plain text: the setup, each depth's final losses and learning steps, then each check."""
         clip = "no clipping" if self.config.clip is None else f"grad norm clipped at {self.config.clip:g}"
         lines = [f"he2015: Caffe xavier (Var[w]=1/fan_in) vs He (Var[w]=2/fan_in), plain ReLU CNNs of width "
                  f"{self.config.width} on digits, {self.config.steps} SGD steps, lr {self.config.lr:g}, {clip} "
@@ -159,6 +176,26 @@ def build(depth: int, scheme: str, *, width: int, seed: int) -> nn.Sequential:
 
     ``scheme``: ``"xavier"`` is Caffe's filler, U[-sqrt(3/fan_in), +sqrt(3/fan_in)] (Var = 1/fan_in);
     ``"he"`` is He et al.'s N(0, 2/fan_in). Every layer, the head included, gets the scheme, biases zero.
+
+    Args:
+        depth: Conv layers in the body.
+        scheme: ``"xavier"`` or ``"he"``.
+        width: Channels of every conv layer.
+        seed: Seeds the weights.
+
+    Returns:
+        The network: ``body`` (the conv-ReLU stack) and ``head`` (pooling, flatten, Linear to 10 classes).
+
+    Raises:
+        SignalpropError: An unknown scheme.
+
+    Examples:
+        Caffe's xavier draws from ``U[-sqrt(3 / fan_in), +]``, fan_in = 4 channels x 3 x 3:
+
+        >>> net = build(3, "xavier", width=4, seed=0)
+        >>> w, b = net.body[2].weight.detach(), net.body[2].bias.detach()
+        >>> bool(w.abs().max() <= (3 / 36) ** 0.5), float(b.abs().max())
+        (True, 0.0)
     """
     from .. import init
 
@@ -224,21 +261,30 @@ def run(
 ) -> Result:
     """Train xavier- and He-initialized plain ReLU CNNs of each depth on digits; plot the loss curves.
 
-    Parameters
-    ----------
-    out: folder for ``he2015.png`` and ``he2015.json`` (created); None writes nothing.
-    quick: the test-sized run (:data:`QUICK`: 30 layers only, 400 steps at lr 0.005, about 16 s of CPU);
-        otherwise :data:`FULL` (22 and 30 layers, width 16, 3000 steps at lr 0.003, gradient norm clipped
-        at 10, about 3-4 min of CPU).
-    seed: seeds the weights (the same for both schemes at a depth) and the mini-batch order.
-    progress: True prints progress lines on stderr; a callable receives them.
-    config: overrides the preset that ``quick`` picks.
+    He et al. (2015), Sec. 2.2: ``Var[y_L] = Var[y_1] prod_l (1/2 n_l Var[w_l])``, so Caffe's xavier
+    (``Var[w] = 1/n_l``) halves the variance at every layer and He's (``2/n_l``) keeps it.
 
-    Returns
-    -------
-    :class:`Result`. Its ``checks`` hold the paper's claims: at the deepest depth xavier's final loss stays
-    within 0.1 of ln 10 while He's is at least ``margin`` below it; at every shallower depth both learn
-    (final loss below ``learnt_below``) and He starts learning first.
+    Args:
+        out: Folder for ``he2015.png`` and ``he2015.json`` (created); None writes nothing.
+        quick: The test-sized run (:data:`QUICK`: 30 layers only, 400 steps at lr 0.005, about 16 s of
+            CPU); otherwise :data:`FULL` (22 and 30 layers, width 16, 3000 steps at lr 0.003, gradient
+            norm clipped at 10, about 3-4 min of CPU).
+        seed: Seeds the weights (the same for both schemes at a depth) and the mini-batch order.
+        progress: True prints progress lines on stderr; a callable receives them.
+        config: Overrides the preset that ``quick`` picks.
+
+    Returns:
+        The :class:`Result`. Its ``checks`` hold the paper's claims: at the deepest depth xavier's final
+        loss stays within 0.1 of ln 10 while He's is at least ``margin`` below it; at every shallower depth
+        both learn (final loss below ``learnt_below``) and He starts learning first.
+
+    Examples:
+        A run far too short to learn anything, to show the shape of the result (the paper's checks need
+        :data:`QUICK` at least):
+
+        >>> r = run(config=Config(depths=(3,), steps=4, window=2, batch_size=8))
+        >>> list(r.losses[3]), len(r.losses[3]["he"])
+        (['xavier', 'he'], 4)
     """
     seed, cfg, folder, report = start(
         "he2015", seed=seed, config=config, quick=quick, presets=(QUICK, FULL), out=out, progress=progress

@@ -54,7 +54,24 @@ class _Block(nn.Module):
 
 
 def build(family: str, depth: int, width: int) -> tuple[nn.Module, torch.Size]:
-    """A ``family`` network with ``depth`` weight layers of ``width`` units; returns it and one input's shape."""
+    """A ``family`` network with ``depth`` weight layers of ``width`` units; returns it and one input's shape.
+
+    Args:
+        family: One of :data:`FAMILIES`.
+        depth: Weight layers, at least 2.
+        width: Units (channels for ``cnn``) per layer.
+
+    Returns:
+        ``(model, shape)``, ``shape`` being one input's, without the batch dimension.
+
+    Raises:
+        SignalpropError: An unknown family, or a depth below 2 or width below 1.
+
+    Examples:
+        >>> net, shape = build("cnn", 3, 4)
+        >>> len(net), tuple(shape)
+        (5, (4, 8, 8))
+    """
     if family not in FAMILIES:
         raise SignalpropError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if depth < 2 or width < 1:
@@ -100,7 +117,13 @@ def _init(model: nn.Module, scheme: str, x: torch.Tensor) -> None:
 @dataclass(frozen=True)
 class Sweep:
     """``forward[scheme][i][j]``: last weight layer's output std at ``depths[i]``, ``widths[j]``;
-    ``gradient[...]``: the first weight layer's output-gradient std; ``seconds``: the whole sweep's wall time."""
+    ``gradient[...]``: the first weight layer's output-gradient std; ``seconds``: the whole sweep's wall time.
+
+    Examples:
+        >>> s = sweep("mlp", depths=(2, 4), widths=(8,), schemes=("he",), batch=4)
+        >>> len(s.forward["he"]), len(s.forward["he"][0]), sorted(s.to_dict())[:3]
+        (2, 1, ['depths', 'family', 'forward'])
+    """
 
     family: str
     depths: tuple[int, ...]
@@ -111,6 +134,7 @@ class Sweep:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
+        """The sweep as JSON-ready data."""
         return {"family": self.family, "depths": list(self.depths), "widths": list(self.widths),
                 "schemes": list(self.schemes), "forward": self.forward, "gradient": self.gradient,
                 "seconds": self.seconds}
@@ -123,7 +147,8 @@ def sweep(family: str = "mlp", *, depths: Sequence[int] = (10, 100, 1000), width
 
     Args:
         family: one of :data:`FAMILIES`.
-        depths, widths: the grid; depth counts weight layers.
+        depths: The grid's depths; depth counts weight layers.
+        widths: The grid's widths.
         schemes: any of :data:`SCHEMES`.
         batch: samples per measurement (N(0, 1) inputs).
         seed: seeds the inputs and every draw of the weights.
@@ -132,6 +157,19 @@ def sweep(family: str = "mlp", *, depths: Sequence[int] = (10, 100, 1000), width
 
     Returns:
         A :class:`Sweep`.
+
+    Raises:
+        SignalpropError: An unknown scheme, an empty grid or a batch below 1.
+
+    Examples:
+        He et al. (2015) keep a plain ReLU chain's std at any depth. PyTorch's default Linear init,
+        ``U(-1/sqrt(fan_in), +)`` (weight variance ``1/(3 fan_in)``), with ReLU's halving multiplies the
+        second moment by about 1/6 per layer, until all that is left is about the bias's own std,
+        ``1/sqrt(3 * 256) = 0.036``:
+
+        >>> s = sweep("mlp", depths=(10,), widths=(256,), schemes=("he", "default"), batch=64)
+        >>> s.forward["he"][0][0] > 0.5, round(s.forward["default"][0][0], 2)
+        (True, 0.04)
     """
     from ..measurement import measure
 
@@ -175,7 +213,21 @@ def _clipped_log10(v: float) -> float:
 
 
 def plot_sweep(result: Sweep, path: str | Path) -> Path:
-    """One column per scheme, heat maps of log10 std over depth x width: forward above, gradient below."""
+    """One column per scheme, heat maps of log10 std over depth x width: forward above, gradient below.
+
+    Args:
+        result: A :func:`sweep` result.
+        path: Where to write the PNG.
+
+    Returns:
+        The path written.
+
+    Examples:
+        >>> import os, tempfile
+        >>> s = Sweep("mlp", (2,), (8,), ("he",), {"he": [[1.0]]}, {"he": [[1.0]]}, 0.0)
+        >>> plot_sweep(s, os.path.join(tempfile.mkdtemp(), "sweep.png")).name
+        'sweep.png'
+    """
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
 

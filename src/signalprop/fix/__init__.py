@@ -8,7 +8,9 @@
   (:func:`lsuv_target`); :func:`lsuv_run` returns what it did, :func:`output_stds` checks it.
 * :func:`mup_`: width-independent init and learning rates (muP; Yang et al. 2022); :func:`coord_check`
   shows each layer's coordinate size over widths, flat under muP.
-* :mod:`signalprop.fix.residual`: Fixup factors (Zhang et al. 2019) and zero-init (Goyal et al. 2017).
+* :mod:`signalprop.fix.residual`: Fixup factors (Zhang et al. 2019) and zero-init (Goyal et al. 2017) as
+  plan steps; :func:`residual_` scales the residual branches of any model in place (depth-muP, ReZero,
+  SkipInit, Fixup, DeepNorm).
 """
 
 from __future__ import annotations
@@ -32,9 +34,13 @@ from .plan import apply_plan as apply_plan
 from .plan import mean_field_choice as mean_field_choice
 from .plan import plan as plan
 from .residual import fixup_factor as fixup_factor
+from .residual_schemes import SCHEMES as RESIDUAL_SCHEMES
+from .residual_schemes import deepnorm_factors as deepnorm_factors
+from .residual_schemes import residual_ as residual_
 
 __all__ = [
     "FAMILIES",
+    "RESIDUAL_SCHEMES",
     "CoordCheck",
     "MupPlan",
     "LSUVResult",
@@ -43,6 +49,7 @@ __all__ = [
     "apply_plan",
     "auto_init_",
     "coord_check",
+    "deepnorm_factors",
     "fixup_factor",
     "lsuv_",
     "lsuv_run",
@@ -53,4 +60,5 @@ __all__ = [
     "output_stds",
     "plot_coord_check",
     "plan",
+    "residual_",
 ]

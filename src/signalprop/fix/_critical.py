@@ -114,7 +114,23 @@ class _Act:
 
 def chain_spread(act: ActLike, q: float, depth: int, width: int | None) -> float:
     """sd of log(gradient std) over ``depth`` layers of ``width`` units at pre-activation variance q:
-    sqrt((depth - 1) CV^2 / width) / 2, 0 when the width is unknown (see the module docstring)."""
+    sqrt((depth - 1) CV^2 / width) / 2, 0 when the width is unknown (see the module docstring).
+
+    Args:
+        act: The activation.
+        q: The pre-activation variance.
+        depth: Layers in the chain.
+        width: Units per layer (None or 0: unknown).
+
+    Returns:
+        The sd of log(gradient std), 0 for one layer or an unknown width.
+
+    Examples:
+        >>> chain_spread("tanh", 1.0, 1, 64), chain_spread("tanh", 1.0, 50, None)
+        (0.0, 0.0)
+        >>> round(chain_spread("tanh", 1.0, 50, 64), 4)
+        0.3342
+    """
     if not width or depth <= 1:
         return 0.0
     return 0.5 * math.sqrt((depth - 1) * float(_Act(act).cv2(q)) / width)
@@ -128,6 +144,21 @@ class MeanFieldChoice:
     ``forward_drift`` / ``gradient_drift``: predicted max |std_l / std_1| (mean field) over the depth, as
     factors >= 1, starting off q* by 2x; ``spread``: exp(2 sd) of the finite-width spread of the gradient
     (1 when the width is not given).
+
+    Attributes:
+        weight_var: sigma_w^2 (weights of std ``sqrt(sigma_w^2 / fan_in)``).
+        bias_var: sigma_b^2.
+        q_star: The fixed point q* of the q-map.
+        chi1: chi1 at q* (Poole et al. 2016, Eq. 9).
+        xi_q: The depth scale of q's return to q* (Schoenholz et al. 2017).
+        forward_drift: Predicted max forward std ratio over the depth.
+        gradient_drift: Predicted max gradient std ratio over the depth.
+        spread: The finite-width spread factor of the gradient.
+
+    Examples:
+        >>> c = mean_field_choice("tanh", 40)
+        >>> round(c.q_star, 3), c.forward_drift < 2
+        (0.57, True)
     """
 
     weight_var: float
@@ -155,14 +186,28 @@ def mean_field_choice(act: ActLike, depth: int, *, bias: bool = True, width: int
     finite-width spread (:func:`chain_spread`) when ``width`` is given, and takes the first candidate whose
     forward and gradient drift both stay within 2x (diagnose flags 10x), else the one that drifts least.
 
-    Examples
-    --------
-    >>> c = mean_field_choice("tanh", 40)
-    >>> round(c.bias_var, 3), round(c.weight_var, 3), round(c.chi1, 6)
-    (0.05, 1.761, 1.0)
-    >>> c = mean_field_choice("tanh", 100, bias=False, width=64)
-    >>> c.bias_var, round(c.weight_var, 3), c.chi1 > 1, c.gradient_drift * c.spread < 2
-    (0.0, 1.121, True, True)
+    Args:
+        act: The activation after every layer of the chain: a name, a tensor callable or an ``nn.Module``.
+        depth: Layers in the chain, a positive integer.
+        bias: Whether every layer of the chain has a bias (else the line sigma_b^2 = 0).
+        width: Units per layer, for the finite-width spread of the gradient; None ignores it.
+
+    Returns:
+        A :class:`MeanFieldChoice`: ``weight_var`` (sigma_w^2, so std = sqrt(sigma_w^2 / fan_in)),
+        ``bias_var``, ``q_star``, ``chi1`` at q*, ``xi_q`` and the predicted drifts.
+
+    Raises:
+        SignalpropError: A bad depth or width, or no stable point on the line for this activation.
+
+    Examples:
+        On the critical line (chi1 = 1) at sigma_b^2 = 0.05, tanh needs sigma_w^2 = 1.761:
+
+        >>> c = mean_field_choice("tanh", 40)
+        >>> round(c.bias_var, 3), round(c.weight_var, 3), round(c.chi1, 6)
+        (0.05, 1.761, 1.0)
+        >>> c = mean_field_choice("tanh", 100, bias=False, width=64)
+        >>> c.bias_var, round(c.weight_var, 3), c.chi1 > 1, c.gradient_drift * c.spread < 2
+        (0.0, 1.121, True, True)
     """
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise SignalpropError(f"depth must be a positive integer (layers in the chain), got {depth!r}")
@@ -293,13 +338,29 @@ def lsuv_target(act: ActLike, depth: int, width: int | None, target_std: float) 
     ``target_std`` is kept when that stays within 2x (or when no std does better), else the nearest std
     (in log) that does is taken; when none does, the one that drifts least.
 
-    Examples
-    --------
-    >>> lsuv_target("relu", 50, 64, 1.0).std
-    1.0
-    >>> t = lsuv_target("tanh", 50, 64, 1.0)
-    >>> round(t.std, 2), t.gradient_drift < 2
-    (0.4, True)
+    Here r(q) = q E[phi'(sqrt(q) z)^2] / E[phi(sqrt(q) z)^2] is the chi1 of a chain whose weights LSUV
+    scales to output second moment q (Mishkin & Matas 2016 pin q = 1; Poole et al. 2016 for chi1): the
+    gradient changes by sqrt(r) per layer.
+
+    Args:
+        act: The activation after the layers (None or linear: ``target_std`` is kept).
+        depth: Layers in the chain.
+        width: Units per layer, for the finite-width spread; None ignores it.
+        target_std: The output std asked for (LSUV's 1.0).
+
+    Returns:
+        An :class:`LSUVTarget`: ``std`` to pin, the predicted ``gradient_drift`` factor, and a ``note``
+        saying why when ``std`` differs from ``target_std``.
+
+    Examples:
+        ReLU is scale-free (r = 1 at every q), so std 1 is kept; tanh at std 1 has r < 1 and its gradient
+        shrinks over 50 layers, so a smaller std, where tanh is nearly linear, is pinned:
+
+        >>> lsuv_target("relu", 50, 64, 1.0).std
+        1.0
+        >>> t = lsuv_target("tanh", 50, 64, 1.0)
+        >>> round(t.std, 2), t.gradient_drift < 2
+        (0.4, True)
     """
     if act is None or depth <= 1:
         return LSUVTarget(target_std, 1.0)

@@ -25,6 +25,32 @@ class LayerPlan:
     being the first input weight's. For a normalization layer (``scheme == "norm_gain"``) the gain is set to
     the constant ``gain``. ``keep`` steps leave the layer as it is; ``lsuv`` steps are only rescaled by the
     LSUV pass. ``lsuv``: an LSUV pass rescales this layer afterwards, to output std ``target_std``.
+
+    Attributes:
+        layer: Qualified name of the module.
+        kind: Its class name.
+        activation: The activation found after it (``none`` for a readout).
+        scheme: ``he``, ``mean_field``, ``lecun``, ``gain``, ``linear``, ``recurrent``, ``norm_gain``,
+            ``keep``, ``lsuv`` and the residual variants.
+        std: The weight entries' standard deviation (NaN when nothing is drawn).
+        bias_std: The bias entries' standard deviation (0: zeroed).
+        reason: Why this scheme and std, with the formula and paper.
+        fan_in: The layer's effective fan-in.
+        factor: The residual multiplier included in ``std``.
+        gain: A normalization layer's constant gain, else None.
+        lsuv: Whether the LSUV pass rescales this layer.
+        distribution: ``normal`` or ``orthogonal``.
+        target_std: The output std the LSUV pass pins.
+
+    Examples:
+        A ReLU follows, so He et al. (2015): ``std = sqrt(2 / 64)``:
+
+        >>> import signalprop as sp
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> step = sp.fix.plan(net)["2"]
+        >>> step.scheme, step.activation, round(step.std, 4), step.bias_std
+        ('he', 'relu', 0.1768, 0.0)
     """
 
     layer: str
@@ -49,6 +75,27 @@ class Plan(Sequence[LayerPlan]):
     ``method``: the graph capture used (``export``, ``fx``, ``hooks`` or ``module-order``); ``residuals``:
     how many residual branches were found; ``notes``: anything the user should know (a fallback, an
     assumption about the inputs).
+
+    A sequence of :class:`LayerPlan`; ``plan["name"]`` gives the step of one layer, ``str(plan)`` a table.
+
+    Attributes:
+        steps: The steps, in module order.
+        method: How the structure was found.
+        residual: The residual mode (``fixup``, ``zero`` or None).
+        residuals: Residual branches found.
+        notes: What the user should know.
+        meta: Extra data for the fix's own passes.
+
+    Examples:
+        The readout has no activation after it: ``Var[w] = 1 / sqrt(fan_in fan_out) = 1 / sqrt(640)``:
+
+        >>> import signalprop as sp
+        >>> from torch import nn
+        >>> p = sp.fix.plan(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)))
+        >>> [(s.layer, s.scheme, round(s.std, 4)) for s in p]
+        [('0', 'he', 0.25), ('2', 'linear', 0.1988)]
+        >>> p.method, p.needs_lsuv
+        ('module-order', False)
     """
 
     steps: tuple[LayerPlan, ...]
@@ -74,9 +121,11 @@ class Plan(Sequence[LayerPlan]):
 
     @property
     def needs_lsuv(self) -> bool:
+        """Whether some step is rescaled by an LSUV pass (which needs example inputs)."""
         return any(s.lsuv for s in self.steps)
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data: method, residual, residuals, notes and one dict per step."""
         return {
             "method": self.method,
             "residual": self.residual,

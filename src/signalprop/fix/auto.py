@@ -9,7 +9,9 @@ when some layers are GELU-like or custom and example inputs are given, an LSUV p
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +19,8 @@ from torch import nn
 from .._errors import SignalpropError
 from ._common import Inputs, refuse_meta
 from .lsuv import run, warn_result
-from .plan import Plan, apply_plan, plan
+from .plan import RESIDUAL_MODES, Plan, apply_plan, plan
+from .residual_schemes import SCHEMES, check, residual_
 
 __all__ = ["auto_init_"]
 
@@ -43,38 +46,58 @@ def auto_init_(
     fan_out), which splits a fan mismatch evenly between forward and backward. A weight shared by several
     layers is planned once; ``weight_norm`` layers are drawn through their parametrization. Residual
     branches (found from the graph's additions): ``residual="fixup"`` scales each branch by L^(-1/2) (Zhang
-    et al. 2019), ``"zero"`` starts each branch at zero (Goyal et al. 2017), None leaves them. See
-    :mod:`signalprop.fix.plan` and :mod:`signalprop.fix.residual` for every formula.
+    et al. 2019), ``"zero"`` starts each branch at zero (Goyal et al. 2017), ``"depth_mup"``, ``"rezero"``,
+    ``"skipinit"`` and ``"deepnorm"`` initialize every layer first and then apply
+    :func:`signalprop.fix.residual_` with that scheme (a gate on each branch), None leaves them. See
+    :mod:`signalprop.fix.plan`, :mod:`signalprop.fix.residual` and :mod:`signalprop.fix.residual_schemes`
+    for every formula.
 
-    Parameters
-    ----------
-    example_inputs:
-        One batch (tensor | tuple | dict): the structure is captured from it, the first mean-field layer
-        uses its measured second moment, and the LSUV pass runs on it.
-    input_shape:
-        One sample's shape (no batch dimension), to capture the structure when there are no inputs.
-        Without either, module order is used (exact for ``nn.Sequential``; a warning otherwise).
-    residual:
-        ``"fixup"`` (default), ``"zero"`` or None.
-    generator:
-        A ``torch.Generator`` for the random draws (the global RNG otherwise).
+    Args:
+        model: The model to initialize in place.
+        example_inputs: One batch (tensor | tuple | dict): the structure is captured from it, the first
+            mean-field layer uses its measured second moment, and the LSUV pass runs on it.
+        residual: ``"fixup"`` (default), ``"zero"``, ``"depth_mup"``, ``"rezero"``, ``"skipinit"``,
+            ``"deepnorm"`` or None. The last four need ``example_inputs`` or ``input_shape`` (branches come
+            from the graph).
+        input_shape: One sample's shape (no batch dimension), to capture the structure when there are no
+            inputs. Without either, module order is used (exact for ``nn.Sequential``; a warning otherwise).
+        generator: A ``torch.Generator`` for the random draws (the global RNG otherwise).
 
-    Returns
-    -------
-    nn.Module
-        The model. Print ``signalprop.fix.plan(model, ...)`` to see what it will do, and why. A model on
-        the meta device is refused (there is nothing to write into): ``sp.init.materialize_`` it first.
+    Returns:
+        The model. Print ``signalprop.fix.plan(model, ...)`` to see what it will do, and why.
 
-    Examples
-    --------
-    >>> import torch, signalprop as sp
-    >>> net = sp.models.mlp(40, 64, "tanh")
-    >>> _ = sp.fix.auto_init_(net)
+    Raises:
+        SignalpropError: ``model`` is not a module, or is on the meta device (there is nothing to write
+            into: ``sp.init.materialize_`` it first); an unknown ``residual``, or one of the gated schemes
+            without ``example_inputs`` / ``input_shape``.
+
+    Examples:
+        A 40-layer tanh MLP gets orthogonal weights of mean square ``sigma_w^2 / fan_in`` with
+        ``sigma_w^2 = 1.761``, the critical point of tanh at ``sigma_b^2 = 0.05`` (Poole et al. 2016):
+
+        >>> import torch, signalprop as sp
+        >>> net = sp.fix.auto_init_(sp.models.mlp(40, 64, "tanh"), generator=torch.Generator().manual_seed(0))
+        >>> round(float(net[2].weight.detach().pow(2).mean() * 64), 3)
+        1.761
     """
     if not isinstance(model, nn.Module):
         raise SignalpropError(f"auto_init_ needs an nn.Module, got {type(model).__name__}")
     refuse_meta(model, "auto_init_")
-    p: Plan = plan(model, example_inputs=example_inputs, input_shape=input_shape, residual=residual)
+    graph = None
+    gated = residual not in RESIDUAL_MODES
+    if gated:
+        if residual not in SCHEMES:
+            names = ", ".join(repr(k) for k in dict.fromkeys([*filter(None, RESIDUAL_MODES), *SCHEMES]))
+            raise SignalpropError(f"auto_init_: unknown residual {residual!r}; choose one of {names} or None")
+        if example_inputs is None and input_shape is None:
+            raise SignalpropError(
+                f"auto_init_(residual={residual!r}) finds the residual branches from the captured graph: pass "
+                "example_inputs=... (one batch) or input_shape=... (one sample's shape)"
+            )
+        graph = _capture(model, example_inputs, input_shape)
+        check(model, str(residual), graph)  # refused before any layer is drawn
+    p: Plan = plan(model, example_inputs=example_inputs, input_shape=input_shape,
+                   residual=None if gated else residual, graph=graph)
     apply_plan(model, p, generator=generator)
     if p.needs_lsuv and example_inputs is not None:
         modules = dict(model.named_modules())
@@ -82,4 +105,21 @@ def auto_init_(
         result = run(model, example_inputs, [(s.layer, modules[s.layer]) for s in steps],
                      {s.layer: s.target_std for s in steps}, orthogonal=False)
         warn_result(result, "auto_init_")
+    if gated:
+        residual_(model, str(residual), graph=graph)
     return model
+
+
+def _capture(model: nn.Module, example_inputs: Inputs | None, input_shape: Sequence[int] | None) -> Any:
+    """The graph the plan and the residual scheme share (one capture); a fallback is said as plan says it."""
+    from ..graph import CaptureWarning, capture
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CaptureWarning)
+        graph = capture(model, example_inputs, input_shape=input_shape)
+    for w in caught:
+        if issubclass(w.category, CaptureWarning):
+            warnings.warn(f"auto_init_: {w.message}", UserWarning, stacklevel=3)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return graph

@@ -29,8 +29,23 @@ PARAMETRIZATIONS = ("mup", "sp")
 
 @dataclass(frozen=True)
 class CoordCheck:
-    """``sizes[layer][s][w][t]``: mean |output| of weight layer ``layer`` for seed ``s``, width ``widths[w]``,
-    after ``t`` optimizer steps (``t = 0``: at init)."""
+    """``sizes[layer][s][w][t]``: mean |output| of weight layer ``layer`` for seed ``s``, width ``widths[w]``.
+
+    ``t`` counts optimizer steps (``t = 0``: at init). ``spread(step)`` is the max/min over widths per layer:
+    near 1 under muP (Yang et al. 2022, Fig. 5), growing with the width under the standard parametrization.
+
+    Attributes:
+        parametrization: ``mup`` or ``sp``.
+        widths: The widths compared.
+        steps: Optimizer steps taken.
+        layers: The weight layers' names.
+        sizes: Layer -> seed -> width -> step -> mean |output|.
+
+    Examples:
+        >>> c = CoordCheck("sp", (64, 128), 1, ("0",), {"0": [[[1.0, 2.0], [1.0, 3.0]]]})
+        >>> c.spread(0), c.spread()
+        ({'0': 1.0}, {'0': 1.5})
+    """
 
     parametrization: str
     widths: tuple[int, ...]
@@ -48,6 +63,7 @@ class CoordCheck:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The check as JSON-ready data, with the final spread."""
         return {"parametrization": self.parametrization, "widths": list(self.widths), "steps": self.steps,
                 "layers": list(self.layers), "sizes": self.sizes, "spread": self.spread()}
 
@@ -70,6 +86,22 @@ def coord_check(make_model: Callable[[int], nn.Module], inputs: torch.Tensor, *,
 
     Returns:
         A :class:`CoordCheck`; ``spread()`` gives max/min over widths per layer.
+
+    Raises:
+        SignalpropError: An unknown parametrization or optimizer, fewer than two widths, no steps or seeds,
+            or models whose weight layers differ across widths.
+
+    Examples:
+        Two Adam steps at widths 64 and 256: under muP every layer's coordinate size stays within a few
+        percent across widths (Yang et al. 2022, Fig. 5):
+
+        >>> import torch
+        >>> def make(w):
+        ...     return nn.Sequential(nn.Linear(8, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 1))
+        >>> x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+        >>> c = coord_check(make, x, widths=(64, 256), steps=2)
+        >>> c.layers, max(c.spread().values()) < 1.5
+        (('0', '2', '4'), True)
     """
     if parametrization not in PARAMETRIZATIONS:
         raise SignalpropError(f"parametrization must be one of {', '.join(PARAMETRIZATIONS)}, got {parametrization!r}")
@@ -140,7 +172,21 @@ def _train(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: torch.
 
 
 def plot_coord_check(checks: Sequence[CoordCheck], path: str | Path) -> Path:
-    """One row per parametrization, at init and after the last step: coordinate size against width."""
+    """One row per parametrization, at init and after the last step: coordinate size against width.
+
+    Args:
+        checks: :func:`coord_check` results, one row each (e.g. ``mup`` and ``sp`` of the same model).
+        path: Where to write the PNG.
+
+    Returns:
+        The path written.
+
+    Examples:
+        >>> import os, tempfile
+        >>> c = CoordCheck("sp", (64, 128), 1, ("0",), {"0": [[[1.0, 2.0], [1.0, 3.0]]]})
+        >>> plot_coord_check([c], os.path.join(tempfile.mkdtemp(), "coords.png")).name
+        'coords.png'
+    """
     from matplotlib.figure import Figure
 
     from ..report.plots import _save

@@ -54,6 +54,24 @@ class LSUVResult:
     ``skipped``: layer name -> why it was not rescaled (never called as a module, non-tensor output,
     output without variance, a recurrent layer, a parametrization that fixes the scale); ``notes``: why
     targets moved.
+
+    Attributes:
+        layers: The rescaled weight layers, in the order of their first call.
+        stds: Each one's output std in the last pass.
+        passes: Forward passes run.
+        converged: Whether every layer ended within ``tol`` of its target.
+        target_std: The std asked for.
+        tol: The tolerance asked for.
+        skipped: Layer name -> why it was not rescaled.
+        targets: Each layer's target.
+        notes: Why targets moved off ``target_std``.
+
+    Examples:
+        >>> import torch, signalprop as sp
+        >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> r = lsuv_run(net, torch.randn(128, 16, generator=torch.Generator().manual_seed(0)))
+        >>> r.layers, r.targets, r.converged
+        (('0', '2'), (1.0, 1.0), True)
     """
 
     layers: tuple[str, ...]
@@ -91,33 +109,6 @@ def lsuv_(
     within one forward (see the module docstring) and a second forward verifies; the cost is about three
     forward-pass times on a 50-layer CNN, against one forward per layer and attempt for the ``lsuv`` package.
 
-    Parameters
-    ----------
-    model:
-        Any ``nn.Module``; its weight layers are those of :func:`signalprop.layers.is_weight_layer` (Linear,
-        convolutions, transformers' Conv1D, custom layers, ...), embeddings excepted (they have no input to
-        normalize) and RNNs only pre-initialized (see the module docstring).
-    inputs:
-        One batch: a tensor (``model(x)``), a tuple (``model(*inputs)``) or a dict (``model(**inputs)``).
-        The std is taken over every element of a layer's output on this batch.
-    target_std, tol:
-        The target and the tolerance: afterwards |std - target| <= tol * target / target_std at every
-        layer, target being ``target_std`` or, with ``keep_gradient``, the std its chain needs.
-    max_iters:
-        At most this many correcting passes (one usually suffices), each followed by a verifying pass.
-    orthogonal:
-        Re-initialize each weight layer orthogonally (:func:`signalprop.init.orthogonal_`) with a zero bias
-        first, as the paper does (recurrent layers: :func:`signalprop.init.recurrent_`); ``False`` keeps the
-        current weights and biases and only rescales weights.
-    layers:
-        Only these weight layers (qualified names from ``named_modules``); default all of them.
-    keep_gradient:
-        Move a layer's target off ``target_std`` where pinning it there would make the gradient drift by
-        more than 2x over its chain (tanh, sigmoid, GELU, SELU, softplus chains; :func:`lsuv_target`);
-        ``False`` is the original LSUV, every layer at ``target_std``.
-
-    Notes
-    -----
     The model runs in eval mode (dropout off; BatchNorm uses, and does not update, its running statistics),
     so a forward is deterministic; each module's train/eval mode, the RNG state, the model's hooks and
     buffers are restored, and no ``.grad`` is created. A layer called more than once in a forward (shared
@@ -128,13 +119,40 @@ def lsuv_(
     when a recurrent layer is left as it is (``orthogonal=False``), and when no target keeps a chain's
     gradient in range (LSUV does not suit that chain).
 
-    Examples
-    --------
-    >>> import torch, signalprop as sp
-    >>> net = sp.models.mlp(20, 64, "tanh")
-    >>> r = sp.fix.lsuv_run(net, torch.randn(256, 64))
-    >>> round(r.targets[0], 2), round(r.targets[-1], 2)  # the tanh chain's std; the readout keeps it
-    (0.56, 0.56)
+    Args:
+        model: Any ``nn.Module``; its weight layers are those of :func:`signalprop.layers.is_weight_layer`
+            (Linear, convolutions, transformers' Conv1D, custom layers, ...), embeddings excepted (they have
+            no input to normalize) and RNNs only pre-initialized (see the module docstring).
+        inputs: One batch: a tensor (``model(x)``), a tuple (``model(*inputs)``) or a dict
+            (``model(**inputs)``). The std is taken over every element of a layer's output on this batch.
+        target_std: The output std to pin (the paper's 1.0).
+        tol: The tolerance: afterwards |std - target| <= tol * target / target_std at every layer, target
+            being ``target_std`` or, with ``keep_gradient``, the std its chain needs.
+        max_iters: At most this many correcting passes (one usually suffices), each followed by a
+            verifying pass.
+        orthogonal: Re-initialize each weight layer orthogonally (:func:`signalprop.init.orthogonal_`) with
+            a zero bias first, as the paper does (recurrent layers: :func:`signalprop.init.recurrent_`);
+            ``False`` keeps the current weights and biases and only rescales weights.
+        layers: Only these weight layers (qualified names from ``named_modules``); default all of them.
+        keep_gradient: Move a layer's target off ``target_std`` where pinning it there would make the
+            gradient drift by more than 2x over its chain (tanh, sigmoid, GELU, SELU, softplus chains;
+            :func:`lsuv_target`); ``False`` is the original LSUV, every layer at ``target_std``.
+
+    Returns:
+        ``model``, rescaled in place; :func:`lsuv_run` returns what was done.
+
+    Raises:
+        SignalpropError: Bad settings, a model on the meta device, or inputs the model cannot take.
+
+    Examples:
+        A ReLU MLP: every layer's output std is pinned at 1 (ReLU keeps the gradient at any scale):
+
+        >>> import torch, signalprop as sp
+        >>> net = sp.models.mlp(8, 64, "relu")
+        >>> x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+        >>> stds = output_stds(sp.fix.lsuv_(net, x), x)
+        >>> all(abs(s - 1.0) <= 0.01 for s in stds.values())
+        True
     """
     result = lsuv_run(model, inputs, target_std=target_std, tol=tol, max_iters=max_iters, orthogonal=orthogonal,
                       layers=layers, keep_gradient=keep_gradient)
@@ -173,7 +191,39 @@ def lsuv_run(
     layers: Sequence[str] | None = None,
     keep_gradient: bool = True,
 ) -> LSUVResult:
-    """:func:`lsuv_` that returns an :class:`LSUVResult` (per-layer stds and targets, passes, skipped layers)."""
+    """:func:`lsuv_` that returns an :class:`LSUVResult` (per-layer stds and targets, passes, skipped layers).
+
+    Mishkin & Matas (2016), Algorithm 1, as :func:`lsuv_`, without its warnings: the result says whether it
+    converged and which layers were skipped and why.
+
+    Args:
+        model: The model to rescale in place.
+        inputs: One batch (tensor, tuple or dict).
+        target_std: The output std to pin.
+        tol: The tolerance, as in :func:`lsuv_`.
+        max_iters: At most this many correcting passes.
+        orthogonal: Pre-initialize orthogonally (Saxe et al. 2014) first.
+        layers: Only these weight layers; default all.
+        keep_gradient: Move targets where the chain's gradient needs it (:func:`lsuv_target`).
+
+    Returns:
+        The :class:`LSUVResult`.
+
+    Raises:
+        SignalpropError: As :func:`lsuv_`.
+
+    Examples:
+        A 20-layer tanh chain: std 1 would shrink the gradient, so the targets move to the std that keeps
+        it in range (:func:`lsuv_target`):
+
+        >>> import torch, signalprop as sp
+        >>> net = sp.models.mlp(20, 64, "tanh")
+        >>> r = sp.fix.lsuv_run(net, torch.randn(256, 64, generator=torch.Generator().manual_seed(0)))
+        >>> round(r.targets[0], 2), round(r.targets[-1], 2)  # the tanh chain's std; the readout keeps it
+        (0.56, 0.56)
+        >>> r.converged, r.worst <= 0.01
+        (True, True)
+    """
     _check_args(target_std, tol, max_iters)
     if not isinstance(model, nn.Module):
         raise SignalpropError(f"lsuv_ needs an nn.Module, got {type(model).__name__}")
@@ -237,6 +287,21 @@ def output_stds(model: nn.Module, inputs: Inputs) -> dict[str, float]:
 
     Population std over every element of the output, from float64 moments. A cheap check for LSUV's
     target that needs no :func:`signalprop.measure`; the model, its modes and its RNG are left as found.
+
+    Args:
+        model: The model.
+        inputs: One batch (tensor, tuple or dict).
+
+    Returns:
+        Layer name -> output std (NaN for an empty output), in module order; layers not called are left out.
+
+    Examples:
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.fill_(0.5), net[0].bias.zero_()
+        >>> output_stds(net, torch.tensor([[1.0, 1.0, 1.0, 1.0], [-1.0, -1.0, -1.0, -1.0]]))  # outputs +-2
+        {'0': 2.0}
     """
     layers = weight_layers(model)
     stds: dict[str, float] = {}

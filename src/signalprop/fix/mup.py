@@ -52,7 +52,24 @@ OPTIMIZERS = ("adam", "sgd")
 
 @dataclass(frozen=True)
 class MupLayer:
-    """One weight layer's muP treatment: its role, width multiplier ``m``, init std and lr multipliers."""
+    """One weight layer's muP treatment: its role, width multiplier ``m``, init std and lr multipliers.
+
+    Attributes:
+        name: The layer's qualified name.
+        role: ``input``, ``hidden`` or ``readout``.
+        fan_in: Its fan-in (1 for an embedding).
+        fan_out: Its fan-out.
+        width_mult: ``m = width / base_width``.
+        std: The init std (Tensor Programs V, Table 3: ``1/sqrt(fan_in)``, the readout ``1/fan_in``).
+        weight_lr_mult: The weight's learning-rate multiplier.
+        bias_lr_mult: The bias's learning-rate multiplier.
+
+    Examples:
+        >>> import signalprop as sp
+        >>> readout = mup_plan(sp.models.mlp(2, 128, in_features=16, out_features=10), input_shape=(16,))["4"]
+        >>> readout.role, readout.std, readout.width_mult  # 1 / 128; 128 / 64
+        ('readout', 0.0078125, 2.0)
+    """
 
     name: str
     role: str
@@ -66,7 +83,22 @@ class MupLayer:
 
 @dataclass(frozen=True)
 class MupPlan:
-    """The per-layer muP plan (:func:`mup_plan`) and what :func:`mup_` could not apply (``notes``)."""
+    """The per-layer muP plan (:func:`mup_plan`) and what :func:`mup_` could not apply (``notes``).
+
+    ``plan["name"]`` gives one layer's :class:`MupLayer` (role, width multiplier, std, lr multipliers).
+
+    Attributes:
+        layers: One :class:`MupLayer` per weight layer, in module order.
+        optimizer: ``adam`` or ``sgd``.
+        base_width: The width at which the learning rate is the one given.
+        notes: Layers left as they are, and why.
+
+    Examples:
+        >>> import signalprop as sp
+        >>> p = mup_plan(sp.models.mlp(3, 256, in_features=16, out_features=10), input_shape=(16,))
+        >>> p["6"].role, p["6"].width_mult, p["6"].weight_lr_mult
+        ('readout', 4.0, 0.25)
+    """
 
     layers: tuple[MupLayer, ...]
     optimizer: str
@@ -130,6 +162,20 @@ def mup_plan(model: nn.Module, example_inputs: Inputs | None = None, *, input_sh
 
     Returns:
         A :class:`MupPlan` with one :class:`MupLayer` per weight layer, in module order.
+
+    Raises:
+        SignalpropError: An unknown optimizer, a bad base width, no inputs to capture the graph from, or
+            no weight layers.
+
+    Examples:
+        Width 256 against base width 64: ``m = 4``. Tensor Programs V, Table 3: hidden layers get std
+        ``1/sqrt(fan_in)`` and Adam lr ``lr / m``, the readout std ``1/fan_in``:
+
+        >>> import signalprop as sp
+        >>> p = mup_plan(sp.models.mlp(3, 256, in_features=16, out_features=10), input_shape=(16,))
+        >>> [(x.name, x.role, x.std, x.weight_lr_mult) for x in p.layers]  # doctest: +NORMALIZE_WHITESPACE
+        [('0', 'input', 0.25, 1.0), ('2', 'hidden', 0.0625, 0.25), ('4', 'hidden', 0.0625, 0.25),
+         ('6', 'readout', 0.00390625, 0.25)]
     """
     from ..init.fans import fans, has_fan_rule
 
@@ -203,12 +249,28 @@ def mup_(model: nn.Module, example_inputs: Inputs | None = None, *, lr: float, i
     layers keep their values; those of one dimension along a width (norm gains and biases: role ``vector``)
     get the biases' rate, the others (tokens, scalars) the base ``lr``.
 
-    Example:
+    Args:
+        model: The model to re-initialize in place.
+        example_inputs: Inputs to capture the graph with (tensor, tuple or dict).
+        lr: The learning rate tuned at ``base_width``.
+        input_shape: One sample's shape, no batch dimension, when no inputs are given.
+        base_width: The width the learning rate was tuned at.
+        optimizer: ``"adam"`` (and other entrywise-normalized optimizers) or ``"sgd"``.
+        generator: The random generator to draw from.
+
+    Returns:
+        The optimizer's parameter groups: dicts with ``params``, ``lr``, ``mup_role`` and ``width_mult``.
+
+    Raises:
+        SignalpropError: A non-positive ``lr``, or as :func:`mup_plan`.
+
+    Examples:
         >>> import torch, signalprop as sp
         >>> net = sp.models.mlp(3, 256, in_features=16, out_features=10)
         >>> groups = sp.fix.mup_(net, torch.randn(4, 16), lr=1e-3, base_width=64)
-        >>> sorted((g["mup_role"], g["width_mult"], g["lr"]) for g in groups)
-        [('hidden', 4.0, 0.00025), ('hidden bias', 4.0, 0.001), ('input', 4.0, 0.001), ('input bias', 4.0, 0.001), ('readout', 4.0, 0.00025), ('readout bias', 4.0, 0.001)]
+        >>> sorted((g["mup_role"], g["width_mult"], g["lr"]) for g in groups)  # doctest: +NORMALIZE_WHITESPACE
+        [('hidden', 4.0, 0.00025), ('hidden bias', 4.0, 0.001), ('input', 4.0, 0.001),
+         ('input bias', 4.0, 0.001), ('readout', 4.0, 0.00025), ('readout bias', 4.0, 0.001)]
     """
     if not (isinstance(lr, float | int) and lr > 0):
         raise SignalpropError(f"lr must be a positive number (the learning rate tuned at base_width), got {lr!r}")

@@ -130,10 +130,30 @@ def plan(
     structure from instead of capturing again (diagnose shares its capture this way); the plan is the one
     those inputs would give.
 
-    >>> import signalprop as sp
-    >>> p = sp.fix.plan(sp.models.mlp(3, 64, "tanh"))
-    >>> [s.scheme for s in p]
-    ['mean_field_input', 'mean_field', 'mean_field', 'mean_field_readout']
+    Args:
+        model: The model to plan for.
+        example_inputs: Inputs to call the model with (tensor, tuple or dict).
+        input_shape: One sample's shape, no batch dimension, when no inputs are given.
+        residual: ``"fixup"``, ``"zero"`` or None.
+        graph: A capture of this model to read the structure from.
+
+    Returns:
+        The :class:`Plan`: one :class:`LayerPlan` per module acted on, with the scheme, std and reason
+        (the table in the module docstring gives each formula and its paper).
+
+    Raises:
+        SignalpropError: Bad inputs, an unknown residual mode, or a model on the meta device.
+
+    Examples:
+        A tanh MLP gets the mean-field critical init (Poole et al. 2016): ``sigma_w^2 = 1.761``,
+        ``sigma_b^2 = 0.05`` (:func:`mean_field_choice`), so ``std = sqrt(1.761 / 64)``:
+
+        >>> import signalprop as sp
+        >>> p = sp.fix.plan(sp.models.mlp(3, 64, "tanh"))
+        >>> [s.scheme for s in p]
+        ['mean_field_input', 'mean_field', 'mean_field', 'mean_field_readout']
+        >>> round(p[1].std, 4), round(p[1].bias_std ** 2, 3)
+        (0.1659, 0.05)
     """
     from .residual import residual_steps
 
@@ -141,7 +161,8 @@ def plan(
         raise SignalpropError(
             f"residual must be 'fixup', 'zero' or None, got {residual!r}: 'fixup' scales each residual "
             "branch's output by L^(-1/2) (Zhang et al. 2019), 'zero' starts each branch at zero "
-            "(Goyal et al. 2017), None leaves branches to the per-layer schemes"
+            "(Goyal et al. 2017), None leaves branches to the per-layer schemes; 'depth_mup', 'rezero', "
+            "'skipinit' and 'deepnorm' gate the branches after init: auto_init_(residual=...) or sp.fix.residual_"
         )
     if not isinstance(model, nn.Module):
         raise SignalpropError(f"plan needs an nn.Module, got {type(model).__name__}")
@@ -354,6 +375,24 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
     parametrization that cannot be set) restores every weight, so a bad plan changes nothing. Weights are
     drawn with :func:`signalprop.init.apply.draw_std_` (each weight block of the layer, with its effective
     layout: transformers' Conv1D and attention blocks; through ``weight_norm``-style parametrizations).
+
+    Args:
+        model: The model the plan was made for.
+        plan: A :class:`Plan` from :func:`plan` (possibly edited with ``dataclasses.replace``).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``model``, written in place (no LSUV pass: :func:`signalprop.fix.auto_init_` adds that).
+
+    Raises:
+        SignalpropError: A step names a layer the model lacks, or has a non-finite std.
+
+    Examples:
+        >>> import torch, signalprop as sp
+        >>> net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> net = apply_plan(net, sp.fix.plan(net), generator=torch.Generator().manual_seed(0))
+        >>> float(net[0].bias.detach().abs().max())
+        0.0
     """
     from ..init.apply import draw_std_
     from ..init.recurrent import recurrent_

@@ -21,6 +21,10 @@ Var[x_L] ~ prod (1 + Var[f_l] / Var[x_l]) -> 2^L when branches match the stream.
 
 L counts the residual additions the graph found (each with a branch holding at least one weight layer).
 A layer that ends several nested branches is scaled once, by its innermost branch.
+
+These are plan steps (a fresh draw, for :func:`signalprop.fix.auto_init_`). Scaling the branches of a model
+in place, with these Fixup factors or with depth-muP, ReZero, SkipInit or DeepNorm:
+:func:`signalprop.fix.residual_` (:mod:`signalprop.fix.residual_schemes`).
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from .._state import preserved
 from ._types import CaptureWarning, Graph
 
 METHODS = ("export", "fx", "hooks")
+"""The capture methods, best first: ``torch.export``, ``torch.fx`` and one recorded forward."""
 
 
 # ---- inputs and the model's state ---------------------------------------------------------------------------
@@ -52,7 +53,29 @@ def example_inputs(
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """(args, kwargs) from a tensor, tuple, list or dict of inputs, or from an input shape without batch.
 
-    A shape builds ``torch.randn(batch, *shape)`` (batch 2 by default) on the model's device and dtype.
+    A shape builds ``torch.randn(batch, *shape)`` (batch 2 by default) on the model's device and dtype,
+    from a generator seeded with 0, so the same shape gives the same inputs.
+
+    Args:
+        model: The model the inputs are for (its first parameter gives the device and dtype).
+        inputs: A tensor (one positional input), a tuple or list (positional inputs) or a dict (keyword
+            inputs, e.g. a tokenizer's output).
+        input_shape: The shape of one sample, without the batch dimension; instead of ``inputs``.
+        batch: The batch size of inputs built from ``input_shape``.
+
+    Returns:
+        ``(args, kwargs)`` to call ``model(*args, **kwargs)`` with.
+
+    Raises:
+        SignalpropError: Both or neither of ``inputs`` and ``input_shape`` given, or a bad shape.
+
+    Examples:
+        >>> from torch import nn
+        >>> args, kwargs = example_inputs(nn.Linear(3, 2), input_shape=(3,))
+        >>> args[0].shape, kwargs
+        (torch.Size([2, 3]), {})
+        >>> example_inputs(nn.Linear(3, 2), {"x": torch.ones(1)})
+        ((), {'x': tensor([1.])})
     """
     if inputs is not None and input_shape is not None:
         raise SignalpropError("pass either example inputs or input_shape, not both")
@@ -97,10 +120,29 @@ def capture(
 ) -> Graph:
     """Capture ``model``'s graph from example ``inputs`` (tensor | tuple | dict) or ``input_shape``.
 
-    ``input_shape`` excludes the batch dimension; a batch of 2 standard-normal samples is built from it.
     Methods are tried in the order given (default export, fx, hooks); a :class:`CaptureWarning` names the
-    method used when it is not the first, with each failure's reason (also in ``graph.failures``).
-    Raises :class:`SignalpropError` when every method fails (the model's forward itself raises).
+    method used when it is not the first, with each failure's reason (also in ``graph.failures``). The
+    model is left as it was found: parameters, buffers, mode and torch's random state.
+
+    Args:
+        model: Any ``nn.Module``.
+        inputs: Example inputs: a tensor, a tuple or list of positional inputs, or a dict of keyword inputs.
+        input_shape: Instead of ``inputs``, one sample's shape without the batch dimension; a batch of 2
+            standard-normal samples is built from it (:func:`example_inputs`).
+        methods: Capture methods to try, in order, from :data:`METHODS`.
+
+    Returns:
+        The :class:`Graph`.
+
+    Raises:
+        SignalpropError: ``model`` is not a module, a method is unknown, the inputs are missing or bad, or
+            every method fails (the model's forward itself raises on these inputs).
+
+    Examples:
+        >>> import signalprop as sp
+        >>> g = capture(sp.models.mlp(2, 8, act="tanh"), input_shape=(8,), methods=("fx",))
+        >>> g.method, g.activation_after("0"), len(g.weight_layers())
+        ('fx', 'tanh', 3)
     """
     from . import _analysis as _graph_analysis
     from . import _capture as _graph_capture

@@ -34,8 +34,21 @@ _BIAS_NAMES = ("bias", "in_proj_bias", "bias_k", "bias_v")
 
 
 def bias_names(layer: nn.Module) -> list[str]:
-    """The bias parameters a weight layer's initializer writes: ``bias`` (attention: ``in_proj_bias``,
-    ``bias_k``, ``bias_v``), and an RNN's ``bias_ih_l*`` / ``bias_hh_l*``."""
+    """The bias parameters a weight layer's initializer writes.
+
+    ``bias`` (attention: ``in_proj_bias``, ``bias_k``, ``bias_v``), and an RNN's ``bias_ih_l*`` /
+    ``bias_hh_l*``.
+
+    Args:
+        layer: A weight layer.
+
+    Returns:
+        The names of its bias parameters that are set (not None).
+
+    Examples:
+        >>> bias_names(nn.Linear(2, 3)), bias_names(nn.MultiheadAttention(4, 2)), bias_names(nn.GRU(2, 3))
+        (['bias'], ['in_proj_bias'], ['bias_ih_l0', 'bias_hh_l0'])
+    """
     rnn = isinstance(layer, nn.RNNBase)
     return [k for k, v in layer._parameters.items()
             if v is not None and (k in _BIAS_NAMES or (rnn and k.startswith("bias_")))]
@@ -48,6 +61,25 @@ class InitStep:
     ``std`` is the standard deviation of the block's entries: the sampling std for the variance schemes,
     the root mean square entry for orthogonal ones (``gain / sqrt(max(rows, cols))``; delta-orthogonal
     spreads that over the whole kernel, most of it zeros).
+
+    Attributes:
+        layer: Qualified name of the layer in the model (``""`` for the layer itself).
+        kind: The layer's class name.
+        param: The parameter the block lives in (``"weight"``, ``"in_proj_weight"``, ...).
+        rows: The block's row range in ``param`` (q, k, v thirds, RNN gates), or None for all of it.
+        fan_in: Effective fan-in (:func:`signalprop.init.fans`).
+        fan_out: Effective fan-out.
+        scheme: ``he``, ``glorot``, ``lecun``, ``variance_scaling``, ``orthogonal`` or ``delta_orthogonal``.
+        distribution: ``normal``, ``uniform``, ``truncated_normal``, ``orthogonal`` or ``delta_orthogonal``.
+        std: The standard deviation of the block's entries.
+        groups: Independent matrices along dim 0 for the orthogonal schemes (grouped convolutions).
+        out_dim: The dimension that indexes output units (1 for transposed convolutions and Conv1D).
+        gain: The orthogonal schemes' gain (1.0 for the variance schemes).
+
+    Examples:
+        >>> step = plan(nn.Conv2d(64, 128, 3), "he")[0]
+        >>> step.param, step.fan_in, step.fan_out, round(step.std, 5)  # sqrt(2 / (64 * 9))
+        ('weight', 576, 1152, 0.05893)
     """
 
     layer: str
@@ -250,14 +282,30 @@ def _plan_layers(
 def plan(model: nn.Module, scheme: str, *, fans: tuple[float, float] | None = None, **settings: Any) -> list[InitStep]:
     """The plan ``scheme`` would write into ``model``, as data; the model is not touched.
 
-    ``scheme``: ``he`` (alias ``kaiming``), ``glorot`` (``xavier``), ``lecun``, ``variance_scaling``,
-    ``orthogonal``, ``delta_orthogonal``; ``settings`` are that initializer's keywords (``mode``,
-    ``nonlinearity``, ``distribution``, ``gain``, ``scale``).
+    Every check the initializer makes (layer types, activation, mode) happens here, so a plan that builds
+    is a plan the initializer writes. A weight tied between layers is planned once, at its first user.
 
-    Examples
-    --------
-    >>> [round(s.std, 4) for s in plan(nn.Linear(512, 256), "he")]
-    [0.0625]
+    Args:
+        model: One layer or a whole model; every weight layer in it is planned.
+        scheme: ``he`` (alias ``kaiming``), ``glorot`` (``xavier``), ``lecun``, ``variance_scaling``,
+            ``orthogonal`` or ``delta_orthogonal``.
+        fans: ``(fan_in, fan_out)`` overriding the fans of a single layer.
+        **settings: That initializer's keywords (``mode``, ``nonlinearity``, ``distribution``, ``gain``,
+            ``scale``).
+
+    Returns:
+        One :class:`InitStep` per weight block, in ``named_modules`` order.
+
+    Raises:
+        SignalpropError: An unknown scheme, setting or layer type.
+
+    Examples:
+        He et al. (2015): ``std = sqrt(2 / fan_in)`` for ReLU, here ``sqrt(2 / 512)``:
+
+        >>> [round(s.std, 4) for s in plan(nn.Linear(512, 256), "he")]
+        [0.0625]
+        >>> [(s.layer, s.rows) for s in plan(nn.MultiheadAttention(16, 2), "he")]  # q, k, v; out_proj
+        [('', (0, 16)), ('', (16, 32)), ('', (32, 48)), ('out_proj', None)]
     """
     spec = _make_spec(scheme, settings)
     return [step for step, _ in _plan(model, spec, fans, "plan")]
@@ -266,10 +314,27 @@ def plan(model: nn.Module, scheme: str, *, fans: tuple[float, float] | None = No
 def target_std(layer: nn.Module, scheme: str, *, fans: tuple[float, float] | None = None, **settings: Any) -> float:
     """The standard deviation ``scheme`` would give ``layer``'s weight entries, without touching it.
 
-    >>> round(target_std(nn.Conv2d(64, 128, 3), "he"), 5)  # sqrt(2 / (64 * 9))
-    0.05893
-    >>> round(target_std(nn.ConvTranspose2d(256, 128, 4, stride=2), "he"), 5)  # sqrt(2 / 1024)
-    0.04419
+    Args:
+        layer: One weight layer.
+        scheme: A scheme name, as for :func:`plan`.
+        fans: ``(fan_in, fan_out)`` overriding the layer's fans.
+        **settings: The initializer's keywords, as for :func:`plan`.
+
+    Returns:
+        The std of every weight block of ``layer`` (the formulas of :mod:`signalprop.init.schemes`).
+
+    Raises:
+        SignalpropError: The layer's blocks get different stds (use :func:`plan` to see each), or the
+            layer type has no fan rule.
+
+    Examples:
+        He et al. (2015), ``std = sqrt(2 / fan_in)`` with the effective fan-in (a transposed convolution
+        of stride 2 gathers half the taps PyTorch's shape rule counts):
+
+        >>> round(target_std(nn.Conv2d(64, 128, 3), "he"), 5)  # sqrt(2 / (64 * 9))
+        0.05893
+        >>> round(target_std(nn.ConvTranspose2d(256, 128, 4, stride=2), "he"), 5)  # sqrt(2 / 1024)
+        0.04419
     """
     _check_layer(layer, "target_std")
     if fans is None and not has_fan_rule(layer):
@@ -427,6 +492,28 @@ def draw_std_(
     spread of singular values. With ``fan_in``, ``std`` is meant for a block of that fan-in and a block of
     another fan-in gets ``std * sqrt(fan_in / its fan_in)`` (attention's k and v with their own kdim, vdim).
     Goes through a parametrization like every initializer here.
+
+    Args:
+        layer: One weight layer.
+        std: The entries' standard deviation, positive and finite.
+        distribution: ``normal``, ``uniform``, ``truncated_normal`` or ``orthogonal``.
+        generator: The random generator to draw from.
+        zero_bias: Zero the biases.
+        fan_in: The fan-in ``std`` is meant for, when the layer's blocks differ in fan-in.
+
+    Returns:
+        ``layer``, drawn in place.
+
+    Raises:
+        SignalpropError: A non-positive or non-finite std, or a parametrization that fixes the scale.
+
+    Examples:
+        An orthogonal draw has exactly the root mean square entry asked for:
+
+        >>> layer = draw_std_(nn.Linear(256, 128), 0.05, distribution="orthogonal",
+        ...                   generator=torch.Generator().manual_seed(0))
+        >>> round(float(layer.weight.detach().pow(2).mean().sqrt()), 6)
+        0.05
     """
     if not (math.isfinite(std) and std > 0):
         raise SignalpropError(f"draw_std_ needs a positive finite std, got {std!r}")
@@ -465,9 +552,28 @@ def he_(
     :func:`signalprop.theory.gain`, ``1/sqrt(E[act(z)^2])``. ``distribution``: normal, uniform,
     truncated_normal (all with exactly that std).
 
-    >>> net = he_(nn.Sequential(nn.Linear(512, 512), nn.ReLU()), generator=torch.Generator().manual_seed(0))
-    >>> round(float(net[0].weight.detach().std() * 512 ** 0.5), 2), float(net[0].bias.detach().abs().max())
-    (1.41, 0.0)
+    Args:
+        m: One layer or a whole model (then every weight layer in it).
+        mode: ``fan_in`` (keep activations) or ``fan_out`` (keep gradients).
+        nonlinearity: The activation after the layer: a name, a tensor callable or an ``nn.Module``.
+        distribution: ``normal``, ``uniform`` or ``truncated_normal``.
+        zero_bias: Zero the biases (else leave them as they are).
+        fans: ``(fan_in, fan_out)`` overriding the fans of a single layer (and initializing a layer type
+            signalprop has no fan rule for).
+        generator: The random generator to draw from (a seeded one gives the same weights on every device).
+
+    Returns:
+        ``m``, initialized in place.
+
+    Raises:
+        SignalpropError: An unknown setting or layer type; nothing is written then.
+
+    Examples:
+        ``std = sqrt(2) / sqrt(512)``, so ``std * sqrt(fan_in)`` is close to ``sqrt(2) = 1.41``:
+
+        >>> net = he_(nn.Sequential(nn.Linear(512, 512), nn.ReLU()), generator=torch.Generator().manual_seed(0))
+        >>> round(float(net[0].weight.detach().std() * 512 ** 0.5), 2), float(net[0].bias.detach().abs().max())
+        (1.41, 0.0)
     """
     return _run(m, "he", {"mode": mode, "nonlinearity": nonlinearity, "distribution": distribution},
                 zero_bias=zero_bias, fans=fans, generator=generator)
@@ -486,6 +592,31 @@ def glorot_(
 
     The compromise between keeping activations (``1/fan_in``) and gradients (``1/fan_out``) for symmetric
     activations near the identity. ``gain`` is a number or an activation (then :func:`theory.gain`).
+
+    Args:
+        m: One layer or a whole model (then every weight layer in it).
+        distribution: ``uniform`` (Glorot's ``U(-b, b)``, ``b = gain * sqrt(6 / (fan_in + fan_out))``),
+            ``normal`` or ``truncated_normal``.
+        gain: A positive number, or an activation whose :func:`signalprop.theory.gain` is used.
+        zero_bias: Zero the biases (else leave them as they are).
+        fans: ``(fan_in, fan_out)`` overriding the fans of a single layer (and initializing a layer type
+            signalprop has no fan rule for).
+        generator: The random generator to draw from (a seeded one gives the same weights on every device).
+
+    Returns:
+        ``m``, initialized in place.
+
+    Raises:
+        SignalpropError: An unknown setting or layer type; nothing is written then.
+
+    Examples:
+        ``Linear(300, 100)``: ``b = sqrt(6 / 400) = 0.1225``, no entry beyond it:
+
+        >>> layer = glorot_(nn.Linear(300, 100), generator=torch.Generator().manual_seed(0))
+        >>> bool(layer.weight.detach().abs().max() <= (6 / 400) ** 0.5)
+        True
+        >>> round(target_std(nn.Linear(300, 100), "glorot"), 4)  # sqrt(2 / 400)
+        0.0707
     """
     return _run(m, "glorot", {"distribution": distribution, "gain": gain},
                 zero_bias=zero_bias, fans=fans, generator=generator)
@@ -499,7 +630,32 @@ def lecun_(
     fans: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> M:
-    """LeCun et al. (1998): weight std ``1 / sqrt(fan_in)``; with SELU, self-normalizing (Klambauer et al. 2017)."""
+    """LeCun et al. (1998): weight std ``1 / sqrt(fan_in)``; with SELU, self-normalizing (Klambauer et al. 2017).
+
+    Keeps the second moment of a linear (or SELU, tanh near 0) layer's output equal to its input's
+    (LeCun et al. 1998, "Efficient BackProp", Sec. 4.6).
+
+    Args:
+        m: One layer or a whole model (then every weight layer in it).
+        distribution: ``normal``, ``uniform`` (``b = sqrt(3 / fan_in)``) or ``truncated_normal``.
+        zero_bias: Zero the biases (else leave them as they are).
+        fans: ``(fan_in, fan_out)`` overriding the fans of a single layer (and initializing a layer type
+            signalprop has no fan rule for).
+        generator: The random generator to draw from (a seeded one gives the same weights on every device).
+
+    Returns:
+        ``m``, initialized in place.
+
+    Raises:
+        SignalpropError: An unknown setting or layer type; nothing is written then.
+
+    Examples:
+        >>> [round(s.std, 4) for s in plan(nn.Linear(256, 128), "lecun")]  # 1 / sqrt(256)
+        [0.0625]
+        >>> net = lecun_(nn.Sequential(nn.Linear(256, 128), nn.SELU()))
+        >>> float(net[0].bias.detach().abs().max())
+        0.0
+    """
     return _run(m, "lecun", {"distribution": distribution},
                 zero_bias=zero_bias, fans=fans, generator=generator)
 
@@ -518,6 +674,31 @@ def variance_scaling_(
 
     ``truncated_normal`` cuts at two underlying standard deviations and widens by 1/0.87962566 first, so the
     variance is exactly ``scale / fan`` (as Keras does since 2.3).
+
+    Args:
+        m: One layer or a whole model (then every weight layer in it).
+        scale: The variance numerator, a positive number.
+        mode: ``fan_in``, ``fan_out`` or ``fan_avg`` (``(fan_in + fan_out) / 2``).
+        distribution: ``truncated_normal``, ``normal`` or ``uniform``.
+        zero_bias: Zero the biases (else leave them as they are).
+        fans: ``(fan_in, fan_out)`` overriding the fans of a single layer (and initializing a layer type
+            signalprop has no fan rule for).
+        generator: The random generator to draw from (a seeded one gives the same weights on every device).
+
+    Returns:
+        ``m``, initialized in place.
+
+    Raises:
+        SignalpropError: An unknown setting or layer type; nothing is written then.
+
+    Examples:
+        ``Linear(200, 100)`` with ``scale=2, mode="fan_avg"``: ``std = sqrt(2 / 150)``:
+
+        >>> [round(s.std, 4) for s in plan(nn.Linear(200, 100), "variance_scaling", scale=2.0, mode="fan_avg")]
+        [0.1155]
+        >>> layer = variance_scaling_(nn.Linear(200, 100), scale=2.0, generator=torch.Generator().manual_seed(0))
+        >>> bool(layer.weight.detach().abs().max() <= 2 * (2 / 200) ** 0.5 / 0.87962566)  # the cut at 2
+        True
     """
     return _run(m, "variance_scaling", {"scale": scale, "mode": mode, "distribution": distribution},
                 zero_bias=zero_bias, fans=fans, generator=generator)
@@ -534,6 +715,23 @@ def orthogonal_(
 
     (``W^T W = gain^2 I`` when it has more rows than columns.) Grouped convolutions get one orthogonal
     matrix per group; attention's q, k and v one each.
+
+    Args:
+        m: One layer or a whole model (then every weight layer in it).
+        gain: A positive number, or an activation whose :func:`signalprop.theory.gain` is used.
+        zero_bias: Zero the biases (else leave them as they are).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``m``, initialized in place.
+
+    Examples:
+        >>> layer = orthogonal_(nn.Linear(64, 32), generator=torch.Generator().manual_seed(0))
+        >>> w = layer.weight.detach()
+        >>> torch.allclose(w @ w.T, torch.eye(32), atol=1e-5)
+        True
+        >>> round(plan(nn.Linear(64, 32), "orthogonal")[0].std, 4)  # root mean square entry 1 / sqrt(64)
+        0.125
     """
     return _run(m, "orthogonal", {"gain": gain}, zero_bias=zero_bias, fans=None, generator=generator)
 
@@ -550,6 +748,22 @@ def delta_orthogonal_(
     A convolution so initialized (with ``out_channels >= in_channels / groups``) preserves the norm of any
     input away from the border; with ``gain = theory.gain(act)`` and the right activation this is the
     dynamical-isometry init that trains 10,000-layer CNNs. Layers without a kernel get :func:`orthogonal_`.
+
+    Args:
+        m: One layer or a whole model (then every weight layer in it).
+        gain: A positive number, or an activation whose :func:`signalprop.theory.gain` is used.
+        zero_bias: Zero the biases (else leave them as they are).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``m``, initialized in place.
+
+    Examples:
+        >>> conv = delta_orthogonal_(nn.Conv2d(16, 32, 3), generator=torch.Generator().manual_seed(0))
+        >>> w = conv.weight.detach()
+        >>> centre = w[:, :, 1, 1]
+        >>> float(w[:, :, 0, 0].abs().max()), torch.allclose(centre.T @ centre, torch.eye(16), atol=1e-5)
+        (0.0, True)
     """
     return _run(m, "delta_orthogonal", {"gain": gain}, zero_bias=zero_bias, fans=None, generator=generator)
 

@@ -65,6 +65,20 @@ class WeightBlock:
     ``groups`` splits the block further into that many equal matrices along dim 0 for the orthogonal schemes
     (grouped convolutions: each group is its own map); ``out_dim`` is the dimension that indexes output
     units (1 for transformers' Conv1D and for transposed convolutions, 0 otherwise).
+
+    Attributes:
+        param: The parameter's name on the layer.
+        fan_in: Inputs per output unit (He et al. 2015, Sec. 2.2; the module docstring has each rule).
+        fan_out: Outputs per input unit.
+        rows: The block's range of dim 0, or None for the whole parameter.
+        groups: Equal independent matrices along dim 0 (grouped convolutions).
+        out_dim: The dimension that indexes output units.
+
+    Examples:
+        A grouped convolution: each output sees ``32/4 * 9 = 72`` inputs, each input feeds ``64/4 * 9``:
+
+        >>> weight_blocks(nn.Conv2d(32, 64, 3, groups=4))
+        [WeightBlock(param='weight', fan_in=72, fan_out=144, rows=None, groups=4, out_dim=0)]
     """
 
     param: str
@@ -175,16 +189,29 @@ def register_fans(layer_type: type | str, rule: FanRule, *, param: str = "weight
     ``w``); its first dimension must index the output units, as in ``nn.Linear`` (``[out, in]``) and
     ``nn.Conv2d`` (``[out, in, *kernel]``). A registration replaces the built-in rule for that type.
 
-    >>> class Scale(nn.Module):
-    ...     def __init__(self): super().__init__(); self.weight = nn.Parameter(torch.empty(8, 4))
-    >>> register_fans(Scale, lambda m: (4, 8))
-    >>> fans(Scale())
-    (4, 8)
-    >>> class MyLinear(nn.Module):
-    ...     def __init__(self): super().__init__(); self.w = nn.Parameter(torch.empty(8, 4))
-    >>> register_fans(MyLinear, lambda m: (m.w.shape[1], m.w.shape[0]), param="w")
-    >>> weight_blocks(MyLinear())[0].param
-    'w'
+    Args:
+        layer_type: An ``nn.Module`` subclass (its subclasses inherit the rule) or a class name.
+        rule: ``rule(layer) -> (fan_in, fan_out)``, two positive numbers.
+        param: The name of the tensor the initializers draw; its dim 0 indexes output units.
+
+    Returns:
+        None; the rule is used from then on by :func:`fans`, :func:`weight_blocks` and every initializer.
+
+    Raises:
+        SignalpropError: ``rule`` is not callable, ``param`` is not an identifier, or ``layer_type`` is
+            neither a module class nor a name.
+
+    Examples:
+        >>> class Scale(nn.Module):
+        ...     def __init__(self): super().__init__(); self.weight = nn.Parameter(torch.empty(8, 4))
+        >>> register_fans(Scale, lambda m: (4, 8))
+        >>> fans(Scale())
+        (4, 8)
+        >>> class MyLinear(nn.Module):
+        ...     def __init__(self): super().__init__(); self.w = nn.Parameter(torch.empty(8, 4))
+        >>> register_fans(MyLinear, lambda m: (m.w.shape[1], m.w.shape[0]), param="w")
+        >>> weight_blocks(MyLinear())[0].param
+        'w'
     """
     if not callable(rule):
         raise SignalpropError(
@@ -233,9 +260,21 @@ def _rule_for(m: nn.Module) -> Callable[[nn.Module], list[WeightBlock]] | None:
 
 
 def has_fan_rule(m: nn.Module) -> bool:
-    """True when ``m`` is a weight layer whose type has a fan rule (built in or registered) and its weight:
-    the layers init can draw. A weight layer (:func:`signalprop.layers.is_weight_layer`) without one
-    needs ``register_fans``."""
+    """True when ``m`` is a weight layer whose type has a fan rule (built in or registered) and its weight.
+
+    These are the layers init can draw. A weight layer (:func:`signalprop.layers.is_weight_layer`) without
+    one needs :func:`register_fans`.
+
+    Args:
+        m: Any module.
+
+    Returns:
+        Whether :func:`weight_blocks` gives ``m``'s blocks.
+
+    Examples:
+        >>> has_fan_rule(nn.Linear(2, 3)), has_fan_rule(nn.LayerNorm(3)), has_fan_rule(nn.ReLU())
+        (True, False, False)
+    """
     rule = _rule_for(m)
     if rule is None:
         return False
@@ -276,7 +315,25 @@ def weight_blocks(layer: nn.Module) -> list[WeightBlock]:
     """The independently initialized blocks of ``layer``'s weight, each with its effective fans.
 
     One block for most layers; three (q, k, v) for ``nn.MultiheadAttention``; one per gate and weight
-    matrix for RNN/LSTM/GRU. Raises for a layer type without a rule and for a layer without its weight.
+    matrix for RNN/LSTM/GRU.
+
+    Args:
+        layer: One weight layer.
+
+    Returns:
+        The :class:`WeightBlock` list, with fans by the rules of the module docstring.
+
+    Raises:
+        SignalpropError: A layer type without a fan rule (the message gives the :func:`register_fans`
+            call), a layer without its weight, a lazy layer before its first forward.
+
+    Examples:
+        Attention with ``kdim=8``: the key projection has fan_in 8, the query and value ones 16:
+
+        >>> [(b.param, b.fan_in) for b in weight_blocks(nn.MultiheadAttention(16, 2, kdim=8))]
+        [('q_proj_weight', 16), ('k_proj_weight', 8), ('v_proj_weight', 16)]
+        >>> [b.rows for b in weight_blocks(nn.LSTM(8, 16))][:4]  # input, forget, cell, output gates
+        [(0, 16), (16, 32), (32, 48), (48, 64)]
     """
     layer = _check_layer(layer, "weight_blocks")
     rule = _rule_for(layer)
@@ -311,10 +368,23 @@ def fans(layer: nn.Module) -> tuple[float, float]:
     mean count as a ``float``. For ``nn.MultiheadAttention`` this is the query projection's ``(E, E)``
     (the k and v blocks agree unless ``kdim``/``vdim`` differ; :func:`weight_blocks` lists all three).
 
-    >>> fans(nn.ConvTranspose2d(256, 128, 4, stride=2))
-    (1024, 2048)
-    >>> fans(nn.Conv2d(32, 32, 3, groups=32))
-    (9, 9)
+    Args:
+        layer: One weight layer.
+
+    Returns:
+        ``(fan_in, fan_out)`` of its first weight block.
+
+    Raises:
+        SignalpropError: As :func:`weight_blocks`.
+
+    Examples:
+        A stride-2 transposed convolution gathers ``128 * 16 / 4`` taps per output, not PyTorch's 2048;
+        a depthwise convolution sees one channel's 3x3 window:
+
+        >>> fans(nn.ConvTranspose2d(256, 128, 4, stride=2))
+        (1024, 2048)
+        >>> fans(nn.Conv2d(32, 32, 3, groups=32))
+        (9, 9)
     """
     b = weight_blocks(layer)[0]
     return (b.fan_in, b.fan_out)
@@ -330,6 +400,18 @@ def weight_layers(model: nn.Module, *, strict: bool = False) -> Iterator[tuple[s
     layer used through ``F.linear``) raises :class:`~signalprop.SignalpropError` naming ``register_fans``;
     one holding other tensors of two or more dimensions (a class token, a position table) gets an
     :class:`UnplannedLayerWarning` naming them.
+
+    Args:
+        model: A layer or a model.
+        strict: Raise (or warn) for weight layers without a fan rule instead of skipping them.
+
+    Yields:
+        ``(qualified_name, module)`` pairs; the name is ``""`` for ``model`` itself.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LayerNorm(8), nn.Linear(8, 2))
+        >>> [name for name, _ in weight_layers(net)]
+        ['0', '3']
     """
     model = _check_layer(model, "weight_layers")
     left: list[str] = []
@@ -346,7 +428,18 @@ def weight_layers(model: nn.Module, *, strict: bool = False) -> Iterator[tuple[s
 
 
 class UnplannedLayerWarning(UserWarning):
-    """A weight layer was left as it is because no fan rule knows its type (the message names the fix)."""
+    """A weight layer was left as it is because no fan rule knows its type (the message names the fix).
+
+    Examples:
+        >>> import warnings
+        >>> class Tokens(nn.Module):
+        ...     def __init__(self): super().__init__(); self.cls = nn.Parameter(torch.zeros(2, 8))
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = list(weight_layers(nn.Sequential(nn.Linear(8, 8), Tokens()), strict=True))
+        >>> [type(w.message).__name__ for w in caught]
+        ['UnplannedLayerWarning']
+    """
 
 
 def unplanned(name: str, m: nn.Module) -> str:
@@ -356,12 +449,20 @@ def unplanned(name: str, m: nn.Module) -> str:
     = output units: fan_in = one row's size, fan_out = rows x kernel size) and names it with ``param=``
     when it is not called ``weight``.
 
-    >>> class MyLinear(nn.Module):
-    ...     def __init__(self): super().__init__(); self.w = nn.Parameter(torch.empty(8, 4))
-    >>> print(unplanned("fc", MyLinear()))  # doctest: +NORMALIZE_WHITESPACE
-    fc (MyLinear: w (8, 4)) left as it is: no fan rule for MyLinear;
-    sp.init.register_fans(MyLinear, lambda m: (m.w.shape[1], m.w.shape[0]), param="w") to draw it
-    (rows of w = output units)
+    Args:
+        name: The layer's qualified name (``""``: the model itself).
+        m: The layer.
+
+    Returns:
+        The sentence.
+
+    Examples:
+        >>> class MyLinear(nn.Module):
+        ...     def __init__(self): super().__init__(); self.w = nn.Parameter(torch.empty(8, 4))
+        >>> print(unplanned("fc", MyLinear()))  # doctest: +NORMALIZE_WHITESPACE
+        fc (MyLinear: w (8, 4)) left as it is: no fan rule for MyLinear;
+        sp.init.register_fans(MyLinear, lambda m: (m.w.shape[1], m.w.shape[0]), param="w") to draw it
+        (rows of w = output units)
     """
     return f"{name or '<model>'} ({_tensors(m)}) left as it is: no fan rule for {type(m).__name__}; " \
         f"{register_call(m)} to draw it{_rows_note(m)}"
@@ -373,6 +474,18 @@ def register_call(m: nn.Module) -> str:
     The rule reads the fans off ``m``'s first weight tensor (:func:`signalprop.layers.weight_names`) the way
     PyTorch reads a Linear or Conv weight ``[out, in, *kernel]``; ``param=`` names the tensor when it is not
     called ``weight``.
+
+    Args:
+        m: A layer of a type without a fan rule.
+
+    Returns:
+        The call, as Python source.
+
+    Examples:
+        >>> class Gate(nn.Module):
+        ...     def __init__(self): super().__init__(); self.weight = nn.Parameter(torch.empty(8, 4))
+        >>> register_call(Gate())
+        'sp.init.register_fans(Gate, lambda m: (m.weight.shape[1], m.weight.shape[0]))'
     """
     kind = type(m).__name__
     names = weight_names(m)

@@ -35,7 +35,25 @@ __all__ = ["recurrent_", "recurrent_plan"]
 
 
 def recurrent_plan(layer: nn.Module, name: str = "") -> list[InitStep]:
-    """The per-gate steps :func:`recurrent_` writes into one RNN/LSTM/GRU, as data (the layer is untouched)."""
+    """The per-gate steps :func:`recurrent_` writes into one RNN/LSTM/GRU, as data (the layer is untouched).
+
+    Args:
+        layer: An ``nn.RNN``, ``nn.LSTM`` or ``nn.GRU``.
+        name: The layer's qualified name, for the steps.
+
+    Returns:
+        One :class:`~signalprop.init.InitStep` per gate and weight matrix.
+
+    Raises:
+        SignalpropError: ``layer`` is not a recurrent layer.
+
+    Examples:
+        A GRU(4, 8): input gates ``N(0, 1/4)`` (LeCun et al. 1998), recurrent gates orthogonal, whose root
+        mean square entry is ``1/sqrt(8)``:
+
+        >>> [(s.param, s.scheme, round(s.std, 4)) for s in recurrent_plan(nn.GRU(4, 8))][2:4]
+        [('weight_ih_l0', 'lecun', 0.5), ('weight_hh_l0', 'orthogonal', 0.3536)]
+    """
     if not isinstance(layer, nn.RNNBase):
         raise SignalpropError(f"recurrent_plan needs an nn.RNN, nn.LSTM or nn.GRU, got {type(layer).__name__}")
     gain = math.sqrt(2.0) if getattr(layer, "nonlinearity", "tanh") == "relu" else 1.0
@@ -55,17 +73,30 @@ def recurrent_(
     forget_bias: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> M:
-    """Initialize every RNN/LSTM/GRU in ``m`` (a layer or a model): LeCun input weights, orthogonal recurrent
-    weights, per gate; zero biases, LSTM forget gate ``forget_bias`` (see the module docstring).
+    """Initialize every RNN/LSTM/GRU in ``m``: LeCun input weights, orthogonal recurrent weights, per gate.
 
-    Examples
-    --------
-    >>> lstm = recurrent_(nn.LSTM(8, 16), generator=torch.Generator().manual_seed(0))
-    >>> w = lstm.weight_hh_l0.detach()[16:32]  # the forget gate's recurrent matrix
-    >>> bool(torch.allclose(w @ w.T, torch.eye(16), atol=1e-5))
-    True
-    >>> float(lstm.bias_ih_l0.detach()[16:32].mean() + lstm.bias_hh_l0.detach()[16:32].mean())
-    1.0
+    Input weights ``N(0, 1 / fan_in)`` (LeCun et al. 1998; ``2 / fan_in`` for a relu RNN, He et al.
+    2015), recurrent weights orthogonal (Saxe et al. 2014), zero biases except an LSTM's forget gate,
+    ``forget_bias`` (Jozefowicz et al. 2015); the module docstring says why each.
+
+    Args:
+        m: A recurrent layer or a model holding some; other layers are left as they are.
+        forget_bias: The LSTM forget gate's bias (``bias_ih`` gets it, ``bias_hh`` 0, so they sum to it).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``m``, initialized in place.
+
+    Raises:
+        SignalpropError: ``m`` holds no ``nn.RNN``, ``nn.LSTM`` or ``nn.GRU``.
+
+    Examples:
+        >>> lstm = recurrent_(nn.LSTM(8, 16), generator=torch.Generator().manual_seed(0))
+        >>> w = lstm.weight_hh_l0.detach()[16:32]  # the forget gate's recurrent matrix
+        >>> bool(torch.allclose(w @ w.T, torch.eye(16), atol=1e-5))
+        True
+        >>> float(lstm.bias_ih_l0.detach()[16:32].mean() + lstm.bias_hh_l0.detach()[16:32].mean())
+        1.0
     """
     _check_layer(m, "recurrent_")
     if not (isinstance(forget_bias, int | float) and math.isfinite(forget_bias)):

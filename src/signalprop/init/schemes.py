@@ -74,7 +74,21 @@ def _check_tensor(t: object, what: str) -> torch.Tensor:
 
 
 def default_fans(t: torch.Tensor) -> tuple[float, float]:
-    """PyTorch's shape rule: ``(size(1) * receptive, size(0) * receptive)``; right for Linear and stride 1."""
+    """PyTorch's shape rule: ``(size(1) * receptive, size(0) * receptive)``; right for Linear and stride 1.
+
+    Args:
+        t: A tensor of at least 2 dimensions, ``[out, in, *kernel]``.
+
+    Returns:
+        ``(fan_in, fan_out)``.
+
+    Raises:
+        SignalpropError: Fewer than 2 dimensions.
+
+    Examples:
+        >>> default_fans(torch.empty(128, 64, 3, 3))
+        (576, 1152)
+    """
     if t.ndim < 2:
         raise SignalpropError(
             f"cannot read fans off a tensor of shape {tuple(t.shape)} (it needs at least 2 dimensions); "
@@ -125,25 +139,81 @@ def _as_gain(gain: float | ActLike) -> float:
 
 # ---- standard deviations (the plan; no tensor touched) -------------------------------------------
 def he_std(fan_in: float, fan_out: float, *, mode: str = "fan_in", nonlinearity: ActLike = "relu") -> float:
-    """He et al. (2015): ``std = gain(act) / sqrt(fan)``; mode fan_in keeps activations, fan_out gradients."""
+    """He et al. (2015): ``std = gain(act) / sqrt(fan)``; mode fan_in keeps activations, fan_out gradients.
+
+    Args:
+        fan_in: Inputs per output unit.
+        fan_out: Outputs per input unit.
+        mode: ``fan_in`` (Eq. 10) or ``fan_out`` (Eq. 14).
+        nonlinearity: The activation; its gain is :func:`signalprop.theory.gain`.
+
+    Returns:
+        The std.
+
+    Examples:
+        >>> round(he_std(576, 1152), 5), round(he_std(576, 1152, mode="fan_out"), 5)  # sqrt(2/576), sqrt(2/1152)
+        (0.05893, 0.04167)
+    """
     if _pick(mode, MODES, "mode") == "fan_avg":
         raise SignalpropError("He init takes mode 'fan_in' or 'fan_out'; for 'fan_avg' use variance_scaling_")
     return theory.gain(nonlinearity) / math.sqrt(_fan(fan_in, fan_out, mode))
 
 
 def glorot_std(fan_in: float, fan_out: float, *, gain: float | ActLike = 1.0) -> float:
-    """Glorot & Bengio (2010), Eq. 16: ``std = gain * sqrt(2 / (fan_in + fan_out))``."""
+    """Glorot & Bengio (2010), Eq. 16: ``std = gain * sqrt(2 / (fan_in + fan_out))``.
+
+    Args:
+        fan_in: Inputs per output unit.
+        fan_out: Outputs per input unit.
+        gain: A positive number or an activation (:func:`signalprop.theory.gain`).
+
+    Returns:
+        The std.
+
+    Examples:
+        >>> round(glorot_std(300, 100), 4)  # sqrt(2 / 400)
+        0.0707
+    """
     return _as_gain(gain) * math.sqrt(2.0 / (fan_in + fan_out))
 
 
 def lecun_std(fan_in: float, fan_out: float) -> float:
-    """LeCun et al. (1998): ``std = 1 / sqrt(fan_in)`` (SELU's self-normalizing init, Klambauer et al. 2017)."""
+    """LeCun et al. (1998): ``std = 1 / sqrt(fan_in)`` (SELU's self-normalizing init, Klambauer et al. 2017).
+
+    Args:
+        fan_in: Inputs per output unit.
+        fan_out: Outputs per input unit.
+
+    Returns:
+        The std.
+
+    Examples:
+        >>> lecun_std(256, 10)
+        0.0625
+    """
     del fan_out
     return 1.0 / math.sqrt(fan_in)
 
 
 def variance_scaling_std(fan_in: float, fan_out: float, *, scale: float = 1.0, mode: str = "fan_in") -> float:
-    """Keras' ``VarianceScaling``: ``std = sqrt(scale / fan)``, fan = fan_in, fan_out or (fan_in + fan_out) / 2."""
+    """Keras' ``VarianceScaling``: ``std = sqrt(scale / fan)``, fan = fan_in, fan_out or (fan_in + fan_out) / 2.
+
+    Args:
+        fan_in: Inputs per output unit.
+        fan_out: Outputs per input unit.
+        scale: The variance numerator, positive.
+        mode: ``fan_in``, ``fan_out`` or ``fan_avg``.
+
+    Returns:
+        The std.
+
+    Raises:
+        SignalpropError: A non-positive scale or an unknown mode.
+
+    Examples:
+        >>> round(variance_scaling_std(200, 100, scale=2.0, mode="fan_avg"), 4)  # sqrt(2 / 150)
+        0.1155
+    """
     if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0 and math.isfinite(scale)):
         raise SignalpropError(f"scale must be a positive finite number, got {scale!r}")
     return math.sqrt(float(scale) / _fan(fan_in, fan_out, mode))
@@ -154,6 +224,18 @@ def orthogonal_std(rows: int, cols: int, *, gain: float = 1.0) -> float:
 
     ``min(rows, cols)`` singular values equal ``gain``, so the sum of squares is ``gain^2 min(rows, cols)``
     and the mean square ``gain^2 / max(rows, cols)``.
+
+    Args:
+        rows: Rows (output units).
+        cols: Columns.
+        gain: The singular value.
+
+    Returns:
+        The root mean square entry, ``gain / sqrt(max(rows, cols))``.
+
+    Examples:
+        >>> orthogonal_std(32, 64), orthogonal_std(64, 32, gain=2.0)
+        (0.125, 0.25)
     """
     return _as_gain(gain) / math.sqrt(max(rows, cols))
 
@@ -166,6 +248,22 @@ def writable(t: torch.Tensor, generator: torch.Generator | None) -> Iterator[tor
     ``t`` itself when it is a plain contiguous float32/float64 tensor on the generator's device; a meta
     scratch (sampling is a no-op) when ``t`` is on the meta device; else a float32/float64 scratch tensor on the generator's device, copied into
     ``t`` afterwards; for a DTensor the scratch has the *global* shape and ``t`` receives its own shard.
+
+    Args:
+        t: The tensor to fill.
+        generator: The generator the draw will use (its device decides where the scratch lives).
+
+    Yields:
+        The tensor to sample into.
+
+    Examples:
+        A bfloat16 tensor gets a float32 scratch, copied in on exit:
+
+        >>> t = torch.zeros(3, dtype=torch.bfloat16)
+        >>> with writable(t, None) as full:
+        ...     _ = full.fill_(1.5)
+        >>> full.dtype, t.tolist()
+        (torch.float32, [1.5, 1.5, 1.5])
     """
     from ._dtensor import copy_shard_, is_dtensor, shared_generator
 
@@ -216,6 +314,23 @@ def sample_(
 
     ``distribution``: ``normal``, ``uniform`` (bound sqrt(3) std) or ``truncated_normal`` (cut at 2 of its
     own standard deviations, widened by 1/0.87962566 so the variance is exactly std^2).
+
+    Args:
+        tensor: A floating-point tensor.
+        std: The standard deviation, finite and non-negative.
+        distribution: ``normal``, ``uniform`` or ``truncated_normal``.
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Raises:
+        SignalpropError: A non-float tensor, an unknown distribution or a bad std.
+
+    Examples:
+        >>> w = sample_(torch.empty(1000, 100), 0.5, "uniform", generator=torch.Generator().manual_seed(0))
+        >>> bool(w.abs().max() <= 0.5 * 3 ** 0.5)  # U(-sqrt(3) std, sqrt(3) std)
+        True
     """
     tensor = _check_tensor(tensor, "sample_")
     _pick(distribution, DISTRIBUTIONS, "distribution")
@@ -248,11 +363,24 @@ def he_normal_(
     fans: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """He et al. (2015): ``N(0, gain(nonlinearity)^2 / fan)``. ``nonlinearity``: name, callable or module.
+    """He et al. (2015), Eq. 10: ``N(0, gain(nonlinearity)^2 / fan)``; relu's gain is ``sqrt(2)``.
 
-    >>> w = he_normal_(torch.empty(256, 512), generator=torch.Generator().manual_seed(0))
-    >>> round(float(w.std() * 512 ** 0.5), 1)
-    1.4
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions (or any shape with ``fans``).
+        mode: ``fan_in`` (keep activations) or ``fan_out`` (keep gradients).
+        nonlinearity: The activation after the layer: a name, a tensor callable or an ``nn.Module``; its
+            gain is :func:`signalprop.theory.gain`.
+        fans: ``(fan_in, fan_out)``; default: PyTorch's reading of the shape (dim 0 outputs, dim 1 inputs,
+            the rest the receptive field).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = he_normal_(torch.empty(256, 512), generator=torch.Generator().manual_seed(0))
+        >>> round(float(w.std() * 512 ** 0.5), 1)  # sqrt(2)
+        1.4
     """
     return _scheme(lambda fi, fo: he_std(fi, fo, mode=mode, nonlinearity=nonlinearity), "normal")(
         tensor, fans=fans, generator=generator
@@ -267,7 +395,27 @@ def he_uniform_(
     fans: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """He et al. (2015) with ``U(-b, b)``, ``b = sqrt(3) * gain(nonlinearity) / sqrt(fan)``."""
+    """He et al. (2015) with ``U(-b, b)``, ``b = sqrt(3) * gain(nonlinearity) / sqrt(fan)``.
+
+    The uniform distribution on ``[-b, b]`` has std ``b / sqrt(3)``, so this is the std of :func:`he_normal_`.
+
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions (or any shape with ``fans``).
+        mode: ``fan_in`` (keep activations) or ``fan_out`` (keep gradients).
+        nonlinearity: The activation after the layer: a name, a tensor callable or an ``nn.Module``; its
+            gain is :func:`signalprop.theory.gain`.
+        fans: ``(fan_in, fan_out)``; default: PyTorch's reading of the shape (dim 0 outputs, dim 1 inputs,
+            the rest the receptive field).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = he_uniform_(torch.empty(256, 512), generator=torch.Generator().manual_seed(0))
+        >>> bool(w.abs().max() <= 3 ** 0.5 * (2 / 512) ** 0.5)
+        True
+    """
     return _scheme(lambda fi, fo: he_std(fi, fo, mode=mode, nonlinearity=nonlinearity), "uniform")(
         tensor, fans=fans, generator=generator
     )
@@ -280,7 +428,23 @@ def glorot_normal_(
     fans: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Glorot & Bengio (2010): ``N(0, gain^2 * 2 / (fan_in + fan_out))``."""
+    """Glorot & Bengio (2010), Eq. 16 with a normal draw: ``N(0, gain^2 * 2 / (fan_in + fan_out))``.
+
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions (or any shape with ``fans``).
+        gain: A positive number, or an activation whose :func:`signalprop.theory.gain` is used.
+        fans: ``(fan_in, fan_out)``; default: PyTorch's reading of the shape (dim 0 outputs, dim 1 inputs,
+            the rest the receptive field).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = glorot_normal_(torch.empty(256, 512), generator=torch.Generator().manual_seed(0))
+        >>> round(float(w.std() * (768 / 2) ** 0.5), 1)  # std sqrt(2 / (512 + 256))
+        1.0
+    """
     return _scheme(lambda fi, fo: glorot_std(fi, fo, gain=gain), "normal")(tensor, fans=fans, generator=generator)
 
 
@@ -291,7 +455,23 @@ def glorot_uniform_(
     fans: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Glorot & Bengio (2010), Eq. 16: ``U(-b, b)``, ``b = gain * sqrt(6 / (fan_in + fan_out))``."""
+    """Glorot & Bengio (2010), Eq. 16: ``U(-b, b)``, ``b = gain * sqrt(6 / (fan_in + fan_out))``.
+
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions (or any shape with ``fans``).
+        gain: A positive number, or an activation whose :func:`signalprop.theory.gain` is used.
+        fans: ``(fan_in, fan_out)``; default: PyTorch's reading of the shape (dim 0 outputs, dim 1 inputs,
+            the rest the receptive field).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = glorot_uniform_(torch.empty(100, 300), generator=torch.Generator().manual_seed(0))
+        >>> bool(w.abs().max() <= (6 / 400) ** 0.5)
+        True
+    """
     return _scheme(lambda fi, fo: glorot_std(fi, fo, gain=gain), "uniform")(tensor, fans=fans, generator=generator)
 
 
@@ -301,7 +481,22 @@ def lecun_normal_(
     fans: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """LeCun et al. (1998): ``N(0, 1 / fan_in)``."""
+    """LeCun et al. (1998), "Efficient BackProp", Sec. 4.6: ``N(0, 1 / fan_in)``.
+
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions (or any shape with ``fans``).
+        fans: ``(fan_in, fan_out)``; default: PyTorch's reading of the shape (dim 0 outputs, dim 1 inputs,
+            the rest the receptive field).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = lecun_normal_(torch.empty(256, 512), generator=torch.Generator().manual_seed(0))
+        >>> round(float(w.std() * 512 ** 0.5), 1)  # std 1 / sqrt(512)
+        1.0
+    """
     return _scheme(lecun_std, "normal")(tensor, fans=fans, generator=generator)
 
 
@@ -311,7 +506,22 @@ def lecun_uniform_(
     fans: tuple[float, float] | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """LeCun et al. (1998): ``U(-b, b)``, ``b = sqrt(3 / fan_in)``."""
+    """LeCun et al. (1998): ``U(-b, b)``, ``b = sqrt(3 / fan_in)`` (std ``1 / sqrt(fan_in)``).
+
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions (or any shape with ``fans``).
+        fans: ``(fan_in, fan_out)``; default: PyTorch's reading of the shape (dim 0 outputs, dim 1 inputs,
+            the rest the receptive field).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = lecun_uniform_(torch.empty(100, 300), generator=torch.Generator().manual_seed(0))
+        >>> bool(w.abs().max() <= (3 / 300) ** 0.5)
+        True
+    """
     return _scheme(lecun_std, "uniform")(tensor, fans=fans, generator=generator)
 
 
@@ -326,9 +536,21 @@ def variance_scaling_(
 ) -> torch.Tensor:
     """Keras' ``VarianceScaling``: variance ``scale / fan`` exactly, for every ``distribution``.
 
-    >>> w = variance_scaling_(torch.empty(400, 500), scale=2.0, generator=torch.Generator().manual_seed(0))
-    >>> round(float(w.var() * 500), 1)
-    2.0
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions (or any shape with ``fans``).
+        scale: The variance numerator, positive.
+        mode: ``fan_in``, ``fan_out`` or ``fan_avg``.
+        distribution: ``truncated_normal``, ``normal`` or ``uniform``.
+        fans: ``(fan_in, fan_out)``; default: PyTorch's reading of the shape.
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = variance_scaling_(torch.empty(400, 500), scale=2.0, generator=torch.Generator().manual_seed(0))
+        >>> round(float(w.var() * 500), 1)
+        2.0
     """
     _pick(distribution, DISTRIBUTIONS, "distribution")
     return _scheme(lambda fi, fo: variance_scaling_std(fi, fo, scale=scale, mode=mode), distribution)(
@@ -398,9 +620,23 @@ def orthogonal_(
     group maps its own channels, so a depthwise ``[C, 1, 3, 3]`` kernel gets one unit-norm 9-vector per
     channel rather than PyTorch's ``C x 9`` matrix with orthonormal columns).
 
-    >>> w = orthogonal_(torch.empty(3, 5), generator=torch.Generator().manual_seed(0))
-    >>> torch.allclose(w @ w.T, torch.eye(3), atol=1e-6)
-    True
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions.
+        gain: A positive number or an activation (:func:`signalprop.theory.gain`).
+        groups: Independent matrices along dim 0.
+        out_dim: The dimension that indexes output units (0 or 1).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Raises:
+        SignalpropError: Fewer than 2 dimensions, a bad ``out_dim``, or ``groups`` not dividing dim 0.
+
+    Examples:
+        >>> w = orthogonal_(torch.empty(3, 5), generator=torch.Generator().manual_seed(0))
+        >>> torch.allclose(w @ w.T, torch.eye(3), atol=1e-6)
+        True
     """
     tensor = _check_tensor(tensor, "orthogonal_")
     _check_groups(tensor, groups, out_dim)
@@ -431,6 +667,22 @@ def delta_orthogonal_(
     convolution then acts at each position as the orthogonal matrix, so it preserves the norm of an input
     away from the border exactly when ``out >= in`` (``W^T W = gain^2 I``). A 2-D tensor gets
     :func:`orthogonal_`. ``groups`` and ``out_dim`` as in :func:`orthogonal_`.
+
+    Args:
+        tensor: A floating-point tensor of at least 2 dimensions.
+        gain: A positive number or an activation (:func:`signalprop.theory.gain`).
+        groups: Independent matrices along dim 0.
+        out_dim: The dimension that indexes output units (0 or 1).
+        generator: The random generator to draw from.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Examples:
+        >>> w = delta_orthogonal_(torch.empty(16, 8, 3, 3), generator=torch.Generator().manual_seed(0))
+        >>> centre = w[:, :, 1, 1]
+        >>> torch.allclose(centre.T @ centre, torch.eye(8), atol=1e-6), float(w[:, :, 0, 0].abs().max())
+        (True, 0.0)
     """
     tensor = _check_tensor(tensor, "delta_orthogonal_")
     _check_groups(tensor, groups, out_dim)

@@ -129,11 +129,28 @@ def materialize_(
     sharded parameters are initialized as :mod:`signalprop.init.sharded` describes (each rank keeps its
     shard of one global draw), so ``generator`` must be in the same state on every rank, or omitted.
 
-    >>> with torch.device("meta"):
-    ...     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.LayerNorm(64))
-    >>> net = materialize_(net, "he", generator=torch.Generator().manual_seed(0))
-    >>> net[0].weight.device.type, float(net[2].weight.detach().mean())
-    ('cpu', 1.0)
+    Args:
+        model: A model (or layer) built on the meta device, in whole or in part.
+        scheme: A scheme name or a module-level initializer (called per layer as ``scheme(layer, **kw)``).
+        device: Where the tensors go; default as above.
+        generator: The random generator to draw from; the same state gives the same weights as the
+            scheme applied to the same model built eagerly.
+        **scheme_kwargs: The scheme's keywords.
+
+    Returns:
+        ``model``, its meta tensors allocated and initialized.
+
+    Raises:
+        SignalpropError: ``model`` is not a module or ``scheme`` is unknown.
+
+    Examples:
+        Weight layers get He's ``sqrt(2 / fan_in)``; LayerNorm its own ``reset_parameters`` (weight 1):
+
+        >>> with torch.device("meta"):
+        ...     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.LayerNorm(64))
+        >>> net = materialize_(net, "he", generator=torch.Generator().manual_seed(0))
+        >>> net[0].weight.device.type, float(net[2].weight.detach().mean())
+        ('cpu', 1.0)
     """
 
     if not isinstance(model, nn.Module):

@@ -45,76 +45,77 @@ def measure(
 ) -> Trace:
     """Forward (and backward) statistics of every module call of ``model`` on ``inputs``, as a Trace.
 
-    Parameters
-    ----------
-    model:
-        Any ``nn.Module``, in train or eval mode, on any device, frozen or not, under ``torch.autocast`` or
-        not (each layer's output dtype is recorded in ``LayerStats.dtype``).
-    inputs:
-        A tensor (``model(x)``), a tuple or list (``model(*inputs)``) or a dict (``model(**inputs)``,
-        e.g. a transformers tokenizer output). The model gets copies of the floating-point tensors that
-        require no grad, as a training loop's inputs do (a model may mark its own input, as Wav2Vec2 does
-        in train mode); the gradient starts at the first modules that read them.
-    backward:
-        Also record ``bwd``: statistics of the gradient with respect to each module's output.
-    loss_fn:
-        ``loss_fn(output) -> scalar tensor`` to differentiate. Without it the backward pass starts from a
-        standard-normal cotangent on the model's output (its first floating-point tensor), drawn from a
-        generator seeded with ``seed``, so that each layer's gradient is a random projection of its
-        Jacobian, as in the analyses of He et al. (2015, Sec. 2.2) and Schoenholz et al. (2017).
-    modules:
-        Which calls to record. Default: every leaf module and every module that owns parameters
-        directly. A collection of qualified names (a name also selects everything under it) and/or module
-        types, one name or type, or a predicate ``f(name, module) -> bool``, narrows that set.
-    histograms:
-        Also record a histogram of each output and output gradient (``hist_bins`` equal bins between its
-        smallest and largest value), as in Glorot & Bengio (2010, Fig. 6). Costs one more pass.
-    seed:
-        Seed of the cotangent's generator and of the forward's own random stream (dropout masks,
-        layerdrop): a measurement repeats exactly, and torch's global generators are neither used nor
-        rewound (:mod:`signalprop._state`).
-    distributed:
-        ``None`` (default): reduce across ranks when a ``torch.distributed`` process group is initialized.
-        ``False``: this process's batch only. Every rank must run the same model on inputs of the same
-        per-sample shape (batch sizes may differ); each rank's cotangent is its own rows of the one a single
-        process would draw for the concatenated batch, so the result equals a single-process measurement
-        of that batch, and ``meta["batch_size"]`` is the total (for a ``loss_fn``, gradients scale as each
-        rank's loss does).
+    Statistics (:class:`~signalprop.trace.Stats`) cover every element: mean, population variance, std, rms,
+    absmax, zero_frac, nonfinite_frac, and the per-channel averages ``chan_sq_mean``, ``chan_var`` of Brock et
+    al. (2021)'s Signal Propagation Plots, with channels on dim 1 for (N, C, ...) and (N, F) outputs and on
+    the last dim for 3-D (B, T, C) sequence outputs (dim 1 for outputs of 1-D conv, norm and pool layers, and
+    for outputs of the same shape as theirs). ``zero_frac`` of a tensor of 8192 or more elements per sample is
+    taken over the first 64 of every 64 k elements (k <= 64, at least 4096 elements per sample; standard error
+    <= 0.008 / sqrt(batch) for independent elements). Moments come from a sum and a sum of squares (float32
+    for float32 outputs, combined in float64), the extremes from one ``aminmax``; when some tensor holds
+    inf/nan (or float32 squares overflow, past ~1e19), the whole measurement is repeated once with float64
+    accumulation over the finite elements only, so ``nonfinite_frac`` counts the bad elements exactly and the
+    other statistics describe the finite ones.
 
-    Returns
-    -------
-    Trace with one LayerStats per module call, in the order the calls start (a module that owns parameters
-    and has children comes before its children). Names are those of ``named_modules()``; the k-th reuse of
-    a module is ``name#k`` (k >= 1), with ``meta["call"] = k``. ``fwd`` describes the output (its first
-    floating-point tensor, for tuple, dict and ``ModelOutput`` outputs); calls whose output holds none are
-    left out. ``bwd`` is None when ``backward=False``, when the output does not influence the loss, or
-    when the output is a view that code after the module overwrote in place (torch runs no hook
-    registered on a view before such a write).
+    Args:
+        model: Any ``nn.Module``, in train or eval mode, on any device, frozen or not, under
+            ``torch.autocast`` or not (each layer's output dtype is recorded in ``LayerStats.dtype``).
+        inputs: A tensor (``model(x)``), a tuple or list (``model(*inputs)``) or a dict (``model(**inputs)``,
+            e.g. a transformers tokenizer output). The model gets copies of the floating-point tensors that
+            require no grad, as a training loop's inputs do (a model may mark its own input, as Wav2Vec2 does
+            in train mode); the gradient starts at the first modules that read them.
+        backward: Also record ``bwd``: statistics of the gradient with respect to each module's output.
+        loss_fn: ``loss_fn(output) -> scalar tensor`` to differentiate. Without it the backward pass starts
+            from a standard-normal cotangent on the model's output (its first floating-point tensor), drawn
+            from a generator seeded with ``seed``, so that each layer's gradient is a random projection of its
+            Jacobian, as in the analyses of He et al. (2015, Sec. 2.2) and Schoenholz et al. (2017).
+        modules: Which calls to record. Default: every leaf module and every module that owns parameters
+            directly. A collection of qualified names (a name also selects everything under it) and/or module
+            types, one name or type, or a predicate ``f(name, module) -> bool``, narrows that set.
+        histograms: Also record a histogram of each output and output gradient (``hist_bins`` equal bins
+            between its smallest and largest value), as in Glorot & Bengio (2010, Fig. 6). Costs one more
+            pass.
+        hist_bins: The number of histogram bins.
+        seed: Seed of the cotangent's generator and of the forward's own random stream (dropout masks,
+            layerdrop): a measurement repeats exactly, and torch's global generators are neither used nor
+            rewound (:mod:`signalprop._state`).
+        distributed: ``None`` (default): reduce across ranks when a ``torch.distributed`` process group is
+            initialized. ``False``: this process's batch only. Every rank must run the same model on inputs of
+            the same per-sample shape (batch sizes may differ); each rank's cotangent is its own rows of the
+            one a single process would draw for the concatenated batch, so the result equals a single-process
+            measurement of that batch, and ``meta["batch_size"]`` is the total (for a ``loss_fn``, gradients
+            scale as each rank's loss does).
 
-    Statistics (:class:`~signalprop.trace.Stats`) cover every element: mean, population variance, std,
-    rms, absmax, zero_frac, nonfinite_frac, and the per-channel averages ``chan_sq_mean``, ``chan_var``
-    of Brock et al. (2021)'s Signal Propagation Plots, with channels on dim 1 for (N, C, ...) and (N, F)
-    outputs and on the last dim for 3-D (B, T, C) sequence outputs (dim 1 for outputs of 1-D conv,
-    norm and pool layers, and for outputs of the same shape as theirs). ``zero_frac`` of a tensor of
-    8192 or more elements per sample is taken over the first 64 of every 64 k elements (k <= 64, at least
-    4096 elements per sample; standard error <= 0.008 / sqrt(batch) for independent elements).
-    Moments come from a sum and a sum of squares (float32 for float32 outputs, combined in float64), the
-    extremes from one ``aminmax``; when some tensor holds inf/nan (or float32 squares overflow, past
-    ~1e19), the whole measurement is repeated once with float64 accumulation over the finite elements
-    only, so ``nonfinite_frac`` counts the bad elements exactly and the other statistics describe the
-    finite ones.
+    Returns:
+        A Trace with one LayerStats per module call, in the order the calls start (a module that owns parameters
+        and has children comes before its children). Names are those of ``named_modules()``; the k-th reuse of
+        a module is ``name#k`` (k >= 1), with ``meta["call"] = k``. ``fwd`` describes the output (its first
+        floating-point tensor, for tuple, dict and ``ModelOutput`` outputs); calls whose output holds none are
+        left out. ``bwd`` is None when ``backward=False``, when the output does not influence the loss, or
+        when the output is a view that code after the module overwrote in place (torch runs no hook registered
+        on a view before such a write).
 
-    Raises
-    ------
-    SignalpropError for bad arguments; whatever the model's forward raises, unchanged (the model is
-    restored first: every parameter and buffer in place, :func:`signalprop._state.preserved`).
+    Raises:
+        SignalpropError: Bad arguments. Whatever the model's forward raises is raised unchanged, the model
+            restored first (every parameter and buffer in place, :func:`signalprop._state.preserved`).
 
-    Example
-    -------
-    >>> import signalprop as sp, torch
-    >>> trace = sp.measure(sp.models.mlp(depth=3, width=64), torch.randn(32, 64))
-    >>> [round(layer.fwd.std, 2) for layer in trace.weight_layers()]  # doctest: +SKIP
-    [0.58, 0.24, 0.10, 0.04]
+    Examples:
+        A ReLU after an identity layer, and ``loss = output.sum()``, so every number is exact:
+
+        >>> import signalprop as sp, torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU())
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.copy_(torch.eye(4))
+        >>> x = torch.tensor([[1.0, -1.0, 2.0, -2.0], [3.0, -3.0, 0.0, 0.0]])
+        >>> trace = sp.measure(net, x, loss_fn=lambda out: out.sum())
+        >>> trace.names, trace["0"].fwd.var, trace["0"].weight_layer
+        (['0', '1'], 3.5, True)
+        >>> relu = trace["1"].fwd
+        >>> relu.mean, relu.zero_frac, relu.absmax
+        (0.75, 0.625, 3.0)
+        >>> trace["0"].bwd.mean, trace["1"].bwd.std  # ReLU passes the gradient where its input is > 0
+        (0.375, 0.0)
     """
     if not isinstance(model, nn.Module):
         raise SignalpropError(
@@ -176,8 +177,27 @@ def measure(
 
 # ---- module selection ---------------------------------------------------------------------------------
 def select_modules(model: nn.Module, modules: ModuleFilter = None) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs :func:`measure` records: leaves and modules owning parameters directly,
-    narrowed by ``modules`` (see :func:`measure`). The root module, when selected, is named ``(root)``."""
+    """The (name, module) pairs :func:`measure` records: leaves and modules owning parameters directly.
+
+    Args:
+        model: The model.
+        modules: Narrows that set: qualified names (a name also selects everything under it) and/or module
+            types, one name or type, or a predicate ``f(name, module) -> bool``; None keeps all of it.
+
+    Returns:
+        The pairs in ``named_modules()`` order; the root module, when selected, is named ``(root)``.
+
+    Raises:
+        SignalpropError: A name that is not in the model, or an entry that is neither a name nor a type.
+
+    Examples:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.Linear(2, 1)))
+        >>> [name for name, _ in select_modules(net)]
+        ['0', '1.0', '1.1']
+        >>> [name for name, _ in select_modules(net, ["1"])], [name for name, _ in select_modules(net, nn.Linear)]
+        (['1.0', '1.1'], ['0', '1.1'])
+    """
     base = [
         (name or "(root)", m)
         for name, m in model.named_modules()

@@ -22,7 +22,8 @@ from torch import nn
 from .._hooks import HookSet
 from .._inputs import first_float_tensor
 from ..layers import ChannelDims
-from ..stats import RowBatch, tensor_histogram
+from ..stats import tensor_histogram
+from ._rowbatch import RowBatch
 
 __all__ = ["Call", "PassOptions", "Recorder", "first_float_tensor"]
 

@@ -47,20 +47,19 @@ about 1e-3 for a healthy SGD run). It is built to stay on in real training runs:
 The model is left as found: the Monitor adds hooks on enter and removes them on exit (also when the block
 raises); it writes no parameter, buffer or gradient.
 
-Example
--------
->>> import torch, signalprop as sp
->>> model = sp.models.mlp(depth=4, width=64)
->>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
->>> with sp.Monitor(model, every=2) as mon:
-...     for _ in range(4):
-...         opt.zero_grad()
-...         loss = model(torch.randn(32, 64)).pow(2).mean()
-...         loss.backward()
-...         opt.step()
-...         mon.step(loss=loss)
->>> [r.step for r in mon.history]
-[0, 2]
+Examples:
+    >>> import torch, signalprop as sp
+    >>> model = sp.models.mlp(depth=4, width=64)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    >>> with sp.Monitor(model, every=2) as mon:
+    ...     for _ in range(4):
+    ...         opt.zero_grad()
+    ...         loss = model(torch.randn(32, 64)).pow(2).mean()
+    ...         loss.backward()
+    ...         opt.step()
+    ...         mon.step(loss=loss)
+    >>> [r.step for r in mon.history]
+    [0, 2]
 """
 
 from __future__ import annotations
@@ -123,42 +122,62 @@ class Monitor:
     and before gradients are zeroed (so that gradient norms and the update are seen). ``history`` holds the
     kept :class:`Record` objects; :meth:`plot` draws them; ``events`` lists what was warned about.
 
-    Parameters
-    ----------
-    model:
-        The ``nn.Module`` being trained.
-    every:
-        Record steps ``0, every, 2 * every, ...``; hooks return at once on the other steps.
-    sample:
-        Elements per tensor to take the statistics from (the leading samples of the batch that hold at least
-        this many, or every k-th row of one that holds twice as many or more; see the module docstring);
-        ``None`` for exact statistics over every element.
-    modules:
-        Which module calls to record, as in :func:`signalprop.measure` (default: leaves and modules owning
-        parameters directly).
-    params:
-        Record each parameter's norm, gradient norm and update ratio. The update ratio keeps one copy of
-        the trainable parameters (``update_ratio=False`` saves that memory).
-    histograms:
-        Also bin each recorded tensor's sample (``bins`` bins over mean +- 6 std) into ``Stats.hist``;
-        default: when ``tensorboard`` is given.
-    tensorboard:
-        A ``torch.utils.tensorboard.SummaryWriter``: every record is written there as it reaches the host
-        (:func:`signalprop.integrations.tensorboard.log_record`).
-    on_record:
-        Called with each :class:`Record` as it reaches the host (after the Monitor's own checks), e.g. to log
-        it elsewhere.
-    sync_every:
-        Recorded steps whose numbers travel to the host together (1: each recorded step, warnings at once).
-    on_nonfinite:
-        ``"warn"`` (a :class:`NonFiniteWarning` naming the first step and layer), ``"raise"`` (a
-        SignalpropError from ``step()``, to stop the run) or ``"ignore"``.
-    distributed:
-        ``None``: combine ranks when a process group is initialized; ``False``: this process only.
-    keep:
-        Records ``history`` holds in full (the most recent); older ones are thinned to every 2^k-th recorded
-        step (at most ``keep`` of them) plus the 1st, 2nd, 4th, 8th, ... so that memory stays bounded over
-        any run length and a plot still spans the whole run. ``None`` keeps every record.
+    Args:
+        model: The ``nn.Module`` being trained.
+        every: Record steps ``0, every, 2 * every, ...``; hooks return at once on the other steps.
+        sample: Elements per tensor to take the statistics from (the leading samples of the batch that hold at
+            least this many, or every k-th row of one that holds twice as many or more; see the module
+            docstring); ``None`` for exact statistics over every element.
+        modules: Which module calls to record, as in :func:`signalprop.measure` (default: leaves and modules
+            owning parameters directly).
+        params: Record each parameter's norm, gradient norm and update ratio. The update ratio keeps one copy
+            of the trainable parameters (``update_ratio=False`` saves that memory).
+        update_ratio: Track the update ratio (with ``params``).
+        histograms: Also bin each recorded tensor's sample (``bins`` bins over mean +- 6 std) into
+            ``Stats.hist``; default: when ``tensorboard`` is given.
+        bins: Histogram bins.
+        tensorboard: A ``torch.utils.tensorboard.SummaryWriter``: every record is written there as it reaches
+            the host (:func:`signalprop.integrations.tensorboard.log_record`).
+        on_record: Called with each :class:`Record` as it reaches the host (after the Monitor's own checks),
+            e.g. to log it elsewhere.
+        sync_every: Recorded steps whose numbers travel to the host together (1: each recorded step, warnings
+            at once).
+        on_nonfinite: ``"warn"`` (a :class:`NonFiniteWarning` naming the first step and layer), ``"raise"`` (a
+            SignalpropError from ``step()``, to stop the run) or ``"ignore"``.
+        distributed: ``None``: combine ranks when a process group is initialized; ``False``: this process
+            only.
+        keep: Records ``history`` holds in full (the most recent); older ones are thinned to every 2^k-th
+            recorded step (at most ``keep`` of them) plus the 1st, 2nd, 4th, 8th, ... so that memory stays
+            bounded over any run length and a plot still spans the whole run. ``None`` keeps every record.
+
+    Raises:
+        SignalpropError: ``model`` is not a module, or a count or option is out of range.
+
+    Examples:
+        An identity layer, a ReLU and ``loss = output.sum()``; steps 0 and 2 are recorded:
+
+        >>> import torch, signalprop as sp
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU())
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.copy_(torch.eye(2))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        >>> x = torch.tensor([[1.0, -1.0], [3.0, -3.0]])
+        >>> with sp.Monitor(model, every=2) as mon:
+        ...     for _ in range(3):
+        ...         opt.zero_grad()
+        ...         loss = model(x).sum()
+        ...         loss.backward()
+        ...         opt.step()
+        ...         mon.step(loss=loss)
+        >>> [(r.step, r.loss) for r in mon.history], mon.events
+        ([(0, 4.0), (2, 0.0)], [])
+        >>> first = mon.history[0]
+        >>> first.trace.names, first.trace["1"].fwd.mean, first.trace["1"].fwd.zero_frac
+        (['0', '1'], 1.0, 0.5)
+        >>> w = first.params["0.weight"]  # gradient [[4, -4], [0, 0]], step 0.5 of it on the identity
+        >>> round(w.grad_norm ** 2, 6), round(w.update_ratio, 6)
+        (32.0, 2.0)
     """
 
     def __init__(

@@ -81,6 +81,24 @@ def write_html(report: Any, path: str | Path, *, title: str = "signalprop report
     (the same rows as :func:`signalprop.report.table.render`), and the figures of
     :func:`signalprop.report.plots.report_figures` embedded as base64 PNG. ``max_rows`` shortens the
     table as in the terminal (flagged layers always stay).
+
+    Args:
+        report: A diagnose Report or a Trace.
+        path: The file to write; no suffix: ``.html``.
+        title: The page title.
+        max_rows: Shorten the table to about this many rows.
+
+    Returns:
+        The path written.
+
+    Examples:
+        >>> from signalprop.trace import LayerStats, Stats, Trace
+        >>> trace = Trace([LayerStats("fc", "Linear", Stats.from_moments(0.0, 1.0), weight_layer=True)])
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     out = write_html(trace, pathlib.Path(tmp) / "report.html")
+        ...     out.name, out.read_text().startswith("<!DOCTYPE html>")
+        ('report.html', True)
     """
     if not isinstance(path, str | Path):
         raise SignalpropError(f"path must be a str or pathlib.Path, got {type(path).__name__}")
@@ -94,7 +112,22 @@ def write_html(report: Any, path: str | Path, *, title: str = "signalprop report
 
 
 def html_page(report: Any, *, title: str = "signalprop report", max_rows: int | None = None) -> str:
-    """The HTML text that :func:`write_html` writes."""
+    """The HTML text that :func:`write_html` writes.
+
+    Args:
+        report: A diagnose Report or a Trace.
+        title: The page title.
+        max_rows: Shorten the table to about this many rows.
+
+    Returns:
+        One self-contained HTML page (figures embedded as base64 PNG).
+
+    Examples:
+        >>> from signalprop.trace import LayerStats, Stats, Trace
+        >>> page = html_page(Trace([LayerStats("fc", "Linear", Stats.from_moments(0.0, 1.0), weight_layer=True)]))
+        >>> page.startswith("<!DOCTYPE html>"), "<table" in page, "data:image/png;base64," in page
+        (True, True, True)
+    """
     from .plots import report_figures
 
     view = as_view(report)

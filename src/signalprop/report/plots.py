@@ -18,25 +18,38 @@ Example::
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._errors import SignalpropError
-from ..trace import LayerStats, Trace
-from ._common import as_view, check_layers_choice, select_layers, short_name, std_band, union_names
+from ..trace import Trace
+from ._common import as_view, check_layers_choice, select_layers, short_name, union_names
 from ._common import check_figure_path as _check_path
+from ._drawing import (
+    _as_trace_dict,
+    _draw_predicted,
+    _empty_note,
+    _finish_log_axis,
+    _finite_or_inf,
+    _has_channel_stats,
+    _is_activation,
+    _label_panels,
+    _layer_hist,
+    _log_hist,
+    _log_line,
+    _save,
+    _series,
+    _spread,
+    _two_panels,
+)
 
 if TYPE_CHECKING:
-    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = ["plot_histograms", "plot_report", "plot_spp", "plot_std", "report_figures"]
 
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
-_PRED_COLOR = "#222222"
-_DPI = 110
 
 
 # ---- public API -----------------------------------------------------------------------------------------
@@ -57,7 +70,29 @@ def plot_std(
     square root of ``Stats.var_band``, where one net of finite width lands (Hanin & Nica 2019; one net's
     log-variance has standard deviation ``sqrt(sum_l beta_l / n_l)``). ``layers`` is ``"auto"`` (weight
     layers when there are any: the outputs He's formula ``Var[y_L] = Var[y_1] prod 1/2 n_l Var[w_l]``
-    speaks about), ``"weight"`` or ``"all"``. Returns the written path.
+    speaks about), ``"weight"`` or ``"all"``.
+
+    Args:
+        traces: Label -> Trace, or one Trace.
+        path: The PNG (or other matplotlib format, by suffix) to write; no suffix: ``.png``.
+        predicted: A predicted Trace (``sp.predict``) to draw dashed, with its band.
+        title: The figure's title.
+        layers: ``"auto"``, ``"weight"`` or ``"all"``.
+
+    Returns:
+        The path written.
+
+    Examples:
+        >>> from signalprop.trace import LayerStats, Stats, Trace
+        >>> trace = Trace([
+        ...     LayerStats("fc", "Linear", Stats.from_moments(0.0, 4.0), shape=(8, 4), weight_layer=True),
+        ...     LayerStats("act", "ReLU", Stats.from_moments(0.5, 1.0), shape=(8, 4)),
+        ... ])
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     out = plot_std(trace, pathlib.Path(tmp) / "std.png")
+        ...     out.name, out.stat().st_size > 0
+        ('std.png', True)
     """
     fig = std_figure(traces, predicted=predicted, title=title, layers=layers)
     return _save(fig, path)
@@ -75,7 +110,28 @@ def plot_spp(
 
     A healthy network keeps both flat with depth; a squared mean that grows relative to the variance is
     the mean shift Brock et al. show for unnormalized ReLU ResNets. Pass a dict to compare traces.
-    Raises SignalpropError when no layer carries channel statistics.
+
+    Args:
+        trace: A Trace, or label -> Trace to compare.
+        path: The file to write (suffix as in :func:`plot_std`).
+        title: The figure's title.
+        layers: ``"auto"``, ``"weight"`` or ``"all"``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        SignalpropError: No layer carries channel statistics.
+
+    Examples:
+        >>> from signalprop.trace import LayerStats, Stats, Trace
+        >>> trace = Trace([LayerStats(f"conv{i}", "Conv2d", Stats.from_moments(0.0, 1.0, chan_sq_mean=0.1 * i,
+        ...                                                                   chan_var=1.0), weight_layer=True)
+        ...                for i in range(3)])
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     plot_spp(trace, pathlib.Path(tmp) / "spp.png").name
+        'spp.png'
     """
     fig = spp_figure(trace, title=title, layers=layers)
     return _save(fig, path)
@@ -100,7 +156,29 @@ def plot_histograms(
     With more than ``max_layers`` layers holding histograms, evenly spaced ones are shown (first and last
     always) and the title says how many. ``yscale`` is ``"linear"``, ``"log"`` or ``"auto"`` (log when
     some histogram has a single bin with over a quarter of its counts, such as the zeros after a ReLU).
-    Raises SignalpropError when no layer carries a histogram (measure with ``histograms=True``).
+
+    Args:
+        trace: The Trace, measured with ``histograms=True``.
+        path: The file to write (suffix as in :func:`plot_std`).
+        layers: ``"auto"``, ``"weight"`` or ``"all"``.
+        max_layers: The most layers drawn.
+        yscale: ``"linear"``, ``"log"`` or ``"auto"``.
+        title: The figure's title.
+
+    Returns:
+        The path written.
+
+    Raises:
+        SignalpropError: No layer carries a histogram (measure with ``histograms=True``).
+
+    Examples:
+        >>> from signalprop.trace import Histogram, LayerStats, Stats, Trace
+        >>> hist = Histogram(edges=(0.0, 1.0, 2.0), counts=(6, 2))
+        >>> trace = Trace([LayerStats(f"act{i}", "ReLU", Stats.from_moments(0.5, 1.0, hist=hist)) for i in range(2)])
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     plot_histograms(trace, pathlib.Path(tmp) / "hist.png").name
+        'hist.png'
     """
     fig = histogram_figure(trace, layers=layers, max_layers=max_layers, yscale=yscale, title=title)
     return _save(fig, path)
@@ -113,6 +191,22 @@ def plot_report(report: Any, path: str | Path) -> list[Path]:
     ``<stem>_spp<suffix>`` the Signal Propagation Plot when the trace carries channel statistics;
     ``<stem>_hist<suffix>`` the histograms when it carries histograms. E.g. ``out/report.png`` gives
     ``out/report.png``, ``out/report_spp.png``, ``out/report_hist.png``.
+
+    Args:
+        report: A diagnose Report or a Trace.
+        path: The std plot's file; the others are named after it.
+
+    Returns:
+        The paths written, the std plot first.
+
+    Examples:
+        >>> from signalprop.trace import Histogram, LayerStats, Stats, Trace
+        >>> hist = Histogram(edges=(0.0, 1.0, 2.0), counts=(6, 2))
+        >>> trace = Trace([LayerStats("act", "ReLU", Stats.from_moments(0.5, 1.0, hist=hist))])
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     [p.name for p in plot_report(trace, pathlib.Path(tmp) / "report.png")]
+        ['report.png', 'report_hist.png']
     """
     path = _check_path(path)
     written = []
@@ -123,8 +217,23 @@ def plot_report(report: Any, path: str | Path) -> list[Path]:
 
 
 def report_figures(report: Any) -> list[tuple[str, Figure]]:
-    """``(key, Figure)`` for each figure a Report or Trace supports: ``std`` always, ``spp`` and ``hist``
-    when the trace has channel statistics or histograms. Used by :func:`plot_report` and the HTML page."""
+    """``(key, Figure)`` for each figure a Report or Trace supports, not saved.
+
+    ``std`` always, ``spp`` and ``hist`` when the trace has channel statistics or histograms. Used by
+    :func:`plot_report` and the HTML page.
+
+    Args:
+        report: A diagnose Report or a Trace.
+
+    Returns:
+        ``(key, matplotlib.figure.Figure)`` pairs, ``std`` first.
+
+    Examples:
+        >>> from signalprop.trace import LayerStats, Stats, Trace
+        >>> trace = Trace([LayerStats("fc", "Linear", Stats.from_moments(0.0, 1.0), weight_layer=True)])
+        >>> [key for key, figure in report_figures(trace)]
+        ['std']
+    """
     view = as_view(report)
     label = "measured" if view.trace.source != "predicted" else "predicted"
     figs: list[tuple[str, Figure]] = [
@@ -300,210 +409,3 @@ def histogram_figure(
 
 
 # ---- helpers --------------------------------------------------------------------------------------------
-
-
-_ACTIVATION_KINDS = frozenset({
-    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Tanh",
-    "Sigmoid", "Hardtanh", "Hardsigmoid", "Hardswish", "Softplus", "Softsign", "Tanhshrink", "LogSigmoid",
-})
-
-
-def _is_activation(kind: str) -> bool:
-    """Activation modules by class name: torch's, and transformers' ``*Activation`` classes."""
-    return kind in _ACTIVATION_KINDS or kind.endswith("Activation")
-
-
-def _log_hist(yscale: str, spiky: bool) -> bool:
-    return yscale == "log" or (yscale == "auto" and spiky)
-
-
-def _as_trace_dict(obj: Mapping[str, Trace] | Trace, what: str) -> dict[str, Trace]:
-    if isinstance(obj, Trace):
-        return {"measured" if obj.source != "predicted" else "predicted": obj}
-    if not isinstance(obj, Mapping) or not obj:
-        raise SignalpropError(
-            f"{what} must be a Trace or a non-empty dict of label -> Trace, got {type(obj).__name__}"
-        )
-    for label, t in obj.items():
-        if not isinstance(t, Trace):
-            raise SignalpropError(f"{what}[{label!r}] is a {type(t).__name__}, not a Trace (from sp.measure)")
-    return {str(k): v for k, v in obj.items()}
-
-
-def _series(
-    layers: Sequence[LayerStats], names: list[str], getter: Callable[[Any], float], direction: str
-) -> list[float | None]:
-    """Values at each x position (``None`` where the trace lacks the layer or the direction)."""
-    by_name = {x.name: x for x in layers}
-    out: list[float | None] = []
-    for name in names:
-        x = by_name.get(name)
-        stats = None if x is None else (x.fwd if direction == "fwd" else x.bwd)
-        out.append(None if stats is None else float(getter(stats)))
-    return out
-
-
-def _log_line(ax: Axes, ys: list[float | None], *, label: str, color: str, values_seen: list[float],
-              linestyle: str = "-") -> list[Any]:
-    """A line through the positive finite values; 0, inf and nan marked at the panel's edge."""
-    # positions where the trace has the layer: a layer missing from one trace is stepped over, not a break
-    xs = [i for i, y in enumerate(ys) if y is not None]
-    clean = [y if y is not None and math.isfinite(y) and y > 0 else math.nan for y in ys if y is not None]
-    values_seen.extend(v for v in clean if not math.isnan(v))
-    ax.plot(xs, clean, linestyle=linestyle, marker="o", ms=3.5, lw=1.6, color=color, label=label)
-    edge = ax.get_xaxis_transform()  # x in data, y in axes fraction
-    handles = []
-    marks = {
-        "inf": ([i for i, y in enumerate(ys) if y is not None and math.isinf(y) and y > 0], 0.97, "^"),
-        "zero": ([i for i, y in enumerate(ys) if y is not None and y <= 0], 0.03, "v"),
-        "nan": ([i for i, y in enumerate(ys) if y is not None and math.isnan(y)], 0.03, "x"),
-    }
-    for kind, (idx, level, marker) in marks.items():
-        if idx:
-            handles += ax.plot(idx, [level] * len(idx), linestyle="none", marker=marker, ms=8, mew=2,
-                               color=color, transform=edge, clip_on=False, label=f"{label}: {_MARK_LABEL[kind]}")
-    return handles
-
-
-_MARK_LABEL = {"inf": "inf (off scale)", "zero": "0 (off log scale)", "nan": "nan (not a number)"}
-
-
-def _draw_predicted(ax: Axes, layers: list[LayerStats], names: list[str], direction: str,
-                    values_seen: list[float], marks: list[Any]) -> bool:
-    ys = _series(layers, names, lambda s: s.std, direction)
-    if all(y is None or math.isnan(y) for y in ys):
-        return False
-    bands = [std_band(_stats(x, direction)) for x in _aligned(layers, names)]
-    lo = [b[0] if b and math.isfinite(b[0]) and b[0] > 0 else math.nan for b in bands]
-    hi = [b[1] if b and math.isfinite(b[1]) and b[1] > 0 else math.nan for b in bands]
-    if any(not math.isnan(v) for v in lo + hi):
-        import numpy as np
-
-        xs = np.arange(len(names))
-        lo_a, hi_a = np.asarray(lo), np.asarray(hi)
-        ok = ~(np.isnan(lo_a) | np.isnan(hi_a))
-        ax.fill_between(xs, np.where(ok, lo_a, 1.0), np.where(ok, hi_a, 1.0), where=ok, color=_PRED_COLOR,
-                        alpha=0.13, lw=0, label="predicted: 90% band, one net")
-        values_seen.extend(v for v in lo + hi if not math.isnan(v))
-    marks += _log_line(ax, ys, label="predicted (mean field)", color=_PRED_COLOR, values_seen=values_seen,
-                       linestyle="--")
-    return True
-
-
-def _aligned(layers: list[LayerStats], names: list[str]) -> list[LayerStats | None]:
-    by_name = {x.name: x for x in layers}
-    return [by_name.get(n) for n in names]
-
-
-def _stats(x: LayerStats | None, direction: str) -> Any:
-    if x is None:
-        return None
-    return x.fwd if direction == "fwd" else x.bwd
-
-
-def _finish_log_axis(ax: Axes, values: list[float]) -> None:
-    """Log y axis with limits set from the drawn values (so no autoscale warning on empty panels)."""
-    ax.set_yscale("log")
-    if values:
-        lo, hi = min(values), max(values)
-        pad = max(math.log10(hi / lo) * 0.12, 0.25)
-        ax.set_ylim(10 ** (math.log10(lo) - pad), 10 ** (math.log10(hi) + pad))
-    else:
-        ax.set_ylim(0.1, 10.0)
-    ax.grid(True, which="major", alpha=0.3)
-
-
-def _two_panels(n: int) -> tuple[Figure, Sequence[Axes]]:
-    from matplotlib.figure import Figure
-
-    width = min(max(7.5, 3.0 + 0.28 * n), 22.0)
-    fig = Figure(figsize=(width, 7.2), layout="constrained")
-    axes = fig.subplots(2, 1, sharex=True)
-    return fig, axes
-
-
-def _label_panels(
-    fig: Figure,
-    axes: Sequence[Axes],
-    names: list[str],
-    *,
-    titles: tuple[str, str],
-    ylabels: tuple[str, str],
-    lower_marks: list[Any],
-    suptitle: str,
-) -> Figure:
-    """Title and label the two panels of :func:`_two_panels`: layer names under the lower one, a legend on
-    the upper one and, on the lower one, only ``lower_marks`` (its off-scale markers); return ``fig``."""
-    upper, lower = axes
-    for ax, panel_title, ylabel in zip((upper, lower), titles, ylabels):
-        ax.set_title(panel_title, fontsize=10, loc="left")
-        ax.set_ylabel(ylabel)
-    _layer_ticks(lower, names)
-    _legend(upper)
-    _legend(lower, only=lower_marks)
-    fig.suptitle(suptitle, fontsize=12, fontweight="bold")
-    return fig
-
-
-def _layer_ticks(ax: Axes, names: list[str]) -> None:
-    n = len(names)
-    step = max(1, math.ceil(n / 70))
-    ticks = list(range(0, n, step))
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([short_name(names[i], 28) for i in ticks], rotation=60, ha="right",
-                       rotation_mode="anchor", fontsize=8 if n <= 40 else 6)
-    ax.set_xlim(-0.5, n - 0.5)
-    ax.set_xlabel("layer (execution order)" + (f", every {step}th labelled" if step > 1 else ""))
-
-
-def _legend(ax: Axes, only: list[Any] | None = None) -> None:
-    """The panel's legend; with ``only``, just those handles (the lower panel's off-scale markers)."""
-    if only is not None:
-        if only:
-            ax.legend(handles=only, fontsize=8, loc="best", framealpha=0.85)
-        return
-    handles, _ = ax.get_legend_handles_labels()
-    if handles:
-        ax.legend(fontsize=8, loc="best", framealpha=0.85)
-
-
-def _empty_note(ax: Axes, text: str) -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#777777")
-
-
-def _has_channel_stats(trace: Trace) -> bool:
-    return any(_finite_or_inf(x.fwd.chan_var) or _finite_or_inf(x.fwd.chan_sq_mean) for x in trace)
-
-
-def _finite_or_inf(v: float) -> bool:
-    return not math.isnan(v)
-
-
-def _layer_hist(x: LayerStats, direction: str) -> tuple[list[float], list[int]] | None:
-    """The layer's histogram as (edges, counts) when it has one with finite edges, else None."""
-    stats = x.fwd if direction == "fwd" else x.bwd
-    if stats is None or stats.hist is None:
-        return None
-    edges, counts = list(stats.hist.edges), list(stats.hist.counts)
-    if len(edges) != len(counts) + 1 or not counts or not all(math.isfinite(e) for e in edges):
-        return None
-    return edges, counts
-
-
-def _spread(items: list[LayerStats], k: int) -> list[LayerStats]:
-    """``k`` evenly spaced items, first and last included (all when there are at most ``k``)."""
-    if len(items) <= k:
-        return items
-    if k == 1:
-        return [items[-1]]
-    idx = sorted({round(i * (len(items) - 1) / (k - 1)) for i in range(k)})
-    return [items[i] for i in idx]
-
-
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    p = _check_path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=_DPI)
-    return p

@@ -48,6 +48,26 @@ def render(
     ``layers`` is ``"all"`` (every module call), ``"weight"`` or ``"auto"`` (weight layers when any).
 
     When ``console`` is given, the findings (for a Report) and then the table are printed to it.
+
+    Args:
+        report_or_trace: A diagnose Report or a Trace.
+        console: A ``rich.console.Console`` to print to.
+        predicted: A predicted Trace to show beside the measured one (default: the report's).
+        max_rows: Shorten the table to about this many rows.
+        layers: ``"all"``, ``"weight"`` or ``"auto"``.
+
+    Returns:
+        The ``rich.table.Table``.
+
+    Examples:
+        >>> from signalprop.trace import LayerStats, Stats, Trace
+        >>> trace = Trace([
+        ...     LayerStats("fc", "Linear", Stats.from_moments(0.0, 4.0), shape=(8, 4), weight_layer=True),
+        ...     LayerStats("act", "ReLU", Stats.from_moments(0.5, 1.0), shape=(8, 4)),
+        ... ])
+        >>> table = render(trace)
+        >>> table.row_count, [column.header for column in table.columns][:5]
+        (2, ['#', 'layer', 'kind', 'shape', 'fwd std'])
     """
     from rich.table import Table
     from rich.text import Text
@@ -86,6 +106,28 @@ def render_traces(
     contributes its forward std (e.g. ``{"He formula": sp.predict(model, shape)}``), a mapping its value
     per layer name. ``layers="auto"`` shows weight layers when there are any (``"all"``, ``"weight"``).
     Prints to ``console`` when one is given.
+
+    Args:
+        traces: Label -> Trace.
+        console: A ``rich.console.Console`` to print to.
+        extra: Label -> a Trace (its forward std) or a mapping layer name -> value: more columns.
+        layers: ``"auto"``, ``"all"`` or ``"weight"``.
+        grad: Add each trace's gradient-std column.
+        max_rows: Shorten the table to about this many rows.
+        title: The table's title.
+
+    Returns:
+        The ``rich.table.Table``.
+
+    Examples:
+        >>> from signalprop.trace import LayerStats, Stats, Trace
+        >>> trace = Trace([
+        ...     LayerStats("fc", "Linear", Stats.from_moments(0.0, 4.0), shape=(8, 4), weight_layer=True),
+        ...     LayerStats("act", "ReLU", Stats.from_moments(0.5, 1.0), shape=(8, 4)),
+        ... ])
+        >>> table = render_traces({"he": trace, "default": trace}, layers="all", grad=False)
+        >>> table.row_count, [column.header for column in table.columns]
+        (2, ['#', 'layer', 'kind', 'he fwd std', 'default fwd std'])
     """
     from rich.table import Table
     from rich.text import Text
@@ -104,6 +146,21 @@ def render_findings(findings: Iterable[Any], console: Console) -> None:
     """Print findings worst first, each as ``SEVERITY kind @ layer: message`` and an indented fix.
 
     An empty list prints one line saying every rule passed.
+
+    Args:
+        findings: diagnose ``Finding`` objects (``report.findings``).
+        console: The ``rich.console.Console`` to print to.
+
+    Examples:
+        >>> from rich.console import Console
+        >>> from signalprop import Finding
+        >>> console = Console(width=80, color_system=None)
+        >>> render_findings([Finding("vanishing", "warning", "act", "std falls 4x", fix="use he_")], console)
+        Findings (1 warning)
+        WARNING vanishing @ act: std falls 4x
+                fix: use he_
+        >>> render_findings([], console)
+        No findings: every rule passed.
     """
     from rich.text import Text
 

@@ -59,6 +59,25 @@ def heatmap_data(
     ``layers`` picks trace rows as the report plots do (``"auto"``: weight layers when there are any;
     ``"all"``; ``"weight"``); ``params`` picks parameters: ``"weights"``, the ``<layer>.weight`` of each weight
     layer in the traces (Linear, Conv, ...; every parameter when there is none), or ``"all"``.
+
+    Args:
+        history: Monitor records (``mon.history``).
+        what: ``"fwd"``, ``"bwd"`` or ``"update"``.
+        layers: ``"auto"``, ``"all"`` or ``"weight"`` (for ``"fwd"`` and ``"bwd"``).
+        params: ``"weights"`` or ``"all"`` (for ``"update"``).
+
+    Returns:
+        ``(row names, steps, values)``, ``values[row][column]`` the log10 of each row's value at each step.
+
+    Examples:
+        >>> from signalprop.monitor import ParamStats, Record
+        >>> from signalprop.trace import LayerStats, Stats, Trace
+        >>> def record(step, std, ratio):
+        ...     trace = Trace([LayerStats("fc", "Linear", Stats.from_moments(0.0, std**2), weight_layer=True)])
+        ...     return Record(step, trace, {"fc.weight": ParamStats(norm=1.0, grad_norm=0.1, update_ratio=ratio)})
+        >>> history = [record(0, 1.0, 1.0), record(10, 10.0, 0.1)]
+        >>> heatmap_data(history, "fwd"), heatmap_data(history, "update")
+        ((['fc'], [0, 10], [[0.0, 1.0]]), (['fc.weight'], [0, 10], [[0.0, -1.0]]))
     """
     _check_history(history)
     check_layers_choice(layers)
@@ -114,8 +133,27 @@ def plot_history(
 ) -> Path:
     """Write the three heat maps (forward std, backward std, update ratio; layer x step) to ``path``.
 
-    ``path`` without a suffix gets ``.png``. Returns the path written. See :func:`heatmap_data` for
-    ``layers`` and ``params``.
+    Args:
+        history: Monitor records (``mon.history``).
+        path: The file to write; without a suffix it gets ``.png``.
+        layers: Which trace rows, as in :func:`heatmap_data`.
+        params: Which parameters, as in :func:`heatmap_data`.
+        title: The figure's title.
+
+    Returns:
+        The path written.
+
+    Examples:
+        >>> from signalprop.monitor import ParamStats, Record
+        >>> from signalprop.trace import LayerStats, Stats, Trace
+        >>> def record(step, std, ratio):
+        ...     trace = Trace([LayerStats("fc", "Linear", Stats.from_moments(0.0, std**2), weight_layer=True)])
+        ...     return Record(step, trace, {"fc.weight": ParamStats(norm=1.0, grad_norm=0.1, update_ratio=ratio)})
+        >>> history = [record(0, 1.0, 1.0), record(10, 10.0, 0.1)]
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     plot_history(history, pathlib.Path(tmp) / "training").name
+        'training.png'
     """
     _check_history(history)
     p = _check_path(path)
