@@ -37,6 +37,7 @@ DOCUMENTED = [
     "signalprop.experiments.glorot2010",
     "signalprop.experiments.criticality",
     "signalprop.experiments.sweep",
+    "signalprop.experiments.xiao2018",
 ]
 
 

@@ -69,7 +69,7 @@ def test_critical_point() -> None:
     cfg = X.Config()
     assert abs(cfg.weight_var - 1.0499) < 1e-3
     assert abs(theory.chi1("tanh", weight_var=cfg.weight_var, bias_var=cfg.bias_var) - 1) < 1e-6
-    assert X.FULL.depth == 1000 and X.QUICK.depth == 100
+    assert X.FULL.depth == 200 and X.DEEP.depth == 1000 and X.QUICK.depth == 100
     assert EXPERIMENTS["xiao2018"] is X
 
 
