@@ -137,7 +137,13 @@ QUICK = Config(depth=100, steps=200, lr=5e-4, window=20, loss_margin=0.3, acc_ma
 
 @dataclass
 class Result(Outcome):
-    """Loss curves, accuracies, the per-layer statistics at init and the verdicts."""
+    """Loss curves, accuracies, the per-layer statistics at init and the verdicts.
+
+    Examples:
+        >>> r = run(config=Config(depth=3, width=4, steps=3, window=2, batch_size=8))
+        >>> sorted(r.losses), [len(v) for v in r.losses.values()], r.png is None
+        (['delta_orthogonal', 'gaussian'], [3, 3], True)
+    """
 
     config: Config
     seed: int
@@ -285,6 +291,14 @@ def run(
     Returns:
         :class:`Result`. Its ``checks`` hold the paper's claim: the delta-orthogonal net's final loss is at
         least ``loss_margin`` below the Gaussian net's and its train accuracy at least ``acc_margin`` above.
+
+    Examples:
+        A run far too short to learn anything, to show the shape of the result (the paper's claim needs
+        :data:`QUICK` at least):
+
+        >>> r = run(config=Config(depth=3, width=4, steps=3, window=2, batch_size=8))
+        >>> sorted(r.final_loss), len(r.init_fwd_std["gaussian"])
+        (['delta_orthogonal', 'gaussian'], 3)
     """
     seed, cfg, folder, report = start(
         "xiao2018", seed=seed, config=config, quick=quick, presets=(QUICK, FULL), out=out, progress=progress
