@@ -81,25 +81,41 @@ def timings() -> None:
         print(f"{label:18s} capture {t1 - t0:6.2f} s   predict {t2 - t1:6.2f} s   predict(graph=g) {t3 - t2:6.2f} s")
 
 
-def depth_ratio(depth: int, rounds: int = 3) -> None:
-    """sp.predict on a ``depth``-layer width-256 ReLU MLP (graph already captured) / one forward at batch 64."""
+def depth_ratio(depth: int, rounds: int = 5) -> None:
+    """sp.predict on a ``depth``-layer width-256 ReLU MLP (graph already captured) / one forward at batch 64.
+
+    Interleaved rounds, medians. Also timed: reading the weights' mean squares alone (``mean_squares``, the
+    floor any prediction from the weights pays), and predict on the same net with zero biases (one number
+    per layer: the host-float path)."""
+    from signalprop.prediction._rules import mean_squares
+
     model = sp.models.mlp(depth, 256)
+    zero = sp.models.mlp(depth, 256)
+    with torch.no_grad():
+        for m in zero.modules():
+            if isinstance(m, nn.Linear):
+                m.bias.zero_()
     graph = capture(model, input_shape=(256,), methods=("fx",))
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     x = torch.randn(64, 256)
     predict(model, (256,), graph=graph)
-    t_pred, t_fwd = [], []
+    times: dict[str, list[float]] = {"predict": [], "predict, zero bias": [], "forward": [], "weights": []}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        predict(model, (256,), graph=graph)
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            model(x)
-        t2 = time.perf_counter()
-        t_pred.append(t1 - t0)
-        t_fwd.append(t2 - t1)
-    p, f = min(t_pred), min(t_fwd)
-    print(f"mlp({depth}, 256): predict {p * 1e3:7.1f} ms ({p / depth * 1e6:.0f} us a layer), forward at batch 64 "
-          f"{f * 1e3:6.1f} ms, ratio {p / f:.2f}")
+        for key, fn in (("predict", lambda: predict(model, (256,), graph=graph)),
+                        ("forward", lambda: model(x)),
+                        ("predict, zero bias", lambda: predict(zero, (256,), graph=graph)),
+                        ("weights", lambda: mean_squares(weights))):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            times[key].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    f = med["forward"]
+    print(f"mlp({depth}, 256), medians of {rounds} interleaved rounds, {torch.get_num_threads()} threads: forward at "
+          f"batch 64 {f * 1e3:.1f} ms")
+    for key in ("predict", "predict, zero bias", "weights"):
+        print(f"  {key:20s} {med[key] * 1e3:8.1f} ms  ({med[key] / depth * 1e6:5.0f} us a layer)  "
+              f"ratio to forward {med[key] / f:.2f}")
 
 
 def main() -> None:

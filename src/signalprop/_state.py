@@ -51,7 +51,11 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _disable_current_modes,
+    _get_current_dispatch_mode_stack,
+)
 
 from ._hooks import internal_run, is_real
 
@@ -436,17 +440,30 @@ def preserved(model: nn.Module) -> Iterator[ModelState]:
 
 
 @contextlib.contextmanager
-def untracked() -> Iterator[None]:
-    """Run the block outside this thread's :func:`preserved` dispatch mode: for an operation that writes no
-    model state and must not pass its tensors through Python on the way (a collective). A no-op outside
-    ``preserved``."""
-    from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode_stack
+def untracked() -> Iterator[contextlib.AbstractContextManager[Any]]:
+    """Run the block outside this thread's :func:`preserved` dispatch mode (a no-op outside ``preserved``).
 
-    if not any(isinstance(m, _Tracker) for m in _get_current_dispatch_mode_stack()):
-        yield
+    Inside :func:`preserved` every op of this thread goes through the tracker's Python dispatch (about
+    20 us an op). Two kinds of work write no model state and must not pay that: a collective (its tensors
+    must not pass through Python on the way), and predict's moment arithmetic, thousands of ops on tiny
+    tensors of its own. Never read a model's attribute inside the block: a parametrization's code (spectral
+    norm's ``u``, ``v``) would write unseen. The block gets a context manager that puts the tracker back
+    for a nested stretch that does touch the model.
+
+    Example:
+        >>> import torch
+        >>> with untracked() as tracked:
+        ...     with tracked:
+        ...         pass
+        ...     float(torch.ones(3).sum())
+        3.0
+    """
+    trackers = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, _Tracker)]
+    if not trackers:
+        yield contextlib.nullcontext()
         return
     with _disable_current_modes():
-        yield
+        yield trackers[-1]
 
 
 # ---- modes and the global RNG -----------------------------------------------------------------------------------

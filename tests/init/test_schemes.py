@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from signalprop import SignalpropError
+from signalprop.init import orthogonal as O
 from signalprop.init import schemes as S
 
 Z = 6.0  # bounds are Z standard errors wide: a false alarm is a 1e-9 event per check
@@ -89,7 +90,7 @@ def test_explicit_fans_override_the_shape() -> None:
 
 @given(rows=st.integers(1, 40), cols=st.integers(1, 40), gain=st.floats(0.1, 3.0), seed=st.integers(0, 2**31 - 1))
 def test_orthogonal_rows_or_columns(rows: int, cols: int, gain: float, seed: int) -> None:
-    w = S.orthogonal_(torch.empty(rows, cols, dtype=torch.float64), gain=gain, generator=torch.Generator().manual_seed(seed))
+    w = O.orthogonal_(torch.empty(rows, cols, dtype=torch.float64), gain=gain, generator=torch.Generator().manual_seed(seed))
     gram = w @ w.T if rows <= cols else w.T @ w
     assert torch.allclose(gram, gain**2 * torch.eye(min(rows, cols), dtype=torch.float64), atol=1e-10)
     assert float(w.pow(2).mean().sqrt()) == pytest.approx(S.orthogonal_std(rows, cols, gain=gain), rel=1e-10)
@@ -97,14 +98,14 @@ def test_orthogonal_rows_or_columns(rows: int, cols: int, gain: float, seed: int
 
 def test_orthogonal_groups_and_out_dim() -> None:
     g = torch.Generator().manual_seed(0)
-    w = S.orthogonal_(torch.empty(8, 1, 3, 3, dtype=torch.float64), groups=8, generator=g)
+    w = O.orthogonal_(torch.empty(8, 1, 3, 3, dtype=torch.float64), groups=8, generator=g)
     assert torch.allclose(w.flatten(1).norm(dim=1), torch.ones(8, dtype=torch.float64))
-    w2 = S.orthogonal_(torch.empty(5, 3, dtype=torch.float64), out_dim=1, generator=g)  # [in, out]: rows = out
+    w2 = O.orthogonal_(torch.empty(5, 3, dtype=torch.float64), out_dim=1, generator=g)  # [in, out]: rows = out
     assert torch.allclose(w2.T @ w2, torch.eye(3, dtype=torch.float64), atol=1e-12)
 
 
 def test_delta_orthogonal_tensor_is_zero_off_centre() -> None:
-    w = S.delta_orthogonal_(torch.empty(6, 4, 3, 5, dtype=torch.float64), gain=2.0, generator=torch.Generator().manual_seed(0))
+    w = O.delta_orthogonal_(torch.empty(6, 4, 3, 5, dtype=torch.float64), gain=2.0, generator=torch.Generator().manual_seed(0))
     centre = w[:, :, 1, 2]
     assert torch.allclose(centre.T @ centre, 4.0 * torch.eye(4, dtype=torch.float64), atol=1e-12)
     w[:, :, 1, 2] = 0
@@ -130,8 +131,8 @@ def test_generator_reproduces_and_low_precision_is_the_rounded_draw() -> None:
 def test_meta_tensors_are_a_no_op() -> None:
     t = torch.empty(4, 4, device="meta")
     assert S.he_normal_(t, generator=torch.Generator().manual_seed(0)) is t
-    assert S.orthogonal_(t) is t
-    assert S.delta_orthogonal_(torch.empty(4, 4, 3, 3, device="meta")).is_meta
+    assert O.orthogonal_(t) is t
+    assert O.delta_orthogonal_(torch.empty(4, 4, 3, 3, device="meta")).is_meta
 
 
 @pytest.mark.parametrize(
@@ -148,8 +149,8 @@ def test_meta_tensors_are_a_no_op() -> None:
         (lambda: S.glorot_normal_(torch.empty(3, 4), gain=0.0), "gain must be positive"),
         (lambda: S.he_normal_(torch.empty(3, 4), fans=(0, 3)), "positive"),
         (lambda: S.he_normal_(torch.empty(3, 4), fans=3), "pair"),  # type: ignore[arg-type]
-        (lambda: S.orthogonal_(torch.empty(6, 3), groups=4), "groups=4"),
-        (lambda: S.orthogonal_(torch.empty(6)), "at least 2 dimensions"),
+        (lambda: O.orthogonal_(torch.empty(6, 3), groups=4), "groups=4"),
+        (lambda: O.orthogonal_(torch.empty(6)), "at least 2 dimensions"),
         (lambda: S.sample_(torch.empty(3), -1.0), "std must be"),
     ],
 )

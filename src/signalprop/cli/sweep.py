@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = ("measure each init scheme's last-layer std and first-layer gradient std over depths x widths for one "
-        "family (mlp, cnn, resnet, prenorm, postnorm); writes a heat map PNG and JSON")
+HELP = ("each init scheme's last-layer std and first-layer gradient std over depths x widths for one family "
+        "(mlp, cnn, resnet, prenorm, postnorm), measured or predicted per cell; writes a heat map PNG and JSON")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="signalprop-sweep",
                         help="folder for sweep_FAMILY.png and .json (created; default: %(default)s)")
+    parser.add_argument("--method", default="auto", choices=["auto", "predict", "measure"],
+                        help="auto: measure up to --measure-depth, predict deeper mlp/cnn cells (sp.predict); "
+                        "predict or measure: every cell (default: auto)")
+    parser.add_argument("--measure-depth", type=int, default=300,
+                        help="with --method auto, the deepest cell measured (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -32,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if any(d < 2 for d in args.depths) or any(w < 1 for w in args.widths) or args.batch < 1:
         raise SignalpropError("--depths must be >= 2, --widths and --batch >= 1")
     r = sweep(args.family, depths=args.depths, widths=args.widths, schemes=args.schemes or SCHEMES, batch=args.batch,
-              seed=args.seed, progress=not args.quiet, out=args.out)
+              seed=args.seed, progress=not args.quiet, out=args.out, method=args.method,
+              measure_depth=args.measure_depth)
 
     def worst(grid: list[list[float]]) -> float:
         return max((abs(math.log10(v)) if v > 0 else math.inf for row in grid for v in row), default=math.nan)
@@ -40,5 +46,7 @@ def run(args: argparse.Namespace) -> int:
     for s in r.schemes:
         print(f"{s:>10}: worst |log10 std| over the grid: forward {worst(r.forward[s]):.2f}, "
               f"gradient {worst(r.gradient[s]):.2f}")
+    cells = [v for g in r.source.values() for row in g for v in row]
+    print(f"{cells.count('predicted')} of {len(cells)} cells predicted, the rest measured")
     print(f"wrote {args.out}/sweep_{args.family}.png and .json in {r.seconds:.0f} s")
     return 0

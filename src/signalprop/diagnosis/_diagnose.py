@@ -481,7 +481,7 @@ def _predict(model: nn.Module, inputs: Any, notes: list[str], graph: Any = None)
     """sp.predict on the same inputs (integer ones as given, floating ones with their own mean square, the
     band for this batch); warnings and failures become notes."""
     try:
-        from ..prediction._predict import predict
+        from ..prediction import predict
     except ImportError as exc:
         notes.append(f"no prediction: {exc}")
         return None

@@ -71,6 +71,30 @@ def digits_caffe() -> tuple[torch.Tensor, torch.Tensor]:
     return x.reshape(-1, 1, 8, 8).clone(), y.clone()
 
 
+def batch_order(n: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
+    """The mini-batch order of a training run: ``steps`` rows of ``batch_size`` indices into ``n`` samples.
+
+    Reshuffled each epoch (an epoch visits each sample at most once; the last partial batch is dropped),
+    drawn from :func:`generator` of ``seed``, so every scheme compared in one run sees the same batches.
+    """
+    g = generator(seed)
+    per_epoch = n // batch_size
+    epochs = -(-steps // per_epoch)
+    rows = [torch.randperm(n, generator=g)[: per_epoch * batch_size].view(per_epoch, -1) for _ in range(epochs)]
+    return torch.cat(rows)[:steps]
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over ``window`` points (the first points average what exists so far)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
 # ---- numerics ---------------------------------------------------------------------------------------
 def flush_denormal_enabled() -> bool:
     """Whether float32 subnormals are flushed to zero right now (PyTorch has no getter, so it is probed)."""

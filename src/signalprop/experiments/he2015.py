@@ -59,11 +59,13 @@ from ._common import (
     Outcome,
     Progress,
     ProgressLike,
+    batch_order,
     digits_caffe,
     flushed_denormals,
     fmt_seconds,
     generator,
     new_figure,
+    smooth,
     start,
     write_outputs,
 )
@@ -209,23 +211,8 @@ def build(depth: int, scheme: str, *, width: int, seed: int) -> nn.Sequential:
 
 
 def _batches(n: int, cfg: Config, seed: int) -> torch.Tensor:
-    """The mini-batch order: ``steps`` rows of sample indices, reshuffled each epoch; shared by all runs."""
-    g = generator(seed)
-    per_epoch = n // cfg.batch_size
-    epochs = -(-cfg.steps // per_epoch)
-    rows = [torch.randperm(n, generator=g)[: per_epoch * cfg.batch_size].view(per_epoch, -1) for _ in range(epochs)]
-    return torch.cat(rows)[: cfg.steps]
-
-
-def _smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average (the first points average what exists so far)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
+    """The mini-batch order of :func:`~signalprop.experiments._common.batch_order`, shared by all runs."""
+    return batch_order(n, cfg.batch_size, cfg.steps, seed)
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, cfg: Config,
@@ -322,7 +309,7 @@ def run(
     for d, per in losses.items():
         learnt[d] = {}
         for s, v in per.items():
-            below = [i for i, m in enumerate(_smooth(v, cfg.window)) if i + 1 >= cfg.window and m < cfg.learnt_below]
+            below = [i for i, m in enumerate(smooth(v, cfg.window)) if i + 1 >= cfg.window and m < cfg.learnt_below]
             learnt[d][s] = below[0] if below else None
     result = Result(cfg, seed, losses, final, learnt, stds, clipped, report.elapsed, _checks(cfg, final, learnt))
     return write_outputs(result, folder, "he2015", _figure, _as_dict)
@@ -373,7 +360,7 @@ def _figure(r: Result) -> Any:
         for s in SCHEMES:
             raw = r.losses[depth][s]
             ax.plot(raw, color=colors[s], alpha=0.18, linewidth=0.6)
-            ax.plot(_smooth(raw, cfg.window), color=colors[s], linewidth=1.8, label=labels[s])
+            ax.plot(smooth(raw, cfg.window), color=colors[s], linewidth=1.8, label=labels[s])
         ax.axhline(LN10, color="0.4", linestyle=":", linewidth=1)
         ax.text(cfg.steps * 0.98, LN10 + 0.04, "ln 10", ha="right", va="bottom", fontsize=8, color="0.3")
         ax.set_title(f"{depth}-layer plain ReLU CNN")

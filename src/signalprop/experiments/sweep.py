@@ -10,6 +10,18 @@ rule promises for plain ReLU chains and what residual scalings and normalization
 Families: ``mlp`` (Linear-ReLU), ``cnn`` (3x3 conv-ReLU on 8x8 inputs, circular padding), ``resnet``
 (``x + W2 relu(W1 relu(x))`` blocks), ``prenorm`` (``x + W2 relu(W1 LN(x))``), ``postnorm``
 (``LN(x + W2 relu(W1 x))``). Depth counts weight layers.
+
+**Predicted or measured, per cell.** Measuring a 1,000-layer network costs a forward and a backward through
+2,000 hooked modules (half a minute a cell on 2 busy cores); :func:`signalprop.predict` gives the same two
+numbers from the weights alone in about a second, on one graph captured per (depth, width) and shared by the
+schemes. With ``method="auto"`` a cell is measured when its depth is at most ``measure_depth`` and predicted
+beyond it where the theory covers the family as a plain chain (:data:`PREDICTED_FAMILIES`: Linear or
+circularly padded conv, ReLU, zero or known bias); residual and normalized families are always measured.
+``Sweep.source`` says which, per cell, and the heat map marks predicted cells with a ``p``. The two
+numbers differ in kind: a prediction is the mean-field expectation over the weights' directions given
+each layer's actual mean(w^2) (He's product), a measurement is one network on one batch, which at depth
+``L`` and width ``n`` lands within predict's band, a log-variance spread of about ``sqrt(5 L / n)``
+(Hanin & Nica 2019), mostly below the expectation.
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +41,12 @@ from torch import nn
 from .._errors import SignalpropError
 from ._common import Progress, ProgressLike, jsonable, out_dir
 
-__all__ = ["FAMILIES", "SCHEMES", "Sweep", "build", "plot_sweep", "sweep"]
+__all__ = ["FAMILIES", "METHODS", "PREDICTED_FAMILIES", "SCHEMES", "Sweep", "build", "plot_sweep", "sweep"]
 
 FAMILIES = ("mlp", "cnn", "resnet", "prenorm", "postnorm")
+PREDICTED_FAMILIES = ("mlp", "cnn")
+"""Families that ``method="auto"`` predicts beyond ``measure_depth``: plain chains of weight layers and ReLUs."""
+METHODS = ("auto", "predict", "measure")
 SCHEMES = ("default", "glorot", "lecun", "he", "orthogonal", "auto")
 """``default``: PyTorch's own init; ``glorot``/``lecun``/``he``/``orthogonal``: :mod:`signalprop.init`;
 ``auto``: :func:`signalprop.fix.auto_init_` (Fixup on residual branches)."""
@@ -117,7 +132,8 @@ def _init(model: nn.Module, scheme: str, x: torch.Tensor) -> None:
 @dataclass(frozen=True)
 class Sweep:
     """``forward[scheme][i][j]``: last weight layer's output std at ``depths[i]``, ``widths[j]``;
-    ``gradient[...]``: the first weight layer's output-gradient std; ``seconds``: the whole sweep's wall time.
+    ``gradient[...]``: the first weight layer's output-gradient std; ``source[...]``: ``"predicted"`` or
+    ``"measured"``, how that cell's two numbers were obtained; ``seconds``: the whole sweep's wall time.
 
     Examples:
         >>> s = sweep("mlp", depths=(2, 4), widths=(8,), schemes=("he",), batch=4)
@@ -132,34 +148,83 @@ class Sweep:
     forward: dict[str, list[list[float]]]
     gradient: dict[str, list[list[float]]]
     seconds: float
+    source: dict[str, list[list[str]]] = field(default_factory=dict)
+    method: str = "measure"
 
     def to_dict(self) -> dict[str, Any]:
         """The sweep as JSON-ready data."""
         return {"family": self.family, "depths": list(self.depths), "widths": list(self.widths),
                 "schemes": list(self.schemes), "forward": self.forward, "gradient": self.gradient,
-                "seconds": self.seconds}
+                "source": self.source, "method": self.method, "seconds": self.seconds}
+
+
+def cell_source(family: str, depth: int, method: str = "auto", measure_depth: int = 300) -> str:
+    """How :func:`sweep` gets one cell's numbers: ``"predicted"`` or ``"measured"``.
+
+    Args:
+        family: one of :data:`FAMILIES`.
+        depth: the cell's weight layers.
+        method: ``"predict"`` or ``"measure"`` for every cell; ``"auto"``: measured up to ``measure_depth``,
+            predicted beyond it for :data:`PREDICTED_FAMILIES`, measured otherwise.
+        measure_depth: the deepest cell ``"auto"`` measures.
+
+    Returns:
+        ``"predicted"`` or ``"measured"``.
+
+    Example:
+        >>> cell_source("mlp", 1000), cell_source("mlp", 100), cell_source("resnet", 1000)
+        ('predicted', 'measured', 'measured')
+    """
+    if method not in METHODS:
+        raise SignalpropError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "predict" or (method == "auto" and family in PREDICTED_FAMILIES and depth > measure_depth):
+        return "predicted"
+    return "measured"
+
+
+def _predicted_cell(model: nn.Module, shape: torch.Size, graph: Any, batch: int) -> tuple[float, float]:
+    """The last weight layer's predicted output std and the first one's predicted output-gradient std."""
+    from ..prediction import predict
+
+    layers = list(predict(model, tuple(shape), graph=graph, batch=batch).weight_layers())
+    return layers[-1].fwd.std, (layers[0].bwd.std if layers[0].bwd is not None else math.nan)
+
+
+def _measured_cell(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """The same two numbers measured on one batch (statistics reduced on the fly, no activation kept)."""
+    from ..measurement import measure
+
+    layers = list(measure(model, x).weight_layers())
+    return layers[-1].fwd.std, (layers[0].bwd.std if layers[0].bwd is not None else math.nan)
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = round(width * done / max(total, 1))
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
 def sweep(family: str = "mlp", *, depths: Sequence[int] = (10, 100, 1000), widths: Sequence[int] = (64, 256),
           schemes: Sequence[str] = SCHEMES, batch: int = 16, seed: int = 0, progress: ProgressLike = False,
-          out: str | Path | None = None) -> Sweep:
-    """Measure every scheme over ``depths`` x ``widths`` for one family; write PNG + JSON under ``out``.
+          out: str | Path | None = None, method: str = "auto", measure_depth: int = 300) -> Sweep:
+    """Each scheme's last-layer std and first-layer gradient std over ``depths`` x ``widths``; PNG + JSON.
 
     Args:
         family: one of :data:`FAMILIES`.
         depths: The grid's depths; depth counts weight layers.
         widths: The grid's widths.
         schemes: any of :data:`SCHEMES`.
-        batch: samples per measurement (N(0, 1) inputs).
+        batch: samples per measurement (N(0, 1) inputs); a predicted cell's band is this batch's.
         seed: seeds the inputs and every draw of the weights.
-        progress: print one line per cell (``True``: to stderr; or a callable).
+        progress: a progress line per cell with a bar (``True``: to stderr; or a callable).
         out: a folder for ``sweep_<family>.png`` and ``sweep_<family>.json``.
+        method: ``"auto"``, ``"predict"`` or ``"measure"`` (:func:`cell_source`).
+        measure_depth: with ``"auto"``, the deepest cell measured; deeper plain chains are predicted.
 
     Returns:
-        A :class:`Sweep`.
+        A :class:`Sweep`; ``source`` says per cell whether it was predicted or measured.
 
     Raises:
-        SignalpropError: An unknown scheme, an empty grid or a batch below 1.
+        SignalpropError: An unknown scheme or method, an empty grid or a batch below 1.
 
     Examples:
         He et al. (2015) keep a plain ReLU chain's std at any depth. PyTorch's default Linear init,
@@ -170,32 +235,48 @@ def sweep(family: str = "mlp", *, depths: Sequence[int] = (10, 100, 1000), width
         >>> s = sweep("mlp", depths=(10,), widths=(256,), schemes=("he", "default"), batch=64)
         >>> s.forward["he"][0][0] > 0.5, round(s.forward["default"][0][0], 2)
         (True, 0.04)
+
+        Predicted instead of measured (what ``method="auto"`` does beyond ``measure_depth``):
+
+        >>> r = sweep("mlp", depths=(3,), widths=(64,), schemes=("he",), method="predict")
+        >>> r.source["he"], 1.0 < r.forward["he"][0][0] < 2.0  # He keeps Var = 2 at every layer
+        ([['predicted']], True)
     """
-    from ..measurement import measure
+    from ..graph import capture
 
     bad = [s for s in schemes if s not in SCHEMES]
     if bad or not schemes:
         raise SignalpropError(f"unknown scheme(s) {bad or list(schemes)}; choose from {', '.join(SCHEMES)}")
     if not depths or not widths or batch < 1:
         raise SignalpropError("sweep needs at least one depth and one width, and batch >= 1")
+    cell_source(family, 2, method, measure_depth)  # checks the method
     say = Progress(f"sweep {family}", progress)
     t0 = time.perf_counter()
     fwd = {s: [[math.nan] * len(widths) for _ in depths] for s in schemes}
     grad = {s: [[math.nan] * len(widths) for _ in depths] for s in schemes}
+    src = {s: [["measured"] * len(widths) for _ in depths] for s in schemes}
+    total, done = len(depths) * len(widths) * len(schemes), 0
     for i, depth in enumerate(depths):
+        how = cell_source(family, depth, method, measure_depth)
         for j, width in enumerate(widths):
+            graph = None
             for s in schemes:
                 torch.manual_seed(seed)
                 model, shape = build(family, depth, width)
                 x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
                 _init(model, s, x)
-                trace = measure(model, x).weight_layers()
-                layers = list(trace)
-                fwd[s][i][j] = layers[-1].fwd.std
-                grad[s][i][j] = layers[0].bwd.std if layers[0].bwd is not None else math.nan
-                say(f"depth {depth} width {width} {s}: last std {fwd[s][i][j]:.3g}, "
-                    f"first gradient std {grad[s][i][j]:.3g}")
-    result = Sweep(family, tuple(depths), tuple(widths), tuple(schemes), fwd, grad, time.perf_counter() - t0)
+                if how == "predicted":
+                    if graph is None:  # one graph per architecture: the schemes change weights only
+                        graph = capture(model, input_shape=tuple(shape), methods=("fx", "export"))
+                    fwd[s][i][j], grad[s][i][j] = _predicted_cell(model, shape, graph, batch)
+                else:
+                    fwd[s][i][j], grad[s][i][j] = _measured_cell(model, x)
+                src[s][i][j] = how
+                done += 1
+                say(f"{_bar(done, total)} depth {depth} width {width} {s} ({how}): last std "
+                    f"{fwd[s][i][j]:.3g}, first gradient std {grad[s][i][j]:.3g}")
+    result = Sweep(family, tuple(depths), tuple(widths), tuple(schemes), fwd, grad, time.perf_counter() - t0,
+                   src, method)
     folder = out_dir(out)
     if folder is not None:
         (folder / f"sweep_{family}.json").write_text(json.dumps(jsonable(result.to_dict()), indent=1))
@@ -246,7 +327,9 @@ def plot_sweep(result: Sweep, path: str | Path) -> Path:
             image = ax.imshow(vals, cmap="RdBu_r", norm=norm, aspect="auto")
             for i, r in enumerate(grid):
                 for j, v in enumerate(r):
-                    ax.text(j, i, f"{v:.1g}" if math.isfinite(v) else "inf", ha="center", va="center", fontsize=7)
+                    mark = " p" if result.source.get(s, grid)[i][j] == "predicted" else ""
+                    ax.text(j, i, (f"{v:.1g}" if math.isfinite(v) else "inf") + mark, ha="center", va="center",
+                            fontsize=7)
             ax.set_xticks(range(len(result.widths)), [str(w) for w in result.widths], fontsize=7)
             ax.set_yticks(range(len(result.depths)), [str(d) for d in result.depths], fontsize=7)
             ax.set_title(f"{s}: {label}", fontsize=8)
@@ -256,5 +339,8 @@ def plot_sweep(result: Sweep, path: str | Path) -> Path:
                 ax.set_xlabel("width")
     if image is not None:
         fig.colorbar(image, ax=axes, label="log10 std", shrink=0.8)
-    fig.suptitle(f"{result.family}: signal and gradient across depth and width", fontsize=10)
+    title = f"{result.family}: signal and gradient across depth and width"
+    if any(v == "predicted" for g in result.source.values() for r in g for v in r):
+        title += " (p: predicted by sp.predict; others measured)"
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -44,10 +44,17 @@ __all__ = ["fixup_factor", "residual_steps"]
 def fixup_factor(num_branches: int, branch_layers: int) -> float:
     """The multiplier of one branch's output: (L^(-1/(2m-2)))^(m-1) = L^(-1/2) (Zhang et al. 2019, Sec. 3).
 
-    ``num_branches`` is L, ``branch_layers`` m (kept for the per-layer factor L^(-1/(2m-2)) it stands for).
+    Args:
+        num_branches: L, the number of residual branches.
+        branch_layers: m, the weight layers in one branch (kept for the per-layer factor L^(-1/(2m-2)) it
+            stands for).
 
-    >>> fixup_factor(16, 2)
-    0.25
+    Returns:
+        The factor the branch's output is multiplied by, L^(-1/2).
+
+    Examples:
+        >>> fixup_factor(16, 2)
+        0.25
     """
     if num_branches < 1 or branch_layers < 1:
         raise SignalpropError(f"fixup_factor needs L >= 1 and m >= 1, got L={num_branches}, m={branch_layers}")

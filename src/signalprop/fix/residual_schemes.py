@@ -71,10 +71,15 @@ _LOGITS = frozenset({"softmax", "_softmax", "log_softmax", "_safe_softmax"})
 def deepnorm_factors(num_branches: int) -> tuple[float, float]:
     """DeepNorm's (alpha, beta) for an encoder of N = L/2 layers (Wang et al. 2022, Sec. 4.3, encoder-only).
 
-    alpha = (2N)^(1/4) multiplies the skip, beta = (8N)^(-1/4) the branch weights; ``num_branches`` is L = 2N.
+    Args:
+        num_branches: L = 2N, the residual branches (attention and feed-forward) of N layers.
 
-    >>> [round(f, 4) for f in deepnorm_factors(12)]  # N = 6: 12^(1/4), 48^(-1/4)
-    [1.8612, 0.3799]
+    Returns:
+        ``(alpha, beta)``: alpha = (2N)^(1/4) multiplies the skip, beta = (8N)^(-1/4) the branch weights.
+
+    Examples:
+        >>> [round(f, 4) for f in deepnorm_factors(12)]  # N = 6: 12^(1/4), 48^(-1/4)
+        [1.8612, 0.3799]
     """
     if num_branches < 1:
         raise SignalpropError(f"deepnorm_factors needs L >= 1 residual branches, got {num_branches}")

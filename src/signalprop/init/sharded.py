@@ -26,8 +26,9 @@ from torch import nn
 
 from .._errors import SignalpropError
 from ._dtensor import is_dtensor, shared_seed
-from .apply import SCHEMES, _block_params, _init_layers, bias_names
+from .apply import _block_params, _make_spec, _plan_layers, _write, bias_names
 from .fans import has_fan_rule
+from .initializers import _SCHEME_OF, SCHEMES
 
 # ---- meta-device materialization ------------------------------------------------------------------
 
@@ -193,3 +194,32 @@ def materialize_(
                     getattr(m, k).copy_(v)
         _init_layers(weight_layers, init_fn, generator, scheme_kwargs, only=metas)
     return model
+
+
+def _init_layers(
+    layers: list[tuple[str, nn.Module]],
+    init_fn: Callable[..., Any],
+    generator: torch.Generator | None,
+    settings: dict[str, Any],
+    only: set[tuple[int, str]],
+) -> None:
+    """Initialize the listed tensors of these layers (materialize_'s path): nothing else is written.
+
+    A built-in scheme is planned over all layers at once, so the draws come in the same order as
+    ``scheme_(model)`` on the same model built eagerly: the same generator state gives the same weights.
+    Any other callable is called as ``init_fn(layer, **settings)`` per layer.
+    """
+    kwargs = dict(settings)
+    scheme = _SCHEME_OF.get(init_fn)
+    if scheme is None:
+        from ._dtensor import accepts as _accepts
+
+        if generator is not None and _accepts(init_fn, "generator"):
+            kwargs["generator"] = generator
+        for _, layer in layers:
+            init_fn(layer, **kwargs)
+        return
+    zero_bias = bool(kwargs.pop("zero_bias", True))
+    spec = _make_spec(scheme, kwargs)
+    steps = _plan_layers(layers, spec, None, scheme + "_")
+    _write(steps, [layer for _, layer in layers], generator, zero_bias, only=only)

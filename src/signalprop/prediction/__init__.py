@@ -5,8 +5,8 @@ activation and bias by the q-map of Poole et al. (2016) (:mod:`signalprop.theory
 graph (:mod:`signalprop.graph`).
 """
 
-from ._predict import PredictWarning as PredictWarning
 from ._predict import predict as predict
-from ._predict import register_rule as register_rule
+from ._registry import PredictWarning as PredictWarning
+from ._registry import register_rule as register_rule
 
 __all__ = ["PredictWarning", "predict", "register_rule"]

@@ -91,10 +91,14 @@ def stats(x: Moments, batch: int | None = None, cond: float = 0.0) -> tuple[Stat
     shape = tuple(x.shape or ())
     nd = len(shape)
     numel = math.prod(shape)
-    mean = float(x.mean.mean())
-    q = float(x.q.mean())
+    sc = R.scalars(x)
+    if sc is not None:  # one (m, v, s) everywhere: host floats, the same operations
+        mean, q, s_bar = sc[0], sc[0] * sc[0] + sc[1], sc[2]
+    else:
+        mean = float(x.mean.mean())
+        q = float(x.q.mean())
+        s_bar = float(x.shared.mean())
     var = max(q - mean * mean, 0.0)
-    s_bar = float(x.shared.mean())
     chan = None if x.chan is None or nd == 0 else x.chan % nd
     groups = float(shape[chan]) if chan is not None else float(math.prod(shape[1:]) or 1)
     expected = max(var - s_bar / groups, 0.0)
@@ -104,11 +108,14 @@ def stats(x: Moments, batch: int | None = None, cond: float = 0.0) -> tuple[Stat
     band = (expected * math.exp(-R.Z90 * sd), expected * math.exp(R.Z90 * sd))
     extra: dict[str, float] = {}
     if nd >= 2:
-        dims = [d for d in range(nd) if d != 1]
-        m_c = R._mean_over(x.mean, nd, dims)
-        s_c = R._mean_over(x.shared, nd, dims)
         g_c = 1.0 if chan == 1 else (float(shape[chan]) if chan is not None else float(math.prod(shape[2:]) or 1))
-        extra["chan_sq_mean"] = float((m_c * m_c + s_c / g_c).mean())
+        if sc is not None:
+            extra["chan_sq_mean"] = mean * mean + s_bar / g_c
+        else:
+            dims = [d for d in range(nd) if d != 1]
+            m_c = R._mean_over(x.mean, nd, dims)
+            s_c = R._mean_over(x.shared, nd, dims)
+            extra["chan_sq_mean"] = float((m_c * m_c + s_c / g_c).mean())
         extra["chan_var"] = max(q - extra["chan_sq_mean"], 0.0)
     fwd = Stats.from_moments(mean, var, var_band=band, numel=numel, **extra)
     return fwd, {"log_var_std": sd, "expected_var": expected, "shared_var": s_bar}

@@ -131,6 +131,9 @@ def act_moments(act: Any, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | No
 
     Elements are computed once per distinct (m, v, rho) when there are many (a full spatial map); the
     piecewise-linear activations use closed forms throughout (:func:`_piecewise_cov` for the covariance)."""
+    slope = piecewise_slope(act)
+    if slope is not None and m.numel() == 1 and v.numel() == 1 and (s is None or s.numel() == 1):
+        return _piecewise_scalar(slope, m, v, s)
     m, v = torch.broadcast_tensors(m, v)
     shared = s is not None and bool((s > 0).any())
     if shared:
@@ -144,7 +147,6 @@ def act_moments(act: Any, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | No
     if flat[0].numel() > 4096:
         uniq, inv = unique_rows(*flat)
         flat = (uniq[:, 0], uniq[:, 1], uniq[:, 2])
-    slope = piecewise_slope(act)
     if slope is not None:
         res = _piecewise_rows(slope, *flat, shared)
     else:
@@ -166,6 +168,63 @@ def act_moments(act: Any, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | No
     res = res.reshape(*m.shape, -1)
     return res[..., 0], res[..., 1], res[..., 2], res[..., 3], (res[..., 4] if shared else
                                                                   (torch.zeros_like(m) if s is not None else None))
+
+
+def _piecewise_scalar(slope: float, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`act_moments` of a piecewise-linear activation when every element shares one (m, v, s): the
+    same closed forms on one-element arrays, read and written back in two transfers (a deep chain of
+    bias-free layers spends its time here, once a layer)."""
+    nd = max(m.dim(), v.dim(), 0 if s is None else s.dim())
+    vals = [m.item(), v.item()] + ([] if s is None else [s.item()])
+    mf, vf = float(vals[0]), float(vals[1])
+    shared = s is not None and vals[2] > 0
+    e1, e2, e4, d2 = _piecewise_float(slope, mf, vf)
+    cov = 0.0
+    if shared:
+        cr = np.clip(np.array([vals[2] / vf if vf > 0 else 0.0]), 0.0, 1.0)
+        cov = float(_piecewise_cov(slope, np.array([mf]), np.array([vf]), cr, np.array([e1]))[0])
+    res = torch.tensor([e1, e2, e4, d2, cov], dtype=torch.float64).reshape(5, *([1] * nd))
+    return res[0], res[1], res[2], res[3], (res[4] if s is not None else None)
+
+
+def _ndtr_float(x: float) -> float:
+    """Phi(x) for one float (``torch.special.ndtr``'s formula: erf near 0, erfc in the tails)."""
+    y = x * math.sqrt(0.5)
+    if abs(y) < math.sqrt(0.5):
+        return 0.5 + 0.5 * math.erf(y)
+    return 1.0 - 0.5 * math.erfc(y) if y > 0 else 0.5 * math.erfc(-y)
+
+
+def _piecewise_float(slope: float, m: float, v: float) -> tuple[float, float, float, float]:
+    """:func:`_piecewise` (through :func:`_relu_closed`) on one float mean and variance."""
+    sig = math.sqrt(max(v, 0.0))
+    pos = sig > 0
+    if pos:
+        a = -m / sig
+    else:
+        a = -math.inf if m > 0 else math.inf
+    a_c = min(max(a, -_Z_CLAMP), _Z_CLAMP)
+    p = math.exp(-0.5 * a_c * a_c) / math.sqrt(2 * math.pi) if abs(a) < _Z_CLAMP else 0.0
+    big_p = _ndtr_float(-a)
+    m2 = a_c * p + big_p
+    m3 = a_c * a_c * p + 2 * p
+    m4 = a_c**3 * p + 3 * m2
+    s0 = sig if pos else 0.0
+    r = max(m, 0.0)
+    if pos:
+        e1 = m * big_p + s0 * p
+        e2 = m * m * big_p + 2 * m * s0 * p + s0 * s0 * m2
+        e4 = m**4 * big_p + 4 * m**3 * s0 * p + 6 * m * m * s0 * s0 * m2 + 4 * m * s0**3 * m3 + s0**4 * m4
+    else:
+        e1, e2, e4 = r, r * r, r**4
+    e1, e2, e4 = max(e1, 0.0), max(e2, 0.0), max(e4, 0.0)
+    if slope == 0.0:
+        return e1, e2, e4, big_p
+    u2 = m * m + v
+    u4 = m**4 + 6 * m * m * v + 3 * v * v
+    return (slope * m + (1 - slope) * e1, slope * slope * u2 + (1 - slope * slope) * e2,
+            slope**4 * u4 + (1 - slope**4) * e4, big_p + slope * slope * (1 - big_p))
 
 
 def _piecewise_rows(slope: float, m: torch.Tensor, v: torch.Tensor, rho: torch.Tensor, shared: bool

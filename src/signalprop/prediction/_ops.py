@@ -64,6 +64,12 @@ def _arg(n: Node, i: int, key: str, default: Any) -> Any:
     return default if v is None else v
 
 
+def _literal(n: Node, i: int, key: str, default: Any) -> Any:
+    """An argument given as a literal; ``default`` when it is a graph value or missing."""
+    v = _arg(n, i, key, default)
+    return default if isinstance(v, Ref) else v
+
+
 def _known(ins: dict[int, Moments], v: Any) -> Any:
     """The value of a Ref argument that is known (a weight), the literal itself, or None."""
     if isinstance(v, Ref):
@@ -422,3 +428,55 @@ def _mean(n: Node, ins: dict[int, Moments]) -> Step:
     x, ix = operand(n, 0, ins, "input")
     out, back = P.mean_reduce(n, x)
     return out, back, [ix] if ix is not None else []
+
+
+def add(n: Node, ins: dict[int, R.Moments]) -> Step:
+    """Sum (or difference) of independent values: means add (subtract), variances and shared parts add."""
+    a, ia = operand(n, 0, ins, "input")
+    b, ib = operand(n, 1, ins, "other")
+    alpha = float(_literal(n, 2, "alpha", 1.0))
+    sign = -1.0 if n.name == "sub" else 1.0
+    if n.name == "rsub":
+        a, b, ia, ib, sign = b, a, ib, ia, -1.0
+    s = sign * alpha
+    mean = a.mean + s * b.mean
+    var = a.var + s * s * b.var
+    shared = a.shared + s * s * b.shared if (a.s is not None or b.s is not None) else None
+    va, vb = float(a.var.mean()), float(b.var.mean())
+    lv = (va * va * a.lv + (s * s * vb) ** 2 * b.lv) / ((va + s * s * vb) ** 2) if va + vb > 0 else 0.0
+    chan = a.chan if a.chan is not None else b.chan
+    out = R.Moments(mean, var, None, None, lv, a.rnd or b.rnd, bshape(a, b), R.clamp_shared(shared, var), chan,
+                    corr=max(a.corr, b.corr))
+    used = [i for i, v in ((ia, a), (ib, b)) if i is not None and not v.known]
+
+    def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
+        return [g2 if i == ia else g2 * s * s for i in used]
+
+    return out, back, used
+
+
+def mul(n: Node, ins: dict[int, R.Moments]) -> Step:
+    """Product of independent values: E[ab] = E[a]E[b], E[(ab)^2] = E[a^2]E[b^2]; division by a known value
+    multiplies by its reciprocal."""
+    a, ia = operand(n, 0, ins, "input")
+    if n.name == "neg":
+        b, ib = R.const(-1.0), None
+    else:
+        b, ib = operand(n, 1, ins, "other")
+        if n.name == "div":
+            b = R.const(1.0 / b.mean)
+            ib = None
+    mean = a.mean * b.mean
+    var = (a.q * b.q - mean * mean).clamp_min(0)
+    shared = None
+    if a.s is not None or b.s is not None:  # E[(ab)_1 (ab)_2] = E[a_1 a_2] E[b_1 b_2] for independent a, b
+        shared = a.cross * b.cross - mean * mean
+    chan = a.chan if a.chan is not None else b.chan
+    out = R.Moments(mean, var, None, None, max(a.lv, b.lv), a.rnd or b.rnd, bshape(a, b),
+                    R.clamp_shared(shared, var), chan, corr=max(a.corr, b.corr))
+    used = [i for i, v in ((ia, a), (ib, b)) if i is not None and not v.known]
+
+    def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
+        return [g2 * (b.q if i == ia else a.q) for i in used]
+
+    return out, back, used

@@ -49,7 +49,6 @@ it; add a rule with :func:`register_rule`.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -59,7 +58,7 @@ from torch import nn
 
 from .._errors import SignalpropError
 from .._hooks import internal_run
-from .._state import preserving
+from .._state import preserving, untracked
 from ..graph._analysis import ACTIVATION_OPS, activation_module, fn_activation
 from ..graph._graph import capture, example_inputs
 from ..graph._ir import Node, Ref
@@ -69,15 +68,14 @@ from ..layers import is_norm
 from ..trace import LayerStats, Stats, Trace
 from . import _attention as A
 from . import _band as B
+from . import _inputs as I
 from . import _ops as O
 from . import _pool as P
 from . import _rules as R
+from ._registry import MODULE_RULES, PredictWarning
 
-Rule = Callable[[nn.Module, "R.Moments", Node], "tuple[R.Moments, R.Back]"]
 Step = tuple["R.Moments", "R.Back | None", list[int]]
 
-MODULE_RULES: dict[str, Rule] = {}
-"""Module class name -> rule(module, input moments, node) -> (output moments, backward). One line to add."""
 
 IDENTITY_OPS = frozenset({"to", "type", "float", "half", "double", "bfloat16", "detach", "alias", "clone",
                           "contiguous", "identity", "lift_fresh_copy", "type_as", "copy"})
@@ -96,18 +94,6 @@ VALUE_FREE_OPS = frozenset({"ones_like", "zeros_like", "full_like", "empty_like"
 NO_OPS = frozenset({"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_async",
                     "sym_constrain_range_for_size", "sym_constrain_range", "_check_is_size"})
 SHAPE_MODULES = frozenset({"Flatten", "Unflatten", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d"})
-
-
-class PredictWarning(UserWarning):
-    """Some module or op has no prediction rule and was passed through unchanged."""
-
-
-def register_rule(kind: str, rule: Rule) -> None:
-    """Add a prediction rule for modules of class name ``kind`` (see :data:`MODULE_RULES`)."""
-    if not isinstance(kind, str) or not callable(rule):
-        raise SignalpropError("register_rule needs a module class name (str) and a callable "
-                              "rule(module, moments, node) -> (moments, backward)")
-    MODULE_RULES[kind] = rule
 
 
 @preserving  # the capture and the weight reads leave the model as found (spectral norm's u, v included)
@@ -132,13 +118,31 @@ def predict(
     the first dimension of ``inputs``; with ``input_shape``, None: the band of an infinite batch). A graph
     captured before from the same inputs can be passed to skip capture.
 
-    Returns a :class:`~signalprop.Trace` with ``source="predicted"`` and one entry per module call, named
-    as ``sp.measure`` names them; ``fwd.var_band`` is the 90% band of one network on one batch.
+    Args:
+        model: The model; its weights are read, never changed.
+        input_shape: The shape of one sample without the batch dimension, or None when ``inputs`` is given.
+        inputs: Example inputs as ``sp.measure`` takes them (tensor, tuple, dict).
+        input_var: The floating inputs' variance: one number, one per floating input, or None.
+        graph: A graph captured before from the same inputs (:func:`signalprop.graph.capture`).
+        batch: The batch one measurement averages over, for the band (None: an infinite batch).
 
-    >>> import signalprop as sp
-    >>> t = sp.predict(sp.models.mlp(3, 64, bias=False), (64,))
-    >>> t["4"].fwd.var > 0
-    True
+    Returns:
+        A :class:`~signalprop.Trace` with ``source="predicted"`` and one entry per module call, named as
+        ``sp.measure`` names them; ``fwd.var_band`` is the 90% band of one network on one batch.
+
+    Raises:
+        SignalpropError: Not a module, neither or both of ``input_shape`` and ``inputs``, or inputs that do
+            not fit the model.
+
+    Examples:
+        He's formula on a bias-free ReLU MLP with orthogonal weights of gain sqrt(2) (so n Var[w] = 2
+        exactly, whatever the draw): every weight layer's output keeps E[y^2] = 1/2 n Var[w] x 2 = 2:
+
+        >>> import signalprop as sp
+        >>> net = sp.init.orthogonal_(sp.models.mlp(3, 64, bias=False), gain=2 ** 0.5)
+        >>> t = sp.predict(net, (64,))
+        >>> [round(t[name].fwd.rms ** 2, 6) for name in ("0", "2", "4", "6")]
+        [2.0, 2.0, 2.0, 2.0]
     """
     if not isinstance(model, nn.Module):
         raise SignalpropError(f"predict needs an nn.Module, got {type(model).__name__}")
@@ -151,73 +155,20 @@ def predict(
     cond = 0.0
     if inputs is not None:
         args, kwargs = example_inputs(model, inputs)
-        flat = [t for t in _tensors((args, kwargs)) if t.is_floating_point()]
-        batch = batch if batch is not None else _batch_of(args, kwargs)
+        flat = [t for t in I.tensors((args, kwargs)) if t.is_floating_point()]
+        batch = batch if batch is not None else I.batch_of(args, kwargs)
         if input_var is None and flat and batch:
-            cond = _input_relvar(flat[0], batch)
+            cond = I.input_relvar(flat[0], batch)
     else:
         args, kwargs = example_inputs(model, input_shape=input_shape)
         flat = []
-    variances = _input_vars(input_var, flat, inputs is not None)
-    g = graph if graph is not None else capture(model, _capture_inputs(args, kwargs))
-    shape = list(input_shape) if input_shape is not None else [list(t.shape[1:]) for t in _tensors((args, kwargs))]
+    variances = I.input_vars(input_var, flat, inputs is not None)
+    g = graph if graph is not None else capture(model, I.capture_inputs(args, kwargs))
+    shape = list(input_shape) if input_shape is not None else [list(t.shape[1:]) for t in I.tensors((args, kwargs))]
     with torch.no_grad(), internal_run():
         p = _Predictor(model, g, variances, batch)
         p.cond = cond
         return p.run(shape)
-
-
-def _capture_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The example inputs in the form capture takes: a tuple of positional inputs or a dict of keywords."""
-    if kwargs and args:
-        raise SignalpropError("predict takes inputs as a tensor, a tuple (positional) or a dict (keyword)")
-    return dict(kwargs) if kwargs else tuple(args)
-
-
-def _input_relvar(x: torch.Tensor, batch: int) -> float:
-    """Relative variance of a batch's input mean square, ``kappa_x / (B n_x)`` (``_band``)."""
-    t = x.detach().double()
-    q = float(t.pow(2).mean())
-    if not (q > 0 and math.isfinite(q)):
-        return 0.0
-    kappa = max(float(t.pow(4).mean()) / (q * q) - 1.0, 0.0)
-    return kappa / (batch * max(t[0].numel() if t.dim() else 1, 1))
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    from ..graph._ir import map_refs
-
-    found: list[torch.Tensor] = []
-    map_refs(obj, lambda o: found.append(o) if isinstance(o, torch.Tensor) else None)
-    return found
-
-
-def _batch_of(args: Any, kwargs: Any) -> int | None:
-    ts = [t for t in _tensors((args, kwargs)) if t.dim() >= 1]
-    return int(ts[0].shape[0]) if ts else None
-
-
-def _input_vars(input_var: Any, flat: list[torch.Tensor], given: bool) -> list[float] | float:
-    """One variance per floating input (a list) or one for all (a float), checked."""
-    if input_var is None:
-        if not given:
-            return 1.0
-        out = [float(t.detach().double().pow(2).mean()) if t.numel() else 1.0 for t in flat]
-        bad = [v for v in out if not (math.isfinite(v) and v > 0)]
-        if bad:
-            raise SignalpropError("an example input's mean square is not a positive finite number; pass "
-                                  "input_var= explicitly")
-        return out
-    vals = list(input_var) if isinstance(input_var, list | tuple) else [input_var]
-    for v in vals:
-        if isinstance(v, bool) or not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-            raise SignalpropError(f"input_var must be a positive finite number (or one per floating input), "
-                                  f"got {input_var!r}")
-    if isinstance(input_var, list | tuple):
-        if given and len(vals) != len(flat):
-            raise SignalpropError(f"input_var has {len(vals)} values for {len(flat)} floating inputs")
-        return [float(v) for v in vals]
-    return float(vals[0])
 
 
 class _Predictor:
@@ -236,6 +187,37 @@ class _Predictor:
         self.n_float = 0
         self.cond = 0.0  # the input-second-moment part of the batch band already in the prediction
         self.context: list[str] = []  # the modules whose bodies are being walked (for messages)
+        self.layers = self._read_layers()
+        self.pure: set[int] = set()  # nodes whose rule and backward touch only predict's own tensors
+
+    def _read_layers(self) -> dict[str, R.LayerNumbers]:
+        """Every weight layer's fans, bias and mean(w^2), read before the walk: the weights' attributes
+        under the model's tracker (a parametrization's code runs there), their mean squares in one batched
+        computation with one transfer (:func:`_rules.mean_squares`)."""
+        names: list[str] = []
+        nums: list[R.LayerNumbers] = []
+        weights: list[torch.Tensor] = []
+        seen: set[str] = set()
+        for n in self.graph.nodes:
+            name = n.module or ""
+            if n.op != "call" or name in seen:
+                continue
+            seen.add(name)
+            m = self.modules.get(name)
+            if m is None or type(m).__name__ in MODULE_RULES or not _fan_layer(m):
+                continue
+            num, w = R.layer_numbers(m)
+            names.append(name)
+            nums.append(num)
+            weights.append(w)
+        with untracked():
+            w2s = R.mean_squares(weights)
+            biases = [u.bias for u in nums if u.bias is not None]
+            zero = iter(torch.stack([b.abs().amax() == 0 for b in biases]).tolist() if biases else [])
+        # a zero bias is dropped: the mean stays one number for every element (the rules' scalar path)
+        return {k: R.LayerNumbers(u.fan_in, u.fan_out, u.n_in, None if u.bias is not None and next(zero)
+                                  else u.bias, u.conv, u.overlap, w2)
+                for k, u, w2 in zip(names, nums, w2s)}
 
     def run(self, input_shape: Any) -> Trace:
         nodes = self.graph.nodes
@@ -250,7 +232,7 @@ class _Predictor:
             warnings.warn(
                 "predict has no rule for " + ", ".join(f"{k} (x{v})" for k, v in self.unknown.items())
                 + " and passed their inputs through unchanged; add one with "
-                "signalprop.predict.register_rule(kind, rule)",
+                "signalprop.prediction.register_rule(kind, rule)",
                 PredictWarning, stacklevel=3,
             )
         return self._trace(g2, input_shape)
@@ -271,28 +253,59 @@ class _Predictor:
         return v
 
     def _walk(self, nodes: Sequence[Node]) -> None:
-        for n in nodes:
-            if n.op in ("alias", "const"):
-                continue
-            out, back, used = self._forward(n)
-            self.vals[n.index] = out
-            if back is not None and not out.known:
-                self.backs[n.index] = back
-                self.data_in[n.index] = used
+        """Each node's moments in order; nodes that touch only predict's own tensors run untracked, the
+        others (module attributes, replayed ops, registered rules) under the model's tracker."""
+        with untracked() as tracked:
+            for n in nodes:
+                if n.op in ("alias", "const"):
+                    continue
+                if self._is_pure(n):
+                    self.pure.add(n.index)
+                    out, back, used = self._forward(n)
+                else:
+                    with tracked:
+                        out, back, used = self._forward(n)
+                self._keep(n, out, back, used)
+
+    def _keep(self, n: Node, out: R.Moments, back: R.Back | None, used: list[int]) -> None:
+        self.vals[n.index] = out
+        if back is not None and not out.known:
+            self.backs[n.index] = back
+            self.data_in[n.index] = used
 
     def _backward(self, nodes: Sequence[Node], g2: dict[int, torch.Tensor]) -> None:
         """Push E[g^2] from each node to its data inputs, in reverse order, accumulating in ``g2``."""
-        for n in reversed(nodes):
-            if n.index not in g2 or n.index not in self.backs:
-                continue
-            for j, gin in zip(self.data_in[n.index], self.backs[n.index](g2[n.index])):
-                if gin is None or j not in self.node_of or self.node_of[j].op in ("const", "input"):
+        with untracked() as tracked:
+            for n in reversed(nodes):
+                if n.index not in g2 or n.index not in self.backs:
                     continue
-                if self.val(j).known:
-                    continue
-                if n.op == "fn" and n.name in O.BROADCAST_OPS:
-                    gin = _sum_to(gin, self.val(n.index).shape or (), self.val(j).shape or ())
-                g2[j] = g2[j] + gin if j in g2 else gin
+                if n.index in self.pure:
+                    gins = self.backs[n.index](g2[n.index])
+                else:
+                    with tracked:
+                        gins = self.backs[n.index](g2[n.index])
+                for j, gin in zip(self.data_in[n.index], gins):
+                    if gin is None or j not in self.node_of or self.node_of[j].op in ("const", "input"):
+                        continue
+                    if self.val(j).known:
+                        continue
+                    if n.op == "fn" and n.name in O.BROADCAST_OPS:
+                        gin = _sum_to(gin, self.val(n.index).shape or (), self.val(j).shape or ())
+                    g2[j] = g2[j] + gin if j in g2 else gin
+
+    def _is_pure(self, n: Node) -> bool:
+        """True for a weight layer read before the walk (:meth:`_read_layers`) or an activation that runs no
+        model code: its forward and backward are arithmetic on predict's own tensors, run untracked."""
+        if n.op == "call":
+            if n.body and self._body_known(n):
+                return False
+            name = n.module or ""
+            m = self.modules.get(name)
+            if m is None or type(m).__name__ in MODULE_RULES:
+                return False
+            return name in self.layers or (activation_module(m) and _stateless(m))
+        # a functional activation on data (on known values only it is replayed, maybe in place)
+        return n.op == "fn" and n.name in ACTIVATION_OPS and any(not self.val(i).known for i in n.inputs)
 
     def _forward(self, n: Node) -> Step:
         if n.op == "input":
@@ -349,8 +362,9 @@ class _Predictor:
             return lambda x: MODULE_RULES[kind](m, x, n)
         if isinstance(m, nn.Embedding):
             return None if n.body else (lambda x: R.embedding(m.weight, x if data else None, shape))
-        if has_fan_rule(m) and not isinstance(m, nn.MultiheadAttention | nn.RNNBase):
-            return lambda x: R.weight_layer(m, x, shape)
+        if _fan_layer(m):
+            nums = self.layers.get(n.module or "")
+            return lambda x: R.weight_layer(m, x, shape, nums)
         if activation_module(m):
             return lambda x: R.activation(m, x)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -417,7 +431,7 @@ class _Predictor:
         if n.shape is not None and tuple(x.shape or ()) != tuple(n.shape):
             raise SignalpropError(
                 f"predict has no rule for {label} ({n.name}), which changes the shape from "
-                f"{x.shape} to {n.shape}; add one with signalprop.predict.register_rule("
+                f"{x.shape} to {n.shape}; add one with signalprop.prediction.register_rule("
                 f"{owner!r}, rule), where rule(module, moments, node) returns (moments, backward)"
             )
         self.unknown[label] = self.unknown.get(label, 0) + 1
@@ -467,9 +481,9 @@ class _Predictor:
             out, back = R.dropout(x, float(p), bool(train))
             return out, back, data[:1]
         if name in ("add", "sub", "rsub"):
-            return _add(n, ins)
+            return O.add(n, ins)
         if name in ("mul", "div", "neg"):
-            return _mul(n, ins)
+            return O.mul(n, ins)
         if "pool" in name:
             out, back = _pool(n, None, x)
             return out, back, data[:1]
@@ -489,6 +503,10 @@ class _Predictor:
             if x is None or x.lazy is not None or (x.known and not isinstance(x.value, torch.Tensor)):
                 fwd = Stats()
                 bwd = None
+            elif x.src is None or _stateless(x.src[0]):  # the band evaluates the activation
+                with untracked():
+                    fwd, meta = B.stats(x, self.batch, self.cond)
+                    bwd = B.grad_stats(g2.get(i), fwd.numel)
             else:
                 fwd, meta = B.stats(x, self.batch, self.cond)
                 bwd = B.grad_stats(g2.get(i), fwd.numel)
@@ -497,6 +515,20 @@ class _Predictor:
         meta_t = {"input_shape": input_shape, "input_var": self.input_var, "graph": self.graph.method,
                   "capture_failures": dict(self.graph.failures), "batch": self.batch}
         return Trace(layers, source="predicted", meta=meta_t)
+
+
+def _fan_layer(m: nn.Module) -> bool:
+    """A module the weight-layer rule predicts (a fan rule; attention and recurrent layers have their own)."""
+    return has_fan_rule(m) and not isinstance(m, nn.MultiheadAttention | nn.RNNBase)
+
+
+def _stateless(act: Any) -> bool:
+    """An activation whose evaluation runs no model code that could write: a name or function, or one of
+    torch's own activation modules holding no parameter, buffer or parametrization."""
+    if not isinstance(act, nn.Module):
+        return True
+    return (type(act).__module__.startswith("torch.nn.") and not act._parameters and not act._buffers
+            and not act._modules)
 
 
 def _placeholder(node: Node, x: R.Moments) -> torch.Tensor:
@@ -537,55 +569,3 @@ def _sum_to(g: torch.Tensor, out_shape: tuple[int, ...], in_shape: tuple[int, ..
     if tuple(out_shape) == tuple(in_shape) or not out_shape:
         return g if g.dim() == len(in_shape) else g.reshape((1,) * len(in_shape)) if g.numel() == 1 else g
     return g.expand(out_shape).sum_to_size(in_shape)
-
-
-def _add(n: Node, ins: dict[int, R.Moments]) -> Step:
-    """Sum (or difference) of independent values: means add (subtract), variances and shared parts add."""
-    a, ia = O.operand(n, 0, ins, "input")
-    b, ib = O.operand(n, 1, ins, "other")
-    alpha = float(_arg(n, 2, "alpha", 1.0))
-    sign = -1.0 if n.name == "sub" else 1.0
-    if n.name == "rsub":
-        a, b, ia, ib, sign = b, a, ib, ia, -1.0
-    s = sign * alpha
-    mean = a.mean + s * b.mean
-    var = a.var + s * s * b.var
-    shared = a.shared + s * s * b.shared if (a.s is not None or b.s is not None) else None
-    va, vb = float(a.var.mean()), float(b.var.mean())
-    lv = (va * va * a.lv + (s * s * vb) ** 2 * b.lv) / ((va + s * s * vb) ** 2) if va + vb > 0 else 0.0
-    chan = a.chan if a.chan is not None else b.chan
-    out = R.Moments(mean, var, None, None, lv, a.rnd or b.rnd, O.bshape(a, b), R.clamp_shared(shared, var), chan,
-                    corr=max(a.corr, b.corr))
-    used = [i for i, v in ((ia, a), (ib, b)) if i is not None and not v.known]
-
-    def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
-        return [g2 if i == ia else g2 * s * s for i in used]
-
-    return out, back, used
-
-
-def _mul(n: Node, ins: dict[int, R.Moments]) -> Step:
-    """Product of independent values: E[ab] = E[a]E[b], E[(ab)^2] = E[a^2]E[b^2]; division by a known value
-    multiplies by its reciprocal."""
-    a, ia = O.operand(n, 0, ins, "input")
-    if n.name == "neg":
-        b, ib = R.const(-1.0), None
-    else:
-        b, ib = O.operand(n, 1, ins, "other")
-        if n.name == "div":
-            b = R.const(1.0 / b.mean)
-            ib = None
-    mean = a.mean * b.mean
-    var = (a.q * b.q - mean * mean).clamp_min(0)
-    shared = None
-    if a.s is not None or b.s is not None:  # E[(ab)_1 (ab)_2] = E[a_1 a_2] E[b_1 b_2] for independent a, b
-        shared = a.cross * b.cross - mean * mean
-    chan = a.chan if a.chan is not None else b.chan
-    out = R.Moments(mean, var, None, None, max(a.lv, b.lv), a.rnd or b.rnd, O.bshape(a, b),
-                    R.clamp_shared(shared, var), chan, corr=max(a.corr, b.corr))
-    used = [i for i, v in ((ia, a), (ib, b)) if i is not None and not v.known]
-
-    def back(g2: torch.Tensor) -> list[torch.Tensor | None]:
-        return [g2 * (b.q if i == ia else a.q) for i in used]
-
-    return out, back, used

@@ -159,36 +159,91 @@ def activation(act: Any, x: Moments) -> tuple[Moments, Back]:
     return out, lambda g2: [g2 * d2]
 
 
-def mean_square(w: torch.Tensor) -> float:
-    """mean(w^2), accumulated in float64 from float32 dot products of 4096-element rows.
-
-    ``w.pow(2).sum(dtype=float64)`` converts every element (about 1 s for AlexNet's 38 M-parameter layer on
-    2 cores); row dots plus a float64 sum of the rows take a tenth of that, with relative error ~1e-9.
-    """
+def _square_sums(w: torch.Tensor) -> list[torch.Tensor]:
+    """``sum(w^2)`` as float64 0-d tensors (one, or two with a tail), left on the device: the parts that
+    :func:`mean_squares` adds on the host."""
     flat = w.detach().reshape(-1)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
     n = flat.numel()
-    if n == 0:
-        return 0.0
     cut = n // 4096 * 4096
-    total = 0.0
+    parts = []
     if cut:
         rows = flat[:cut].reshape(-1, 4096)
-        total += float(torch.linalg.vecdot(rows, rows).sum(dtype=torch.float64))
+        parts.append(torch.linalg.vecdot(rows, rows).sum(dtype=torch.float64))
     if cut < n:
         tail = flat[cut:].double()
-        total += float(torch.dot(tail, tail))
-    return total / n
+        parts.append(torch.dot(tail, tail))
+    return parts
 
 
-def weight_layer(m: Any, x: Moments, shape: tuple[int, ...]) -> tuple[Moments, Back]:
-    """y = W x + b with W's entries of mean square mean(w^2): Var[y] = fan_in * mean(w^2) * E[x^2].
+def mean_squares(weights: list[torch.Tensor]) -> list[float]:
+    """mean(w^2) of each tensor, accumulated in float64 from float32 dot products of 4096-element rows.
 
-    He et al. (2015), Eq. 7 (forward) and Eq. 13 (backward, fan_out); the mean is the bias. The shared
-    part is ``fan_in * mean(w^2) * (s_in + m_in^2)`` (module docstring). Positions of a convolution are
-    treated as interior ones (full receptive field): zero padding at the borders lowers the border
-    outputs' variance by the share of taps that fall outside, which this ignores.
+    ``w.pow(2).sum(dtype=float64)`` converts every element (about 1 s for AlexNet's 38 M-parameter layer on
+    2 cores); row dots plus a float64 sum of the rows take a tenth of that, with relative error ~1e-9. All
+    the sums stay on their device and come back in one transfer per device (one host sync, not one a
+    layer: a 1,000-layer net spent most of its prediction waiting on per-layer syncs).
+
+    Args:
+        weights: tensors of any shape, dtype and device.
+
+    Returns:
+        One float per tensor, 0.0 for an empty one.
+
+    Example:
+        >>> mean_squares([torch.full((3, 4), 2.0), torch.ones(5000)])
+        [4.0, 1.0]
+    """
+    parts = [_square_sums(w) for w in weights]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for ps in parts:
+        for t in ps:
+            by_device.setdefault(t.device, []).append(t)
+    host = {dev: iter(torch.stack(ts).tolist()) for dev, ts in by_device.items()}
+    out = []
+    for w, ps in zip(weights, parts):
+        total = 0.0
+        for t in ps:
+            total += next(host[t.device])
+        n = w.numel()
+        out.append(total / n if n else 0.0)
+    return out
+
+
+def mean_square(w: torch.Tensor) -> float:
+    """mean(w^2) of one tensor (:func:`mean_squares`)."""
+    return mean_squares([w])[0]
+
+
+@dataclass(frozen=True)
+class LayerNumbers:
+    """What the weight-layer rule needs from a module: read from it once, under the model's tracker, so
+    the rule's arithmetic never touches the module (see :func:`layer_numbers`)."""
+
+    fan_in: float
+    fan_out: float
+    n_in: float
+    bias: torch.Tensor | None  # float64 copy
+    conv: bool
+    overlap: float
+    w2: float = 0.0
+
+
+def layer_numbers(m: Any) -> tuple[LayerNumbers, torch.Tensor]:
+    """The fans, bias and convolution facts :func:`weight_layer` uses, and the weight (mean square still to
+    take: :func:`mean_squares` takes them all at once).
+
+    Args:
+        m: a module with a fan rule (Linear, ConvNd, ConvTransposeNd, transformers' Conv1D, registered).
+
+    Returns:
+        ``(numbers with w2 = 0, weight tensor)``.
+
+    Example:
+        >>> nums, w = layer_numbers(nn.Linear(8, 4))
+        >>> (nums.fan_in, nums.fan_out, nums.conv, tuple(w.shape))
+        (8.0, 4.0, False, (4, 8))
     """
     from ..init.fans import fans
 
@@ -200,8 +255,26 @@ def weight_layer(m: Any, x: Moments, shape: tuple[int, ...]) -> tuple[Moments, B
         transposed = bool(getattr(m, "transposed", False))
         extra = overlap_corr(m.out_channels, m.in_channels, math.prod(m.kernel_size),
                              1 if transposed else math.prod(m.stride))
-    return weight_op(mean_square(m.weight), fan_in, fan_out, _independent_inputs(m, fan_in),
-                     bias if isinstance(bias, torch.Tensor) else None, x, shape, conv, extra)
+    b = bias.detach().to(torch.float64) if isinstance(bias, torch.Tensor) else None
+    return LayerNumbers(fan_in, fan_out, _independent_inputs(m, fan_in), b, conv, extra), m.weight
+
+
+def weight_layer(m: Any, x: Moments, shape: tuple[int, ...], nums: LayerNumbers | None = None
+                 ) -> tuple[Moments, Back]:
+    """y = W x + b with W's entries of mean square mean(w^2): Var[y] = fan_in * mean(w^2) * E[x^2].
+
+    He et al. (2015), Eq. 7 (forward) and Eq. 13 (backward, fan_out); the mean is the bias. The shared
+    part is ``fan_in * mean(w^2) * (s_in + m_in^2)`` (module docstring). Positions of a convolution are
+    treated as interior ones (full receptive field): zero padding at the borders lowers the border
+    outputs' variance by the share of taps that fall outside, which this ignores. ``nums``: the module's
+    :class:`LayerNumbers` read before (with ``w2``); None reads them here.
+    """
+    if nums is None:
+        nums, w = layer_numbers(m)
+        nums = LayerNumbers(nums.fan_in, nums.fan_out, nums.n_in, nums.bias, nums.conv, nums.overlap,
+                            mean_square(w))
+    return weight_op(nums.w2, nums.fan_in, nums.fan_out, nums.n_in, nums.bias, x, shape, nums.conv,
+                     nums.overlap)
 
 
 def overlap_corr(c_out: int, c_in: int, taps: int, stride: int) -> float:
@@ -220,18 +293,29 @@ def weight_op(w2: float, fan_in: float, fan_out: float, n_in: float, bias: torch
     dim, and a convolution's :func:`overlap_corr`; functional ops (``F.linear``, ``F.conv1d`` on a
     parametrized weight) call it directly. Two outputs at one position correlate through the weights'
     rows, ``w_i . w_j / |w_i||w_j|`` of mean square 1 / fan_in: ``corr = (C - 1) / fan_in + overlap``."""
-    q_in = float(x.q.mean())
+    sc = scalars(x)
+    if sc is not None:  # one (m, v, s) for every element: the same sums on host floats
+        m_, v_, s_, m4_ = sc
+        q_in = m_ * m_ + v_
+        cross = _between_scalar(x, m_, s_)
+    else:
+        q_in = float(x.q.mean())
+        cross = between(x)
     gain = fan_in * w2
     compact = (1,) * len(shape)
     var = torch.full(compact, gain * q_in, dtype=torch.float64)
-    shared = torch.full(compact, gain * between(x), dtype=torch.float64)
+    shared = torch.full(compact, gain * cross, dtype=torch.float64)
     mean = torch.zeros(compact, dtype=torch.float64)
     chan = 1 if conv else len(shape) - 1
     if isinstance(bias, torch.Tensor):
         b = bias.detach().to(torch.float64)
         mean = mean + b.reshape([-1] + [1] * (len(shape) - 1 - chan))
     lv = x.lv
-    if x.rnd:
+    if x.rnd and sc is not None:
+        f4 = m4_ if m4_ is not None else m_**4 + 6 * m_ * m_ * v_ + 3 * v_ * v_
+        beta = _ieee_div(f4 - q_in * q_in, q_in**2) if q_in > 0 else 0.0
+        lv += max(beta, 0.0) / n_in
+    elif x.rnd:
         q = x.q.reshape(-1)
         beta = float((x.fourth().reshape(-1).mean() - (q * q).mean()) / q.mean() ** 2) if q.mean() > 0 else 0.0
         lv += max(beta, 0.0) / n_in
@@ -243,6 +327,43 @@ def weight_op(w2: float, fan_in: float, fan_out: float, n_in: float, bias: torch
     c_out = shape[chan] if shape else 1
     corr = (c_out - 1) / max(fan_in, 1.0) + overlap
     return Moments(mean, var, None, None, lv, True, tuple(shape), clamp_shared(shared, var), chan, corr=corr), back
+
+
+def _ieee_div(a: float, b: float) -> float:
+    """a / b as a float64 tensor divides: a zero divisor (an underflowed square) gives inf or nan."""
+    if b != 0:
+        return a / b
+    return math.nan if a == 0 or math.isnan(a) else math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def scalars(x: Moments) -> tuple[float, float, float, float | None] | None:
+    """``(mean, var, s, m4)`` as floats when each is one number for every element (a bias-free or zero-bias
+    chain), else None: the rules then skip a dozen one-element tensor ops a layer."""
+    m4 = x.m4
+    if x.mean.numel() != 1 or x.var.numel() != 1 or (x.s is not None and x.s.numel() != 1) or (
+            m4 is not None and m4.numel() != 1):
+        return None
+    return (x.mean.item(), x.var.item(), 0.0 if x.s is None else x.s.item(),
+            None if m4 is None else m4.item())
+
+
+def _between_scalar(x: Moments, m: float, s: float) -> float:
+    """:func:`between` for one mean ``m`` and shared part ``s`` everywhere, with the same float operations."""
+    shape = tuple(x.shape or ())
+    nd = len(shape)
+    if nd == 0:
+        return s + m * m
+    chan = nd - 1 if x.chan is None else x.chan % nd
+    pos = [d for d in range(1, nd) if d != chan]
+    n_pos = math.prod(shape[d] for d in pos)
+    if n_pos <= 1:
+        return s + m * m
+    factor = 1.0
+    for d in pos:
+        factor *= shape[d]
+    s1 = m * factor
+    s2 = m * m * factor
+    return s + (s1 * s1 - s2) / (n_pos * (n_pos - 1))
 
 
 def between(x: Moments) -> float:
