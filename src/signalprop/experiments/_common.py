@@ -118,6 +118,35 @@ def flushed_denormals() -> Iterator[None]:
         torch.set_flush_denormal(before)
 
 
+LN10 = math.log(10.0)
+"""The cross-entropy of a uniform guess over the ten digits: where a net that learns nothing stays."""
+
+
+def check_positive_ints(config: Any, names: tuple[str, ...], experiment: str) -> None:
+    """Raise a :class:`SignalpropError` naming the first of ``config``'s fields ``names`` that is not a
+    positive integer (a bool is not one).
+
+    Args:
+        config: An experiment's Config.
+        names: The fields to check.
+        experiment: The experiment's name, for the message.
+
+    Returns:
+        None.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> check_positive_ints(SimpleNamespace(steps=0), ("steps",), "he2015")
+        Traceback (most recent call last):
+        ...
+        signalprop._errors.SignalpropError: he2015 Config.steps must be a positive integer, got 0
+    """
+    for name in names:
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SignalpropError(f"{experiment} Config.{name} must be a positive integer, got {v!r}")
+
+
 def generator(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed``: every random draw of an experiment goes through one of these."""
     return torch.Generator().manual_seed(int(seed))

@@ -32,6 +32,7 @@ from ..trace import Histogram, Trace
 from ._common import (
     Outcome,
     ProgressLike,
+    check_positive_ints,
     digits,
     flushed_denormals,
     fmt_seconds,
@@ -63,10 +64,7 @@ class Config:
     bins: int = 60
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "width", "nets", "samples", "bins"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise SignalpropError(f"glorot2010 Config.{name} must be a positive integer, got {v!r}")
+        check_positive_ints(self, ("hidden", "width", "nets", "samples", "bins"), "glorot2010")
         if self.hidden < 2:
             raise SignalpropError(f"glorot2010 needs at least 2 hidden layers to compare, got {self.hidden}")
 

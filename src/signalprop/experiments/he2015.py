@@ -56,10 +56,12 @@ from torch import nn
 from .._errors import SignalpropError
 from ..models import plain_cnn
 from ._common import (
+    LN10,
     Outcome,
     Progress,
     ProgressLike,
     batch_order,
+    check_positive_ints,
     digits_caffe,
     flushed_denormals,
     fmt_seconds,
@@ -70,7 +72,6 @@ from ._common import (
     write_outputs,
 )
 
-LN10 = math.log(10.0)
 SCHEMES = ("xavier", "he")
 """Caffe's "xavier" filler (Var[w] = 1/fan_in, uniform) and He's init (Var[w] = 2/fan_in, Gaussian)."""
 
@@ -103,10 +104,7 @@ class Config:
     0.1 of it; its loss barely moves, so even 0.25 is hundreds of times the noise of a 50-step mean)."""
 
     def __post_init__(self) -> None:
-        for name in ("width", "batch_size", "steps", "window"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise SignalpropError(f"he2015 Config.{name} must be a positive integer, got {v!r}")
+        check_positive_ints(self, ("width", "batch_size", "steps", "window"), "he2015")
         if not self.depths or any(not isinstance(d, int) or d < 2 for d in self.depths):
             raise SignalpropError(f"he2015 Config.depths must be integers >= 2, got {self.depths!r}")
         if not (self.lr > 0 and 0 <= self.momentum < 1):

@@ -55,10 +55,12 @@ from torch import nn
 from .._errors import SignalpropError
 from ..models import plain_cnn
 from ._common import (
+    LN10,
     Outcome,
     Progress,
     ProgressLike,
     batch_order,
+    check_positive_ints,
     digits,
     flushed_denormals,
     fmt_seconds,
@@ -69,7 +71,6 @@ from ._common import (
     write_outputs,
 )
 
-LN10 = math.log(10.0)
 SCHEMES = ("delta_orthogonal", "gaussian")
 """Both at the critical point: delta-orthogonal kernels (Xiao et al., Algorithm 2) and N(0, sigma_w^2/fan_in)."""
 PADDINGS = ("zeros", "circular")
@@ -107,10 +108,7 @@ class Config:
     """Delta-orthogonal's train accuracy must be at least this far above the Gaussian's."""
 
     def __post_init__(self) -> None:
-        for name in ("depth", "width", "batch_size", "steps", "window"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SignalpropError(f"xiao2018 Config.{name} must be a positive integer, got {v!r}")
+        check_positive_ints(self, ("depth", "width", "batch_size", "steps", "window"), "xiao2018")
         if not (self.lr > 0 and self.clip > 0 and self.bias_var > 0):
             raise SignalpropError(f"xiao2018 needs lr, clip and bias_var > 0, got lr={self.lr!r}, "
                                   f"clip={self.clip!r}, bias_var={self.bias_var!r}")
