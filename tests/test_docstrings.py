@@ -96,3 +96,10 @@ def test_no_source_file_over_600_lines() -> None:
     lengths = {str(p.relative_to(SRC)): len(p.read_text().splitlines()) for p in sorted(SRC.rglob("*.py"))}
     assert len(lengths) > 50
     assert {name: n for name, n in lengths.items() if n > MAX_LINES} == {}
+
+
+def test_sources_cite_only_files_in_the_repository() -> None:
+    """The design lives in docs/; no source file points at a design file outside the repository."""
+    texts = {str(p.relative_to(SRC)): p.read_text() for p in SRC.rglob("*.py")}
+    cited = {name for name, text in texts.items() if "DESIGN.md" in text or "../shared" in text}
+    assert cited == set()

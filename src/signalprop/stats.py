@@ -31,7 +31,7 @@ taking the maximum: :data:`MAX_POSITIONS` names the positions to reduce with MAX
 (combined) row into :class:`~signalprop.trace.Stats`; rows of many tensors can be concatenated into one
 tensor and moved to the host with a single ``.cpu()``.
 
-Why these reductions (DESIGN.md, "Which reduction you call decides the overhead"): on a 1 M-element float32
+Why these reductions (docs/design.md, "Which reduction you call decides the overhead"): on a 1 M-element float32
 tensor on 2 CPU cores ``sum`` and ``torch.dot(t, t)`` cost about 0.05 ms each and ``aminmax`` about
 0.1 ms, while ``var_mean`` costs 3 ms, ``std`` 0.75 ms, ``count_nonzero`` 2-3 ms and ``(t == 0).sum()``
 0.6-0.9 ms. So the mean, variance and rms come from a sum and a dot, the extremes from one ``aminmax``, and

@@ -6,7 +6,7 @@ trace cannot hold in one extra no-grad forward pass (units dead for the whole ba
 subnormal fractions) and runs the rules of :data:`RULES` over the result. ``diagnose_trace`` runs the same
 rules on a saved or predicted trace. The model is left exactly as found.
 
-Default rule for exploding/vanishing (DESIGN.md): judged on the network's body, the weight layers before the
+Default rule for exploding/vanishing (docs/diagnose.md): judged on the network's body, the weight layers before the
 global pooling or flatten that ends the feature extractor; some body weight layer's output std more than
 ``factor`` x above (or below) the first one's, and for gradients the same against the last body weight
 layer. He et al. (2015, Eq. 10) show why it compounds: for ReLU nets

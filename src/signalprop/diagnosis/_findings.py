@@ -19,7 +19,7 @@ KINDS: tuple[str, ...] = (
     "mean_drift",
     "subnormal",
 )
-"""The kinds of finding; DESIGN.md lists the first nine, ``subnormal`` is the CPU-speed note."""
+"""The kinds of finding (docs/diagnose.md lists each with its threshold); ``subnormal`` is the CPU-speed note."""
 
 SEVERITIES: tuple[str, ...] = ("info", "warning", "error")
 """Severities in increasing order; ``Report.ok`` is False as soon as one finding is a warning or an error."""

@@ -217,7 +217,7 @@ def role_groups(trace: Trace, idx: list[int]) -> list[list[int]]:
     """The weight layers ``idx`` grouped by :func:`role`, each group in execution order.
 
     In a plain stack (``features.0``, ``features.3``, ...) that is one group, and drift is judged over the
-    whole body as DESIGN.md says. In networks of repeated blocks (transformers, ResNets) a layer is compared
+    whole body (docs/diagnose.md). In networks of repeated blocks (transformers, ResNets) a layer is compared
     with the same layer of the first block (``h.#.attn.c_attn``), not with a layer of another role whose
     scale differs by design (GPT-2's residual branches are small on purpose). When no role repeats, the
     whole list is one group.

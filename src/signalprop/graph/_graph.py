@@ -1,7 +1,7 @@
 """Capture a model's structure once: module calls, the activation after each weight layer, residual joins.
 
 One helper serves ``sp.predict``, ``sp.fix.auto_init_`` and residual detection. Three ways to capture, best
-first (DESIGN.md, "Graph capture"):
+first (docs/design.md, "Graph capture: export first"):
 
 1. ``torch.export.export(model, args, kwargs, strict=False)``: works on transformers' GPT-2, BERT, ViT and
    ResNet where fx fails; every op carries ``meta["nn_module_stack"]``.

@@ -10,7 +10,7 @@ samples too large to batch. What this module adds is where the numbers come from
 - **a fixed-size sample**: the moments, extremes, zeros and channel sums come from the smallest number of
   leading samples (along dim 0) that hold at least ``sample`` elements, or, where one sample alone holds
   twice that or more, every k-th row of it (:func:`sample_of`). A prefix reads only its own cache lines; a
-  sample strided over the whole batch would touch every one of them (DESIGN.md, "Monitor's cost": exact
+  sample strided over the whole batch would touch every one of them (docs/design.md, "The Monitor samples"; exact
   statistics over every element of 86 tensors a step cost 1.23-1.29x, a 16 K-element prefix 1.08x);
 - **float64 accumulation of the sample**: the prefix is small, so casting it costs about as much as one
   extra kernel launch, and the squares of any finite float32, bfloat16 or float16 value then fit, so the
@@ -25,7 +25,7 @@ samples too large to batch. What this module adds is where the numbers come from
 
 The standard error of the sampled std is about ``std * sqrt((kurtosis - 1) / (4 n))`` for ``n`` independent
 elements (0.55% at n = 16384 for Gaussian values); elements within one sample are correlated in real
-networks, so the error there is larger (DESIGN.md measured within 10% of the exact std at 1/64 of a batch).
+networks, so the error there is larger (measured: within 10% of the exact std at 1/64 of a batch).
 """
 
 from __future__ import annotations
