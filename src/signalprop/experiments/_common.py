@@ -96,6 +96,65 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 
 # ---- numerics ---------------------------------------------------------------------------------------
+def train(
+    model: Any, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, opt: torch.optim.Optimizer, *,
+    clip: float | None, window: int, report: Callable[[str], None], experiment: str, label: str,
+) -> tuple[list[float], int]:
+    """Train ``model`` with cross-entropy on the mini-batches of ``order`` (one row of indices a step).
+
+    Args:
+        model: The classifier, trained in place (in training mode).
+        x: All inputs.
+        y: All labels.
+        order: ``(steps, batch)`` indices (:func:`batch_order`).
+        opt: The optimizer over ``model``'s parameters.
+        clip: Largest gradient norm per step (``clip_grad_norm_``), or None for no clipping.
+        window: Steps averaged in the progress lines.
+        report: Receives a progress line five times over the run.
+        experiment: The experiment's name, for the error.
+        label: Which run this is, for the progress lines and the error.
+
+    Returns:
+        ``(losses, clipped)``: the loss at every step, and how many steps had their gradient clipped.
+
+    Raises:
+        SignalpropError: The loss became non-finite (the message names the step and says to lower the
+            learning rate).
+
+    Examples:
+        >>> net = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(8, 4), torch.arange(8) % 3
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> losses, clipped = train(net, x, y, batch_order(8, 4, 6, seed=0), opt, clip=None, window=2,
+        ...                         report=lambda line: None, experiment="demo", label="linear")
+        >>> len(losses), clipped
+        (6, 0)
+    """
+    steps = len(order)
+    losses: list[float] = []
+    clipped = 0
+    every = max(1, steps // 5)
+    model.train()
+    for step, idx in enumerate(order):
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            clipped += int(bool(norm > clip))
+        opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            lr = opt.param_groups[0]["lr"]
+            raise SignalpropError(f"{experiment}: the {label} run diverged at step {step} (loss {value}); lower "
+                                  f"Config.lr (now {lr:g}) and run again")
+        losses.append(value)
+        if (step + 1) % every == 0 or step + 1 == steps:
+            recent = losses[-min(len(losses), window):]
+            report(f"{label}: step {step + 1}/{steps}, loss {sum(recent) / len(recent):.3f}")
+    return losses, clipped
+
+
 def flush_denormal_enabled() -> bool:
     """Whether float32 subnormals are flushed to zero right now (PyTorch has no getter, so it is probed)."""
     tiny = torch.tensor([1], dtype=torch.int32).view(torch.float32)  # 1.4e-45, the smallest subnormal

@@ -45,7 +45,6 @@ one stays.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,6 @@ from ..models import plain_cnn
 from ._common import (
     LN10,
     Outcome,
-    Progress,
     ProgressLike,
     batch_order,
     check_positive_ints,
@@ -69,6 +67,7 @@ from ._common import (
     new_figure,
     smooth,
     start,
+    train,
     write_outputs,
 )
 
@@ -213,35 +212,6 @@ def _batches(n: int, cfg: Config, seed: int) -> torch.Tensor:
     return batch_order(n, cfg.batch_size, cfg.steps, seed)
 
 
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, cfg: Config,
-           report: Progress, label: str) -> tuple[list[float], int]:
-    """Train on the mini-batches of ``order``; return the loss at every step and the number of clipped steps."""
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    losses: list[float] = []
-    clipped = 0
-    every = max(1, cfg.steps // 5)
-    model.train()
-    for step, idx in enumerate(order):
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            clipped += int(bool(norm > cfg.clip))
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise SignalpropError(
-                f"he2015: the {label} run diverged at step {step} (loss {value}); lower Config.lr "
-                f"(now {cfg.lr:g}) and run again"
-            )
-        losses.append(value)
-        if (step + 1) % every == 0 or step + 1 == cfg.steps:
-            recent = losses[-min(len(losses), cfg.window):]
-            report(f"{label}: step {step + 1}/{cfg.steps}, loss {sum(recent) / len(recent):.3f}")
-    return losses, clipped
-
-
 def _output_std(model: nn.Sequential, x: torch.Tensor) -> float:
     """Std of the body's output (the last ReLU) at initialization, on the first 256 digits."""
     body = model.get_submodule("body")
@@ -299,8 +269,10 @@ def run(
                 torch.manual_seed(seed)  # nothing random should read it, but pin it anyway
                 model = build(depth, scheme, width=cfg.width, seed=seed + depth)
                 stds[depth][scheme] = _output_std(model, x)
-                losses[depth][scheme], clipped[depth][scheme] = _train(
-                    model, x, y, order, cfg, report, f"{depth} layers, {scheme}"
+                opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+                losses[depth][scheme], clipped[depth][scheme] = train(
+                    model, x, y, order, opt, clip=cfg.clip, window=cfg.window, report=report,
+                    experiment="he2015", label=f"{depth} layers, {scheme}",
                 )
     final = {d: {s: sum(v[-cfg.window:]) / cfg.window for s, v in per.items()} for d, per in losses.items()}
     learnt: dict[int, dict[str, int | None]] = {}

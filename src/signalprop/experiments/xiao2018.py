@@ -57,7 +57,6 @@ from ..models import plain_cnn
 from ._common import (
     LN10,
     Outcome,
-    Progress,
     ProgressLike,
     batch_order,
     check_positive_ints,
@@ -68,6 +67,7 @@ from ._common import (
     new_figure,
     smooth,
     start,
+    train,
     write_outputs,
 )
 
@@ -244,30 +244,6 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return right / len(y)
 
 
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, cfg: Config,
-           report: Progress, label: str) -> list[float]:
-    """Adam on the mini-batches of ``order`` with the gradient norm clipped; the loss at every step."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    losses: list[float] = []
-    every = max(1, cfg.steps // 5)
-    model.train()
-    for step, idx in enumerate(order):
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise SignalpropError(f"xiao2018: the {label} run diverged at step {step} (loss {value}); lower "
-                                  f"Config.lr (now {cfg.lr:g}) and run again")
-        losses.append(value)
-        if (step + 1) % every == 0 or step + 1 == cfg.steps:
-            recent = losses[-min(len(losses), cfg.window):]
-            report(f"{label}: step {step + 1}/{cfg.steps}, loss {sum(recent) / len(recent):.3f}")
-    return losses
-
-
 def run(
     out: str | Path | None = None,
     quick: bool = False,
@@ -315,7 +291,9 @@ def run(
                           seed=seed + cfg.depth, padding=cfg.padding)
             fwd[scheme], grad[scheme] = _init_stats(model, x[:256], y[:256])
             t0 = report.elapsed
-            losses[scheme] = _train(model, x, y, order, cfg, report, f"{cfg.depth} layers, {scheme}")
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            losses[scheme], _ = train(model, x, y, order, opt, clip=cfg.clip, window=cfg.window, report=report,
+                                      experiment="xiao2018", label=f"{cfg.depth} layers, {scheme}")
             acc[scheme] = _accuracy(model, x, y)
             secs[scheme] = report.elapsed - t0
             report(f"{scheme}: train accuracy {acc[scheme]:.3f}")
