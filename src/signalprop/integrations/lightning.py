@@ -71,6 +71,7 @@ class SignalpropCallback(Callback):
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
         self.global_steps: dict[int, int] = {}
+        self._prune_at = 128
         self._writer: Any = None
         # check the arguments now, not at fit time (module names can only be checked against the real model)
         Monitor(_Probe(), every=every, **{k: v for k, v in monitor_kwargs.items() if k != "modules"})
@@ -78,6 +79,7 @@ class SignalpropCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._writer = _writer_of(trainer) if self.log and trainer.is_global_zero else None
         self.global_steps = {}
+        self._prune_at = 128
         self.monitor = Monitor(pl_module, every=self.every, on_record=self._on_record, **self.monitor_kwargs)
         self.monitor.start()
 
@@ -90,9 +92,10 @@ class SignalpropCallback(Callback):
         if mon.current_step % mon.every == 0:  # a recorded step
             self.global_steps[mon.current_step] = int(trainer.global_step)
         mon.step(loss=_loss_of(outputs))
-        if len(self.global_steps) > 2 * max(mon.keep or 0, 64):
-            kept = {r.step for r in mon.history}  # the steps a record still refers to (amortized: rarely)
+        if mon.keep is not None and len(self.global_steps) > self._prune_at:
+            kept = {r.step for r in mon.history}  # the steps a record still refers to
             self.global_steps = {k: v for k, v in self.global_steps.items() if k in kept}
+            self._prune_at = 2 * max(len(self.global_steps), 64)  # amortized: the map doubles between prunes
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.monitor is None:
