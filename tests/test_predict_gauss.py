@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from signalprop import theory
@@ -115,3 +117,38 @@ def test_max_with_many_channels_uses_one_table() -> None:
     for j, i in enumerate((0, 150, 299)):
         for a, b in zip(table, direct[j]):
             assert float(a[i]) == pytest.approx(float(b[0]), rel=2e-4, abs=1e-8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), slope=st.sampled_from([0.0, 0.2, 1.0]), uniform=st.booleans())
+def test_array_closed_forms_match_the_float_path(seed: int, slope: float, uniform: bool) -> None:
+    """A layer's biases go through the numpy closed forms; each element must agree with the one-float path
+    (``_piecewise_float``, ``_piecewise_cov`` on one element), also at zero variance and far in the tails:
+    to 1e-9 relative, or 1e-12 of the input's own scale (E[u^2]^(p/2) for the p-th moment) where both
+    forms are limited by cancellation (m / sigma below -10, values under 1e-30 of that scale)."""
+    from signalprop.prediction._gauss import _piecewise_arrays, _piecewise_cov, _piecewise_float
+
+    rng = np.random.default_rng(seed)
+    n = 64
+    m = rng.normal(0.0, rng.choice([0.01, 1.0, 10.0]), n)
+    v = np.exp(rng.normal(0.0, 2.0, n))
+    v[rng.random(n) < 0.1] = 0.0
+    rho = np.full(n, rng.random()) if uniform else rng.random(n)
+    got = _piecewise_arrays(slope, *(torch.from_numpy(a) for a in (m, v, rho * v)))
+    for i in range(n):
+        e1, e2, e4, d2 = _piecewise_float(slope, float(m[i]), float(v[i]))
+        cov = float(_piecewise_cov(slope, m[i:i + 1], v[i:i + 1], rho[i:i + 1], np.array([e1]))[0])
+        q = float(m[i] ** 2 + v[i])
+        for t, ref, scale in zip(got, (e1, e2, e4, d2, cov), (q**0.5, q, q * q, 1.0, q)):
+            assert t is not None
+            assert float(t[i]) == pytest.approx(ref, rel=1e-9, abs=1e-12 * scale)
+
+
+def test_normal_cdf_keeps_the_far_left_tail() -> None:
+    """Phi(-23.5) = 4.1e-122: ``torch.special.ndtr`` gives 0 there in float64, ``_ndtr`` the value."""
+    from signalprop.prediction._gauss import _ndtr
+
+    x = np.array([-37.0, -23.5, -8.0, -1.0, 0.0, 2.0, 9.0])
+    ref = [0.5 * math.erfc(-v / math.sqrt(2)) for v in x]
+    assert _ndtr(x).tolist() == pytest.approx(ref, rel=1e-13)
+    assert _ndtr(x)[0] > 0

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..graph._ir import Node, Ref
@@ -177,7 +178,7 @@ def sdpa(n: Node, ins: dict[int, Moments]) -> Step | None:
     bias = _mask(ins, mask_arg, causal, (q.shape or ())[-2], (k.shape or ())[-2])
     if bias is not None:
         scores = R.Moments(scores.mean + bias, scores.var, None, None, scores.lv, scores.rnd,
-                           tuple(torch.broadcast_shapes(scores.shape or (), tuple(bias.shape))),
+                           tuple(np.broadcast_shapes(scores.shape or (), tuple(bias.shape))),
                            scores.s, scores.chan, corr=scores.corr)
     probs, back_sm = softmax_moments(scores, -1)
     out, back_pv = O.matmul_moments(probs, v)

@@ -91,15 +91,24 @@ def stats(x: Moments, batch: int | None = None, cond: float = 0.0) -> tuple[Stat
     shape = tuple(x.shape or ())
     nd = len(shape)
     numel = math.prod(shape)
+    chan = None if x.chan is None or nd == 0 else x.chan % nd
+    # the channel count a channel's mean averages over (sp.measure's channels are dim 1)
+    g_c = 1.0 if chan == 1 else (float(shape[chan]) if chan is not None else float(math.prod(shape[2:]) or 1))
     sc = R.scalars(x)
+    chan_sq: float | None = None
     if sc is not None:  # one (m, v, s) everywhere: host floats, the same operations
         mean, q, s_bar = sc[0], sc[0] * sc[0] + sc[1], sc[2]
-    else:
-        mean = float(x.mean.mean())
-        q = float(x.q.mean())
-        s_bar = float(x.shared.mean())
+        if nd >= 2:
+            chan_sq = mean * mean + s_bar / g_c
+    else:  # every mean in one transfer
+        parts = [x.mean.mean(), x.q.mean(), x.shared.mean()]
+        if nd >= 2:
+            dims = [d for d in range(nd) if d != 1]
+            m_c = R._mean_over(x.mean, nd, dims)
+            parts.append((m_c * m_c + R._mean_over(x.shared, nd, dims) / g_c).mean())
+        mean, q, s_bar, *rest = torch.stack(parts).tolist()
+        chan_sq = rest[0] if rest else None
     var = max(q - mean * mean, 0.0)
-    chan = None if x.chan is None or nd == 0 else x.chan % nd
     groups = float(shape[chan]) if chan is not None else float(math.prod(shape[1:]) or 1)
     expected = max(var - s_bar / groups, 0.0)
     offsets = 2.0 * (s_bar / var) ** 2 / groups if var > 0 else 0.0
@@ -107,16 +116,9 @@ def stats(x: Moments, batch: int | None = None, cond: float = 0.0) -> tuple[Stat
     sd = math.sqrt(lv)
     band = (expected * math.exp(-R.Z90 * sd), expected * math.exp(R.Z90 * sd))
     extra: dict[str, float] = {}
-    if nd >= 2:
-        g_c = 1.0 if chan == 1 else (float(shape[chan]) if chan is not None else float(math.prod(shape[2:]) or 1))
-        if sc is not None:
-            extra["chan_sq_mean"] = mean * mean + s_bar / g_c
-        else:
-            dims = [d for d in range(nd) if d != 1]
-            m_c = R._mean_over(x.mean, nd, dims)
-            s_c = R._mean_over(x.shared, nd, dims)
-            extra["chan_sq_mean"] = float((m_c * m_c + s_c / g_c).mean())
-        extra["chan_var"] = max(q - extra["chan_sq_mean"], 0.0)
+    if chan_sq is not None:
+        extra["chan_sq_mean"] = chan_sq
+        extra["chan_var"] = max(q - chan_sq, 0.0)
     fwd = Stats.from_moments(mean, var, var_band=band, numel=numel, **extra)
     return fwd, {"log_var_std": sd, "expected_var": expected, "shared_var": s_bar}
 

@@ -38,6 +38,7 @@ from .. import theory
 
 K_HERMITE = 64
 _Z_CLAMP = 40.0  # phi(40) underflows: beyond it the Hermite tail terms are zero
+_INV_SQRT_2PI = 1.0 / math.sqrt(2 * math.pi)
 
 
 @lru_cache(maxsize=4)
@@ -77,7 +78,9 @@ def piecewise_slope(act: Any) -> float | None:
 
 
 def _ndtr(x: np.ndarray) -> np.ndarray:
-    return torch.special.ndtr(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+    """Phi(x) as ``erfc(-x / sqrt 2) / 2``, accurate in the far left tail (``torch.special.ndtr`` returns
+    0 for float64 x below about -20, where Phi(-23.5) = 4e-122: a ReLU's moments there came out 0)."""
+    return 0.5 * torch.special.erfc(torch.from_numpy(np.ascontiguousarray(x) * -math.sqrt(0.5))).numpy()
 
 
 def _npdf(x: np.ndarray) -> np.ndarray:
@@ -88,26 +91,39 @@ def _relu_closed(m: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     """E[r], E[r^2], E[r^4] and P(u > 0) of r = relu(u), u ~ N(m, v) (float64 arrays).
 
     Truncated moments M_j = E[z^j; z > a], a = -m / sigma: M_0 = Phi(-a), M_1 = phi(a),
-    M_j = a^(j-1) phi(a) + (j - 1) M_(j-2); then E[r^p] = sum_j C(p, j) m^(p-j) sigma^j M_j.
-    A zero variance is the deterministic relu(m).
+    M_j = a^(j-1) phi(a) + (j - 1) M_(j-2); then E[r^p] = sum_j C(p, j) m^(p-j) sigma^j M_j. In this form
+    the far tail (m / sigma = -25: E[r^2] ~ 1e-150) keeps its digits; collecting the terms into
+    polynomials in m and v times Phi and phi loses them all to cancellation. A zero variance is the
+    deterministic relu(m).
     """
     sig = np.sqrt(np.maximum(v, 0.0))
     pos = sig > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = np.where(pos, -m / np.where(pos, sig, 1.0), np.where(m > 0, -np.inf, np.inf))
-    a_c = np.clip(a, -_Z_CLAMP, _Z_CLAMP)
-    p = np.where(np.abs(a) < _Z_CLAMP, _npdf(a_c), 0.0)
+    if not pos.all():
+        return _relu_closed_mixed(m, v, sig, pos)
+    a = -m / sig
+    a_c = np.minimum(np.maximum(a, -_Z_CLAMP), _Z_CLAMP)
+    p = np.exp(-0.5 * a_c * a_c) * _INV_SQRT_2PI  # at |a| = 40 it is 1e-348: zero, as beyond
     big_p = _ndtr(-a)
-    m2 = a_c * p + big_p
-    m3 = a_c * a_c * p + 2 * p
-    m4 = a_c**3 * p + 3 * m2
-    s0 = np.where(pos, sig, 0.0)
-    e1 = m * big_p + s0 * p
-    e2 = m * m * big_p + 2 * m * s0 * p + s0 * s0 * m2
-    e4 = m**4 * big_p + 4 * m**3 * s0 * p + 6 * m * m * s0 * s0 * m2 + 4 * m * s0**3 * m3 + s0**4 * m4
+    ap = a_c * p
+    m2 = ap + big_p
+    m3 = a_c * ap + 2 * p
+    m4 = a_c * a_c * ap + 3 * m2
+    sp = sig * p
+    mm = m * m
+    s2 = sig * sig
+    e1 = m * big_p + sp
+    e2 = mm * big_p + 2 * m * sp + s2 * m2
+    e4 = mm * mm * big_p + 4 * mm * m * sp + 6 * mm * s2 * m2 + 4 * m * s2 * sig * m3 + s2 * s2 * m4
+    return np.maximum(e1, 0.0), np.maximum(e2, 0.0), np.maximum(e4, 0.0), big_p
+
+
+def _relu_closed_mixed(m: np.ndarray, v: np.ndarray, sig: np.ndarray, pos: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_relu_closed` where some elements have zero variance: those are relu(m) exactly."""
+    e1, e2, e4, big_p = _relu_closed(np.where(pos, m, 0.0), np.where(pos, v, 1.0))
     r = np.maximum(m, 0.0)
-    return (np.maximum(np.where(pos, e1, r), 0.0), np.maximum(np.where(pos, e2, r * r), 0.0),
-            np.maximum(np.where(pos, e4, r**4), 0.0), big_p)
+    return (np.where(pos, e1, r), np.where(pos, e2, r * r), np.where(pos, e4, r**4),
+            np.where(pos, big_p, (m > 0).astype(np.float64)))
 
 
 def _piecewise(slope: float, m: np.ndarray, v: np.ndarray
@@ -134,6 +150,9 @@ def act_moments(act: Any, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | No
     slope = piecewise_slope(act)
     if slope is not None and m.numel() == 1 and v.numel() == 1 and (s is None or s.numel() == 1):
         return _piecewise_scalar(slope, m, v, s)
+    if slope is not None and max(m.numel(), v.numel(), 1 if s is None else s.numel()) <= 4096 and all(
+            t.device.type == "cpu" for t in (m, v) + (() if s is None else (s,))):
+        return _piecewise_arrays(slope, m, v, s)
     m, v = torch.broadcast_tensors(m, v)
     shared = s is not None and bool((s > 0).any())
     if shared:
@@ -188,6 +207,28 @@ def _piecewise_scalar(slope: float, m: torch.Tensor, v: torch.Tensor, s: torch.T
     return res[0], res[1], res[2], res[3], (res[4] if s is not None else None)
 
 
+def _piecewise_arrays(slope: float, m: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`act_moments` of a piecewise-linear activation on up to 4096 elements on the CPU (a layer's
+    biases): the closed forms on numpy views of the tensors. The correlation rho = s / v is taken on the
+    compact values (one number when a layer's v and s are), so the pair's quadrature nodes are shared."""
+    arrays = [t.detach().to(torch.float64).numpy() for t in (m, v) + (() if s is None else (s,))]
+    shape = np.broadcast_shapes(*(x.shape for x in arrays))
+    cm, cv = (np.broadcast_to(x, shape).ravel() for x in arrays[:2])
+    e1, e2, e4, d2 = _piecewise(slope, cm, cv)
+    cols = [e1, e2, e4, d2]
+    if s is not None:
+        vs, ss = np.broadcast_arrays(arrays[1], arrays[2])
+        if (ss > 0).any():
+            rho = np.clip(np.divide(ss, vs, out=np.zeros(vs.shape), where=vs > 0), 0.0, 1.0)
+            r: np.ndarray | float = float(rho.flat[0]) if rho.size == 1 else np.broadcast_to(rho, shape).ravel()
+            cols.append(_piecewise_cov(slope, cm, cv, r, e1))
+        else:
+            cols.append(np.zeros_like(cm))
+    out = [torch.from_numpy(np.ascontiguousarray(c)).reshape(shape) for c in cols]
+    return out[0], out[1], out[2], out[3], (out[4] if s is not None else None)
+
+
 def _ndtr_float(x: float) -> float:
     """Phi(x) for one float (``torch.special.ndtr``'s formula: erf near 0, erfc in the tails)."""
     y = x * math.sqrt(0.5)
@@ -240,7 +281,7 @@ def _piecewise_rows(slope: float, m: torch.Tensor, v: torch.Tensor, rho: torch.T
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(16)
 
 
-def _relu_pair(m: np.ndarray, v: np.ndarray, rho: np.ndarray) -> np.ndarray:
+def _relu_pair(m: np.ndarray, v: np.ndarray, rho: np.ndarray | float) -> np.ndarray:
     """``E[relu(u_a) relu(u_b)]`` for u_a, u_b ~ N(m, v) with correlation rho, in closed form.
 
     With ``u = m + sigma X``, ``relu(u) = sigma (X - a)^+``, ``a = -m / sigma``, and the truncated moments of
@@ -251,22 +292,36 @@ def _relu_pair(m: np.ndarray, v: np.ndarray, rho: np.ndarray) -> np.ndarray:
     ``E[(X - a)^+ (Y - a)^+] = E[XY; .] - 2 a E[X; .] + a^2 L`` (checked against Monte Carlo)."""
     sig = np.sqrt(np.maximum(v, 0.0))
     pos = sig > 0
-    a = np.clip(-m / np.where(pos, sig, 1.0), -_Z_CLAMP, _Z_CLAMP)
-    r = np.clip(rho, 0.0, 1.0 - 1e-12)
-    t_max = np.arcsin(r)
-    t = (_GL_X + 1)[None, :] / 2 * t_max[:, None]
-    weights = _GL_W[None, :] * t_max[:, None] / 2
-    big_l = _ndtr(-a) ** 2 + (weights * np.exp(-(a * a)[:, None] / (1 + np.sin(t)))).sum(1) / (2 * math.pi)
-    q = _ndtr(-a * np.sqrt((1 - r) / (1 + r)))
-    pa = _npdf(a)
-    ex = (1 + r) * pa * q
-    exy = r * big_l + 2 * r * a * pa * q + np.sqrt(1 - r * r) / math.sqrt(2 * math.pi) * _npdf(
-        a * np.sqrt(2 / (1 + r)))
-    out = sig * sig * (exy - 2 * a * ex + a * a * big_l)
-    return np.where(pos, np.maximum(out, 0.0), np.maximum(m, 0.0) ** 2)
+    every = bool(pos.all())
+    a = -m / sig if every else -m / np.where(pos, sig, 1.0)
+    a = np.minimum(np.maximum(a, -_Z_CLAMP), _Z_CLAMP)
+    aa = a * a
+    r: np.ndarray | float
+    if np.ndim(rho) == 0:  # one correlation for all (a layer's): the nodes in t are shared
+        r = min(max(float(rho), 0.0), 1.0 - 1e-12)
+        half = math.asin(r) / 2
+        plackett = np.exp(np.multiply.outer(-aa, 1 / (1 + np.sin((_GL_X + 1) * half)))) @ (_GL_W * half)
+        k: np.ndarray | float = math.sqrt((1 - r) / (1 + r))
+        c1: np.ndarray | float = math.sqrt(1 - r * r) * _INV_SQRT_2PI
+        c2: np.ndarray | float = 1 / (1 + r)
+    else:
+        r = np.clip(rho, 0.0, 1.0 - 1e-12)
+        t_max = np.arcsin(r)
+        t = (_GL_X + 1)[None, :] / 2 * t_max[:, None]
+        plackett = (_GL_W[None, :] * t_max[:, None] / 2 * np.exp(-aa[:, None] / (1 + np.sin(t)))).sum(1)
+        k = np.sqrt((1 - r) / (1 + r))
+        c1, c2 = np.sqrt(1 - r * r) * _INV_SQRT_2PI, 1 / (1 + r)
+    n = a.size
+    cdf = _ndtr(np.concatenate([-a.ravel(), (-a * k).ravel()]))  # one call for both: its cost is the call
+    big_l = cdf[:n].reshape(a.shape) ** 2 + plackett / (2 * math.pi)
+    pq = np.exp(-0.5 * aa) * _INV_SQRT_2PI * cdf[n:].reshape(a.shape)
+    exy = r * (big_l + 2 * a * pq) + c1 * np.exp(-aa * c2) * _INV_SQRT_2PI
+    out = np.maximum(v * (exy - 2 * a * (1 + r) * pq + aa * big_l), 0.0)
+    return out if every else np.where(pos, out, np.maximum(m, 0.0) ** 2)
 
 
-def _piecewise_cov(slope: float, m: np.ndarray, v: np.ndarray, rho: np.ndarray, e1: np.ndarray) -> np.ndarray:
+def _piecewise_cov(slope: float, m: np.ndarray, v: np.ndarray, rho: np.ndarray | float, e1: np.ndarray
+                   ) -> np.ndarray:
     """Covariance of ``phi = slope u + (1 - slope) relu(u)`` at two elements of correlation rho:
     ``E[phi_a phi_b] = s^2 E[u_a u_b] + 2 s (1 - s) E[u_a r_b] + (1 - s)^2 E[r_a r_b] - E[phi]^2`` with
     ``E[u_a u_b] = m^2 + rho v`` and ``E[u_a r_b] = m E[r] + rho v Phi(m / sigma)`` (Stein's lemma)."""

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..graph._ir import Node, Ref
@@ -52,7 +53,7 @@ def operand(n: Node, pos: int, ins: dict[int, Moments], key: str = "other") -> t
 
 
 def bshape(*xs: Moments) -> tuple[int, ...]:
-    return tuple(torch.broadcast_shapes(*(x.shape or () for x in xs)))
+    return tuple(np.broadcast_shapes(*(x.shape or () for x in xs)))
 
 
 def _nd(t: torch.Tensor, nd: int) -> torch.Tensor:
@@ -85,7 +86,7 @@ def matmul_moments(a: Moments, b: Moments, center: bool = False) -> tuple[Moment
     sa, sb = tuple(a.shape or ()), tuple(b.shape or ())
     na, nb = len(sa), len(sb)
     k, n_rows, m_cols = sa[-1], sa[-2], sb[-1]
-    batch = tuple(torch.broadcast_shapes(sa[:-2], sb[:-2]))
+    batch = tuple(np.broadcast_shapes(sa[:-2], sb[:-2]))
     out_shape = batch + (n_rows, m_cols)
     nd = len(out_shape)
 
@@ -298,7 +299,7 @@ def where(n: Node, ins: dict[int, Moments]) -> Step:
     def sel(ta: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
         return torch.where(c, ta, tb)
 
-    shape = tuple(torch.broadcast_shapes(tuple(c.shape), a.shape or (), b.shape or ()))
+    shape = tuple(np.broadcast_shapes(tuple(c.shape), a.shape or (), b.shape or ()))
     mean, var = sel(a.mean, b.mean), sel(a.var, b.var)
     shared = sel(a.shared, b.shared) if (a.s is not None or b.s is not None) else None
     out = Moments(mean, var, sel(a.fourth(), b.fourth()), None, max(a.lv, b.lv), a.rnd or b.rnd, shape,

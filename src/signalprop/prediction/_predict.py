@@ -49,8 +49,10 @@ it; add a rule with :func:`register_rule`.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -96,6 +98,21 @@ NO_OPS = frozenset({"_assert_tensor_metadata", "_assert_scalar", "_assert_async"
 SHAPE_MODULES = frozenset({"Flatten", "Unflatten", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d"})
 
 
+@contextlib.contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Python's cycle collector paused for a prediction: the walk allocates a few objects per node, and the
+    collections those allocations triggered scanned every live object (the model's modules, the graph):
+    a quarter of a 1,000-layer prediction, at random calls. What the walk leaves is collected afterwards."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@_no_cycle_collection()
 @preserving  # the capture and the weight reads leave the model as found (spectral norm's u, v included)
 def predict(
     model: nn.Module,
@@ -212,11 +229,8 @@ class _Predictor:
             weights.append(w)
         with untracked():
             w2s = R.mean_squares(weights)
-            biases = [u.bias for u in nums if u.bias is not None]
-            zero = iter(torch.stack([b.abs().amax() == 0 for b in biases]).tolist() if biases else [])
-        # a zero bias is dropped: the mean stays one number for every element (the rules' scalar path)
-        return {k: R.LayerNumbers(u.fan_in, u.fan_out, u.n_in, None if u.bias is not None and next(zero)
-                                  else u.bias, u.conv, u.overlap, w2)
+            biases = iter(R.host_biases([u.bias for u in nums]))
+        return {k: R.LayerNumbers(u.fan_in, u.fan_out, u.n_in, next(biases), u.conv, u.overlap, w2)
                 for k, u, w2 in zip(names, nums, w2s)}
 
     def run(self, input_shape: Any) -> Trace:
@@ -494,24 +508,25 @@ class _Predictor:
     def _trace(self, g2: dict[int, torch.Tensor], input_shape: Any) -> Trace:
         nodes = self.graph.nodes
         layers = []
-        for c in self.graph.calls:
-            i = c.node
-            while nodes[i].op == "alias" and nodes[i].inputs:
-                i = nodes[i].inputs[0]
-            x = self.vals.get(i)
-            meta: dict[str, Any] = {"log_var_std": None}
-            if x is None or x.lazy is not None or (x.known and not isinstance(x.value, torch.Tensor)):
-                fwd = Stats()
-                bwd = None
-            elif x.src is None or _stateless(x.src[0]):  # the band evaluates the activation
-                with untracked():
+        with untracked() as tracked:  # one exit from the tracker for the whole loop, not one per call
+            for c in self.graph.calls:
+                i = c.node
+                while nodes[i].op == "alias" and nodes[i].inputs:
+                    i = nodes[i].inputs[0]
+                x = self.vals.get(i)
+                meta: dict[str, Any] = {"log_var_std": None}
+                if x is None or x.lazy is not None or (x.known and not isinstance(x.value, torch.Tensor)):
+                    fwd = Stats()
+                    bwd = None
+                elif x.src is None or _stateless(x.src[0]):  # the band evaluates the activation
                     fwd, meta = B.stats(x, self.batch, self.cond)
                     bwd = B.grad_stats(g2.get(i), fwd.numel)
-            else:
-                fwd, meta = B.stats(x, self.batch, self.cond)
-                bwd = B.grad_stats(g2.get(i), fwd.numel)
-            layers.append(LayerStats(c.name, c.kind, fwd, bwd, tuple(c.shape or ()),
-                                     str(nodes[c.node].dtype or "float32"), c.weight_layer, meta))
+                else:  # a module's own activation code runs under the model's tracker
+                    with tracked:
+                        fwd, meta = B.stats(x, self.batch, self.cond)
+                        bwd = B.grad_stats(g2.get(i), fwd.numel)
+                layers.append(LayerStats(c.name, c.kind, fwd, bwd, tuple(c.shape or ()),
+                                         str(nodes[c.node].dtype or "float32"), c.weight_layer, meta))
         meta_t = {"input_shape": input_shape, "input_var": self.input_var, "graph": self.graph.method,
                   "capture_failures": dict(self.graph.failures), "batch": self.batch}
         return Trace(layers, source="predicted", meta=meta_t)

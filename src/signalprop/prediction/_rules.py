@@ -58,6 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -90,7 +91,7 @@ class Moments:
 
     def __post_init__(self) -> None:
         if self.shape is None:
-            self.shape = tuple(torch.broadcast_shapes(self.mean.shape, self.var.shape))
+            self.shape = tuple(np.broadcast_shapes(self.mean.shape, self.var.shape))
 
     def full(self, t: torch.Tensor) -> torch.Tensor:
         shape = self.shape or ()
@@ -211,6 +212,27 @@ def mean_squares(weights: list[torch.Tensor]) -> list[float]:
     return out
 
 
+def host_biases(biases: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The biases as float64 CPU tensors, brought over in one transfer (the moments are the CPU's tiny
+    tensors, also for a model on a GPU); an all-zero or empty bias becomes None, so the mean stays one
+    number for every element (the rules' scalar path). A nan or inf bias is kept."""
+    present = [b.reshape(-1) for b in biases if b is not None and b.numel()]
+    if not present:
+        return [None] * len(biases)
+    flat = torch.cat([b.to(present[0].device) for b in present]).to("cpu", torch.float64)
+    sizes = [b.numel() for b in present]
+    zero = np.add.reduceat(np.abs(flat.numpy()), np.cumsum([0] + sizes[:-1])) == 0
+    parts = iter(zip(torch.split(flat, sizes), zero.tolist()))
+    out: list[torch.Tensor | None] = []
+    for b in biases:
+        if b is None or not b.numel():
+            out.append(None)
+            continue
+        part, is_zero = next(parts)
+        out.append(None if is_zero else part.reshape(b.shape))
+    return out
+
+
 def mean_square(w: torch.Tensor) -> float:
     """mean(w^2) of one tensor (:func:`mean_squares`)."""
     return mean_squares([w])[0]
@@ -299,25 +321,29 @@ def weight_op(w2: float, fan_in: float, fan_out: float, n_in: float, bias: torch
         q_in = m_ * m_ + v_
         cross = _between_scalar(x, m_, s_)
     else:
-        q_in = float(x.q.mean())
+        q = x.q
+        if x.rnd:  # E[x^2], E[(E x^2)^2], E[x^4] in one transfer
+            q_in, q2_in, f4_in = torch.stack([q.mean(), (q * q).mean(), x.fourth().mean()]).tolist()
+        else:
+            q_in = float(q.mean())
         cross = between(x)
     gain = fan_in * w2
     compact = (1,) * len(shape)
-    var = torch.full(compact, gain * q_in, dtype=torch.float64)
-    shared = torch.full(compact, gain * cross, dtype=torch.float64)
-    mean = torch.zeros(compact, dtype=torch.float64)
+    v_out = gain * q_in
+    var = torch.full(compact, v_out, dtype=torch.float64)
+    shared = torch.full(compact, _clamp_cov(gain * cross, v_out), dtype=torch.float64)
     chan = 1 if conv else len(shape) - 1
     if isinstance(bias, torch.Tensor):
-        b = bias.detach().to(torch.float64)
-        mean = mean + b.reshape([-1] + [1] * (len(shape) - 1 - chan))
+        mean = bias.detach().to(torch.float64).reshape([1] * chan + [-1] + [1] * (len(shape) - 1 - chan))
+    else:
+        mean = torch.zeros(compact, dtype=torch.float64)
     lv = x.lv
     if x.rnd and sc is not None:
         f4 = m4_ if m4_ is not None else m_**4 + 6 * m_ * m_ * v_ + 3 * v_ * v_
         beta = _ieee_div(f4 - q_in * q_in, q_in**2) if q_in > 0 else 0.0
         lv += max(beta, 0.0) / n_in
     elif x.rnd:
-        q = x.q.reshape(-1)
-        beta = float((x.fourth().reshape(-1).mean() - (q * q).mean()) / q.mean() ** 2) if q.mean() > 0 else 0.0
+        beta = (f4_in - q2_in) / q_in**2 if q_in > 0 else 0.0
         lv += max(beta, 0.0) / n_in
     in_compact = (1,) * len(x.shape or ())
 
@@ -326,7 +352,14 @@ def weight_op(w2: float, fan_in: float, fan_out: float, n_in: float, bias: torch
 
     c_out = shape[chan] if shape else 1
     corr = (c_out - 1) / max(fan_in, 1.0) + overlap
-    return Moments(mean, var, None, None, lv, True, tuple(shape), clamp_shared(shared, var), chan, corr=corr), back
+    return Moments(mean, var, None, None, lv, True, tuple(shape), shared, chan, corr=corr), back
+
+
+def _clamp_cov(s: float, v: float) -> float:
+    """:func:`clamp_shared` on floats: 0 <= s <= max(v, 0), nan kept."""
+    if math.isnan(s) or math.isnan(v):
+        return math.nan
+    return min(max(s, 0.0), max(v, 0.0))
 
 
 def _ieee_div(a: float, b: float) -> float:
