@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import signalprop as sp
@@ -63,3 +64,35 @@ def test_one_number_closed_forms_match_the_array_ones() -> None:
                 q = m * m + v
                 for w, x, scale in zip(want, got, (math.sqrt(q), q, q * q, 1.0)):
                     assert math.isclose(float(w[0]), x, rel_tol=1e-12, abs_tol=1e-12 * scale), (slope, m, v, w, x)
+
+
+def test_host_biases_drop_zero_keep_nonfinite() -> None:
+    """The biases come to the host as float64 in one transfer; an all-zero or empty one becomes None (the
+    scalar path), a nan or inf one is kept (a zero test on its absolute values must not hide it)."""
+    b = [torch.zeros(4), None, torch.tensor([0.0, float("nan")]), torch.arange(6.0).reshape(2, 3),
+         torch.empty(0), torch.tensor([float("inf")], dtype=torch.float16)]
+    got = R.host_biases(b)
+    assert got[0] is None and got[1] is None and got[4] is None
+    assert got[2] is not None and math.isnan(float(got[2][1]))
+    assert got[3] is not None and got[3].dtype == torch.float64 and got[3].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert got[5] is not None and float(got[5][0]) == math.inf
+    assert R.host_biases([None, torch.zeros(3)]) == [None, None]
+
+
+def test_predict_pauses_and_restores_the_cycle_collector() -> None:
+    """The collector is off during a prediction and as it was afterwards: on, off, and after an error."""
+    import gc
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    assert gc.isenabled()
+    sp.predict(net, (4,))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        sp.predict(net, (4,))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(Exception):  # noqa: B017, PT011 - any failure: the state must come back
+        sp.predict(net, (5,))
+    assert gc.isenabled()
