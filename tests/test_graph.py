@@ -192,3 +192,42 @@ def test_transformers_architectures(case: int) -> None:
         assert hits and all(a == act for a in hits), (suffix, acts)
     assert len(g.residuals) >= 2
     assert all(r.branch for r in g.residuals)
+
+
+class FusedQKV(nn.Module):
+    """GPT-2's attention: one projection split into q, k and v, then scaled dot-product attention."""
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.qkv, self.out, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+@pytest.mark.parametrize("method", ["export", "fx", "hooks"])
+def test_split_pieces_are_read_through_getitem(method: str) -> None:
+    """Every piece of a split is data, not a constant: the recorded forward gives each its ``getitem`` node,
+    as export does, so predict sees k and v from the projection (the hooks capture once read the first
+    piece as the whole projection and the others as constants, and failed on GPT-2)."""
+    torch.manual_seed(0)
+    net = FusedQKV()
+    x = torch.randn(2, 6, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureWarning)
+        g = capture(net, x, methods=[method])
+    split = [n for n in g.nodes if n.op == "fn" and n.name == "split"]
+    assert len(split) == 1
+    items = [n for n in g.nodes if n.op == "fn" and n.name == "getitem" and split[0].index in n.inputs]
+    assert [n.args[1] for n in items] == [0, 1, 2]
+    assert not [n for n in g.nodes if n.op == "const" and n.shape == (2, 6, 16)]
+    ref = sp.predict(net, inputs=x, graph=capture(net, x, methods=["export"]))
+    got = sp.predict(net, inputs=x, graph=g)
+    for a, b in zip(ref, got):
+        assert a.name == b.name
+        assert b.fwd.var == pytest.approx(a.fwd.var, rel=1e-9)
+        assert b.bwd is not None and a.bwd is not None and b.bwd.var == pytest.approx(a.bwd.var, rel=1e-9)

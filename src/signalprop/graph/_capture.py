@@ -17,6 +17,7 @@ at DEBUG level; the user sees the one line of the ``CaptureWarning``.
 from __future__ import annotations
 
 import inspect
+import operator
 from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,17 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .._inputs import first_tensor
-from ._ir import Node, Ref, call_name, canonical_op, is_leaf, map_refs, recorded_modules, refs_in
+from ._ir import (
+    MULTI_OUTPUT_OPS,
+    Node,
+    Ref,
+    call_name,
+    canonical_op,
+    is_leaf,
+    map_refs,
+    recorded_modules,
+    refs_in,
+)
 from ._quiet import quiet_torch
 
 Captured = tuple[list[Node], list[int], list[int]]  # nodes, call node indices in call order, output indices
@@ -491,7 +502,20 @@ class _Recorder(TorchFunctionMode):
                                   dtype=dtype, fn=func, args=a, kwargs=kw))
             self.producer[id(first)] = idx
             self.keep.append(first)
+            if name in MULTI_OUTPUT_OPS and isinstance(out, tuple | list):
+                self._pieces(idx, out)
         return out
+
+    def _pieces(self, idx: int, out: tuple[Any, ...] | list[Any]) -> None:
+        """Each piece of a split (chunk, unbind) as ``getitem(op, k)``: without it the later pieces read
+        as constants and the first as the whole input (GPT-2's fused q, k, v)."""
+        for k, piece in enumerate(out):
+            if isinstance(piece, torch.Tensor):
+                shape, dtype = _shape(piece)
+                self.producer[id(piece)] = self.b.add(Node(
+                    0, "fn", "getitem", "getitem", inputs=(idx,), shape=shape, dtype=dtype,
+                    fn=operator.getitem, args=(Ref(idx), k), kwargs={}))
+                self.keep.append(piece)
 
 
 def from_hooks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Captured:

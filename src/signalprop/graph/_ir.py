@@ -77,6 +77,11 @@ _OP_ALIASES = {
 }
 
 
+MULTI_OUTPUT_OPS = frozenset({"split", "chunk", "unbind", "split_with_sizes", "tensor_split", "unsafe_split"})
+"""Ops that return a tuple of views of one input: a captured graph reads each piece through a ``getitem``
+node (as torch.export writes them), never the op node itself."""
+
+
 def canonical_op(target: Any) -> str:
     """A plain name for a function target: ``aten.relu_.default`` -> relu, ``operator.iadd`` -> add."""
     if isinstance(target, str):

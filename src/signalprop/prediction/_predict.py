@@ -63,7 +63,7 @@ from .._hooks import internal_run
 from .._state import preserving, untracked
 from ..graph._analysis import ACTIVATION_OPS, activation_module, fn_activation
 from ..graph._graph import capture, example_inputs
-from ..graph._ir import Node, Ref
+from ..graph._ir import MULTI_OUTPUT_OPS, Node, Ref
 from ..graph._types import Graph
 from ..init.fans import has_fan_rule
 from ..layers import is_norm
@@ -89,10 +89,12 @@ SHAPE_OPS = frozenset({"view", "reshape", "flatten", "unflatten", "permute", "tr
                        "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
                        "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d",
                        "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "unfold", "swapaxes"})
-MULTI_OPS = frozenset({"split", "chunk", "unbind", "split_with_sizes", "tensor_split", "unsafe_split"})
+MULTI_OPS = MULTI_OUTPUT_OPS
 VALUE_FREE_OPS = frozenset({"ones_like", "zeros_like", "full_like", "empty_like", "new_ones", "new_zeros",
                             "new_full", "new_empty", "size", "sym_size", "dim", "numel", "sym_numel"})
 """Ops whose result depends on their input's shape and dtype only: computed exactly."""
+SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda"})
+"""Tensor attributes fx records as ``getattr`` (``b, n, d = x.shape``): read from a placeholder, exactly."""
 NO_OPS = frozenset({"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_async",
                     "sym_constrain_range_for_size", "sym_constrain_range", "_check_is_size"})
 SHAPE_MODULES = frozenset({"Flatten", "Unflatten", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d"})
@@ -469,7 +471,7 @@ class _Predictor:
         if all(v.known for v in ins.values()):
             return R.const(P.replay(n, {i: v.value for i, v in ins.items()}),
                            tokens=any(v.tokens for v in ins.values())), None, []
-        if name in VALUE_FREE_OPS:
+        if name in VALUE_FREE_OPS or (name == "getattr" and len(n.args) > 1 and n.args[1] in SHAPE_ATTRS):
             return R.const(P.replay(n, {i: v.value if v.known else _placeholder(self.node_of[i], v)
                                         for i, v in ins.items()})), None, []
         data = [i for i in ins if not ins[i].known]
