@@ -69,7 +69,8 @@ def test_critical_point() -> None:
     cfg = X.Config()
     assert abs(cfg.weight_var - 1.0499) < 1e-3
     assert abs(theory.chi1("tanh", weight_var=cfg.weight_var, bias_var=cfg.bias_var) - 1) < 1e-6
-    assert X.FULL.depth == 200 and X.DEEP.depth == 1000 and X.QUICK.depth == 100
+    assert X.FULL.depth == 1000 and X.DEPTH200.depth == 200 and X.QUICK.depth == 100
+    assert X.FULL.head_lr == 1e-3 and X.DEPTH200.head_lr is None and X.QUICK.head_lr is None
     assert EXPERIMENTS["xiao2018"] is X
 
 
@@ -103,6 +104,17 @@ def test_circular_padding_keeps_shape_and_wraps() -> None:
     assert torch.allclose(shifted, torch.roll(body(x), shifts=(2, 3), dims=(2, 3)), atol=1e-6)
 
 
+def test_head_gets_its_own_learning_rate() -> None:
+    """The conv layers train at ``lr``, the Linear head at ``head_lr`` (``lr`` when None); every parameter
+    is in exactly one group."""
+    net = X.build(3, "gaussian", width=4, weight_var=1.0, bias_var=1e-5, seed=0)
+    for head_lr, want in ((None, 2e-4), (3e-3, 3e-3)):
+        body, head = X._param_groups(net, X.Config(depth=3, lr=2e-4, head_lr=head_lr))
+        assert body["lr"] == 2e-4 and head["lr"] == want
+        assert [tuple(p.shape) for p in head["params"]] == [(10, 4), (10,)]
+        assert len(body["params"]) + len(head["params"]) == len(list(net.parameters()))
+
+
 def test_shared_batches_and_smoothing() -> None:
     order = batch_order(100, 8, 30, seed=3)
     assert order.shape == (30, 8) and torch.equal(order, batch_order(100, 8, 30, seed=3))
@@ -121,6 +133,8 @@ def test_bad_input() -> None:
         X.Config(bias_var=0.0)
     with pytest.raises(SignalpropError, match="window"):
         X.Config(steps=10, window=20)
+    with pytest.raises(SignalpropError, match="head_lr"):
+        X.Config(head_lr=0.0)
     with pytest.raises(SignalpropError, match="xiao2018.Config"):
         X.run(config=object())  # type: ignore[arg-type]
 

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", choices=(*_NAMES, "all"),
                         help="he2015: xavier vs He on 22/30-layer ReLU CNNs; glorot2010: tanh activation and "
                              "gradient histograms; criticality: tanh phase diagram and c-map check; xiao2018: "
-                             "delta-orthogonal vs Gaussian on a 200-layer tanh CNN (100 with --quick); all: the four")
+                             "delta-orthogonal vs Gaussian on a 1,000-layer tanh CNN (100 with --quick); all: the four")
     parser.add_argument("--out", default="signalprop-reproduce",
                         help="folder for the PNG and JSON files (created; default: %(default)s)")
     parser.add_argument("--quick", action="store_true",

@@ -29,10 +29,17 @@ so off-critical Gaussian inits only fail far deeper; the Gaussian at the critica
 sharper contrast and already fails at 100 layers. SGD with momentum at lr 0.01 showed the same contrast,
 more slowly (100 layers, 300 steps: train accuracy 0.34 against 0.15); larger steps (SGD lr 0.05, unclipped
 Adam at 1e-3) threw the delta-orthogonal net back to chance. A deep net's update adds up over its layers,
-so the learning rate falls with depth, about as 1/L: 5e-4 at 100 layers, 2.5e-4 at 200 (loss 1.31 against
-1.81, train accuracy 0.46 against 0.20 after 400 steps). At 1,000 layers neither 1e-4 nor 5e-5 had moved
-the delta-orthogonal net off ln 10 after 240-320 steps (both runs stopped there): :data:`DEEP` is that
-1,000-layer setting, whose 400 steps were not enough here; :data:`FULL` is the 200-layer run that holds.
+so the learning rate falls with depth, about as 1/L: 5e-4 at 100 layers, 2.5e-4 at 200 (:data:`DEPTH200`:
+loss 1.31 against 1.81, train accuracy 0.46 against 0.20 after 400 steps). At 1,000 layers that rule gives
+5e-5, and with it for every layer the delta-orthogonal net stayed at ln 10 (2.31 after 240 steps): Adam moves
+each weight by about its rate a step, so the 16-input Linear head barely moved. The 1/L belongs to the
+1,000 blocks whose updates add up, not to the one readout (the point of depth-muP): :data:`FULL` gives the
+head its own rate, 1e-3, and trains 1,600 steps (loss 1.89 against 2.30, train accuracy 0.30 against 0.10).
+Tried at 1,000 layers (delta-orthogonal, 400 steps, seed 0): conv rate 1e-4 or 2e-4 with head 1e-2 stayed at
+ln 10; 5e-5 with head 1e-2 reached 2.04, with head 1e-3 1.83, which is :data:`FULL` with more steps. At
+init a delta-orthogonal kernel has only its centre tap, so every layer acts on each pixel alone and the
+net can only read the pixels' intensities; the spatial taps grow from zero during training, which is why
+a 1,000-layer net at a 1/L rate needs many steps.
 
 Padding: with PyTorch's default zero padding an 8x8 image has 28 border positions out of 64, where a 3x3
 Gaussian kernel reaches fewer inputs, so the Gaussian net's signal also shrinks layer after layer (its
@@ -84,15 +91,19 @@ class Config:
         >>> from signalprop.experiments import xiao2018
         >>> cfg = xiao2018.FULL
         >>> cfg.depth, cfg.width, round(cfg.weight_var, 3), cfg.bias_var
-        (200, 16, 1.05, 2e-05)
+        (1000, 16, 1.05, 2e-05)
     """
 
-    depth: int = 200
+    depth: int = 1000
     width: int = 16
     batch_size: int = 32
-    steps: int = 400
-    lr: float = 2.5e-4
-    """Adam's learning rate."""
+    steps: int = 1600
+    lr: float = 5e-5
+    """Adam's learning rate for the conv layers."""
+    head_lr: float | None = 1e-3
+    """Adam's learning rate for the Linear head (the readout); None: ``lr``. Adam moves every weight by
+    about its learning rate a step, so the 1/depth rate a deep body needs would leave a 16-input head
+    almost where it started (16 x 0.02 x 0.16: logits move by 0.05 in 400 steps at lr 5e-5)."""
     clip: float = 1.0
     """Largest gradient norm per step (``torch.nn.utils.clip_grad_norm_``), the same for both schemes."""
     bias_var: float = 2e-5
@@ -109,9 +120,11 @@ class Config:
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("depth", "width", "batch_size", "steps", "window"), "xiao2018")
-        if not (self.lr > 0 and self.clip > 0 and self.bias_var > 0):
-            raise SignalpropError(f"xiao2018 needs lr, clip and bias_var > 0, got lr={self.lr!r}, "
-                                  f"clip={self.clip!r}, bias_var={self.bias_var!r}")
+        if not (self.lr > 0 and self.clip > 0 and self.bias_var > 0) or (
+                self.head_lr is not None and not self.head_lr > 0):
+            raise SignalpropError(f"xiao2018 needs lr, head_lr (or None), clip and bias_var > 0, got "
+                                  f"lr={self.lr!r}, head_lr={self.head_lr!r}, clip={self.clip!r}, "
+                                  f"bias_var={self.bias_var!r}")
         if self.padding not in PADDINGS:
             raise SignalpropError(f"xiao2018 Config.padding must be one of {', '.join(PADDINGS)}, got {self.padding!r}")
         if self.window > self.steps:
@@ -126,11 +139,11 @@ class Config:
 
 
 FULL = Config()
-"""The full run: 200 layers, 400 steps (about 5 minutes on 2 CPU cores)."""
-DEEP = Config(depth=1000, lr=5e-5)
-"""1,000 layers, the learning rate scaled as 1/depth; ``run(config=DEEP)``. Not reproduced in 400 steps on this
-project's CPUs (see docs/reproduce.md): a net this deep needs more steps than a CPU run affords."""
-QUICK = Config(depth=100, steps=200, lr=5e-4, window=20, loss_margin=0.3, acc_margin=0.2)
+"""The full run: 1,000 layers, 1,600 steps, lr 5e-5 for the convolutions and 1e-3 for the head (about 25
+minutes on 2 CPU cores)."""
+DEPTH200 = Config(depth=200, steps=400, lr=2.5e-4, head_lr=None)
+"""200 layers, 400 steps, one learning rate for every layer (about 5 minutes on 2 CPU cores)."""
+QUICK = Config(depth=100, steps=200, lr=5e-4, head_lr=None, window=20, loss_margin=0.3, acc_margin=0.2)
 
 
 @dataclass
@@ -165,7 +178,8 @@ class Result(Outcome):
     def summary(self) -> str:
         c = self.config
         lines = [f"xiao2018: {c.depth}-layer vanilla tanh CNN (width {c.width}) on digits at the critical point "
-                 f"sigma_w^2 = {c.weight_var:.4f}, sigma_b^2 = {c.bias_var:g}, {c.padding} padding; {c.steps} Adam steps, lr {c.lr:g}, "
+                 f"sigma_w^2 = {c.weight_var:.4f}, sigma_b^2 = {c.bias_var:g}, {c.padding} padding; {c.steps} Adam steps, lr {c.lr:g}"
+                 f"{'' if c.head_lr is None else f' (head {c.head_lr:g})'}, "
                  f"grad norm clip {c.clip:g} ({fmt_seconds(self.total_seconds)})"]
         for s in SCHEMES:
             g = self.init_grad_std[s]
@@ -257,7 +271,7 @@ def run(
     Args:
         out: folder for ``xiao2018.png`` and ``xiao2018.json`` (created); None writes nothing.
         quick: the test-sized run (:data:`QUICK`: 100 layers, 200 steps at lr 5e-4, about a minute of CPU);
-            otherwise :data:`FULL` (200 layers, 400 steps at lr 2.5e-4: about 5 minutes on 2 busy CPU cores).
+            otherwise :data:`FULL` (1,000 layers, 1,600 steps: about 25 minutes on 2 CPU cores).
         seed: seeds the weights (the same seed for both schemes) and the mini-batch order.
         progress: True prints progress lines on stderr; a callable receives them.
         config: overrides the preset that ``quick`` picks.
@@ -291,7 +305,7 @@ def run(
                           seed=seed + cfg.depth, padding=cfg.padding)
             fwd[scheme], grad[scheme] = _init_stats(model, x[:256], y[:256])
             t0 = report.elapsed
-            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            opt = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
             losses[scheme], _ = train(model, x, y, order, opt, clip=cfg.clip, window=cfg.window, report=report,
                                       experiment="xiao2018", label=f"{cfg.depth} layers, {scheme}")
             acc[scheme] = _accuracy(model, x, y)
@@ -300,6 +314,15 @@ def run(
     final = {s: sum(v[-cfg.window:]) / cfg.window for s, v in losses.items()}
     result = Result(cfg, seed, losses, final, acc, fwd, grad, secs, report.elapsed, _checks(cfg, final, acc))
     return write_outputs(result, folder, "xiao2018", _figure, _as_dict)
+
+
+def _param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
+    """The conv layers at ``lr``, the head (the last Linear) at ``head_lr``."""
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    ids = {id(p) for p in head.parameters()}
+    body = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": body, "lr": cfg.lr},
+            {"params": list(head.parameters()), "lr": cfg.lr if cfg.head_lr is None else cfg.head_lr}]
 
 
 def _checks(cfg: Config, final: dict[str, float], acc: dict[str, float]) -> dict[str, bool]:
@@ -356,6 +379,6 @@ def _figure(r: Result) -> Any:
     ax_loss.legend(loc="lower left", fontsize=8)
     ax_grad.legend(fontsize=8)
     fig.suptitle(f"Xiao et al. 2018 on digits: both at the critical point sigma_w^2 = {cfg.weight_var:.3f}, "
-                 f"sigma_b^2 = {cfg.bias_var:g}; {cfg.padding} padding, width {cfg.width}, batch {cfg.batch_size}, Adam lr {cfg.lr:g}, "
-                 f"clip {cfg.clip:g}", fontsize=9)
+                 f"sigma_b^2 = {cfg.bias_var:g}; {cfg.padding} padding, width {cfg.width}, batch {cfg.batch_size}, Adam lr {cfg.lr:g}"
+                 f"{'' if cfg.head_lr is None else f' (head {cfg.head_lr:g})'}, clip {cfg.clip:g}", fontsize=9)
     return fig
