@@ -18,8 +18,9 @@ For every variant it then applies ``sp.fix.auto_init_(model, example_inputs=...)
 ``sp.fix.lsuv_(model, inputs)``, and diagnoses again: the result should be clean (``ok`` True), and never
 worse than before (more error findings, a new non-finite finding, or a crash). It also lists weights the fix
 left bitwise unchanged (a silent no-op on the naive variant leaves N(0, 1) weights in place) and whether a
-meta-device model is still on meta afterwards. ``sp.predict(model, one_sample_shape)`` is called once per
-model; predict coverage is the share of models that get a prediction.
+meta-device model is still on meta afterwards. ``sp.predict(model, inputs=inputs)`` is called once per
+model (the example inputs, so token ids stay integers); predict coverage is the share of models that get a
+prediction.
 
 Each diagnosis is compared with an independent measurement made here with plain forward hooks (output std
 of every weight layer in call order, the gradient at those outputs from a seeded N(0, 1) cotangent), so a
@@ -656,13 +657,12 @@ def run_predict(model: nn.Module, inputs: Any, limit: float) -> dict[str, Any]:
     if first is None:
         rec["error"] = "no tensor input"
         return rec
-    shape = tuple(first.shape[1:])
-    rec["shape"] = list(shape)
+    rec["shape"] = list(first.shape[1:])
     t0 = time.perf_counter()
     try:
         with time_limit(limit), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trace = sp.predict(model, shape)
+            trace = sp.predict(model, inputs=inputs)  # token ids are data: a shape alone would make floats
         rec["ok"] = len(trace) > 0
         rec["layers"] = len(trace)
         rec["warnings"] = [" ".join(str(w.message).split())[:200] for w in caught
