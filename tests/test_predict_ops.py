@@ -312,3 +312,28 @@ def test_sdpa_gradient_reaches_queries_keys_and_values(scale: float) -> None:
     for name in ("q", "k", "v"):
         assert abs(math.log(p[name].bwd.var / m[name].bwd.var)) < math.log(1.15), (name, p[name].bwd.var,
                                                                                     m[name].bwd.var)
+
+
+class _TransposeView(nn.Module):
+    """``transpose(...).contiguous().view(...)``, as MobileViT folds patches: the model's view follows a
+    copy; predict treats the copy as the identity, so its own tensor is the transposed one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(48, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return self.out(y.transpose(1, 2).contiguous().view(x.shape[0], -1))
+
+
+def test_view_after_a_transpose_is_predicted() -> None:
+    torch.manual_seed(0)
+    net = _TransposeView()
+    x = torch.randn(4, 6, 8)
+    t = sp.predict(net, inputs=x)
+    ms = float(x.double().pow(2).mean())  # input_var None: the example input's mean square
+    q = float((net.fc.bias.detach().double() ** 2).mean()) + 8 * float(net.fc.weight.detach().double().pow(2).mean()) * ms
+    b = net.out.bias.detach().double()
+    want = 48 * float(net.out.weight.detach().double().pow(2).mean()) * q + float(b.var(unbiased=False))
+    assert t["out"].fwd.var == pytest.approx(want, rel=1e-9)  # the biases' spread is part of a layer's variance
