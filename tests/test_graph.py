@@ -231,3 +231,32 @@ def test_split_pieces_are_read_through_getitem(method: str) -> None:
         assert a.name == b.name
         assert b.fwd.var == pytest.approx(a.fwd.var, rel=1e-9)
         assert b.bwd is not None and a.bwd is not None and b.bwd.var == pytest.approx(a.bwd.var, rel=1e-9)
+
+
+class _Cache:
+    """A decoder's cache: not a tensor, not a pytree torch.export knows."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+class CachingDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, use_cache: bool = True) -> tuple[torch.Tensor, _Cache | None]:
+        y = torch.relu(self.fc(x))
+        return y, (_Cache(y) if use_cache else None)
+
+
+def test_capture_asks_a_caching_forward_not_to_cache() -> None:
+    """A forward with ``use_cache`` (transformers' decoders) is captured with ``use_cache=False`` unless the
+    caller set it: the cache object in its output made torch.export refuse Llama."""
+    net = CachingDecoder()
+    g = capture(net, torch.randn(2, 8))
+    assert g.method == "export" and not g.failures
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CaptureWarning)
+        given = capture(net, {"x": torch.randn(2, 8), "use_cache": True})
+    assert given.method != "export" and "export" in given.failures

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import linecache
 import time
 import warnings
@@ -153,6 +154,7 @@ def capture(
     if bad or not methods:
         raise SignalpropError(f"unknown capture method(s) {bad or methods!r}; choose from {', '.join(METHODS)}")
     args, kwargs = example_inputs(model, inputs, input_shape)
+    kwargs = _without_cache(model, kwargs)
     backends = {"export": _graph_capture.from_export, "fx": _graph_capture.from_fx,
                 "hooks": _graph_capture.from_hooks}
     failures: dict[str, str] = {}
@@ -187,6 +189,20 @@ def capture(
         + "; ".join(f"{k}: {v}" for k, v in failures.items())
         + ". The hooks method runs the model once: check that the inputs fit its forward."
     )
+
+
+def _without_cache(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``use_cache=False`` for a forward that takes it and was not given it (transformers' decoders): the
+    cache object they return beside the tensors makes torch.export refuse the model (Llama fell back to
+    the recorded forward, where its rotary embedding is a module predict has no rule for), and one forward
+    computes the same activations without it."""
+    if "use_cache" in kwargs:
+        return kwargs
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    return {**kwargs, "use_cache": False} if "use_cache" in params else kwargs
 
 
 @contextlib.contextmanager
