@@ -277,8 +277,9 @@ def _follow_channel(f: Callable[[dict[int, torch.Tensor]], torch.Tensor], ins: d
         probe = f(vals)
     except Exception:  # noqa: BLE001 - an op that cannot take the probe: channels unknown
         return None
-    if not isinstance(probe, torch.Tensor) or probe.dim() == 0 or tuple(probe.shape) != out_shape:
-        return None
+    if (not isinstance(probe, torch.Tensor) or probe.dim() == 0 or probe.numel() == 0
+            or tuple(probe.shape) != out_shape):
+        return None  # an empty piece (a split of size 0) has no channel to follow
     for d in range(probe.dim()):
         if probe.shape[d] < 2:
             continue

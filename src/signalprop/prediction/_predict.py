@@ -93,6 +93,9 @@ MULTI_OPS = MULTI_OUTPUT_OPS
 VALUE_FREE_OPS = frozenset({"ones_like", "zeros_like", "full_like", "empty_like", "new_ones", "new_zeros",
                             "new_full", "new_empty", "size", "sym_size", "dim", "numel", "sym_numel"})
 """Ops whose result depends on their input's shape and dtype only: computed exactly."""
+ELEMENTWISE = {"exp": torch.exp, "sin": torch.sin, "cos": torch.cos}
+"""Elementwise functions of data that are not activations to the graph (no init gain follows from them):
+predicted like one, by quadrature over each element's Gaussian (Mamba's discretized state, exp(A dt))."""
 SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda"})
 """Tensor attributes fx records as ``getattr`` (``b, n, d = x.shape``): read from a placeholder, exactly."""
 NO_OPS = frozenset({"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_async",
@@ -321,7 +324,8 @@ class _Predictor:
                 return False
             return name in self.layers or (activation_module(m) and _stateless(m))
         # a functional activation on data (on known values only it is replayed, maybe in place)
-        return n.op == "fn" and n.name in ACTIVATION_OPS and any(not self.val(i).known for i in n.inputs)
+        return n.op == "fn" and (n.name in ACTIVATION_OPS or n.name in ELEMENTWISE) and any(
+            not self.val(i).known for i in n.inputs)
 
     def _forward(self, n: Node) -> Step:
         if n.op == "input":
@@ -480,8 +484,9 @@ class _Predictor:
             return _lazy_item(n, x)
         if name in MULTI_OPS:
             return R.Moments(x.mean, x.var, shape=x.shape, lazy=(n, ins)), None, []
-        if name in ACTIVATION_OPS:
-            out, back = R.activation(fn_activation(n, self.graph.nodes), x)
+        if name in ACTIVATION_OPS or name in ELEMENTWISE:
+            act = ELEMENTWISE[name] if name in ELEMENTWISE else fn_activation(n, self.graph.nodes)
+            out, back = R.activation(act, x)
             return out, back, data[:1]
         if name in IDENTITY_OPS:
             return x, _identity_back, data[:1]
