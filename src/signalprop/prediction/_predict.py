@@ -15,8 +15,8 @@ it tracks the mean and the variance over weight draws:
   interior positions (zero padding lowers the border outputs' variance);
 * embeddings: token ids are data, so the output's per-feature mean and variance are the table's over
   the vocabulary (uniformly random tokens); known ids (positions) select their exact rows;
-* activations (any: name, callable, module or functional op): E[phi], E[phi^2], E[phi'^2] by quadrature
-  over each element's Gaussian pre-activation N(bias, var);
+* activations (any: name, callable, module or functional op), and ``exp``, ``sin``, ``cos`` of data:
+  E[phi], E[phi^2], E[phi'^2] by quadrature over each element's Gaussian pre-activation N(bias, var);
 * channels share a random offset: besides each element's mean and variance, the covariance ``s`` of two
   distinct elements of one channel, ``fan_in * mean(w^2) * (s_in + m_in^2)`` after a weight layer (1/pi of
   the variance after a ReLU). Per-element E[x^2] and He's formula are unchanged; pooling keeps ``s``
