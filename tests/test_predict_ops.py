@@ -12,6 +12,7 @@ allow 4 of those in log, plus what a rule leaves out on purpose where it says so
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -21,6 +22,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 import signalprop as sp
+from signalprop.graph import capture
 from signalprop.prediction import predict
 from signalprop.prediction._attention import attention_w
 
@@ -222,6 +224,22 @@ def test_conv1d_and_parametrized_linear() -> None:
                                            rel=1e-6)
     _agree(p["0"].fwd.var, m["0"].fwd.var, _sd(256, 64, 64, 32))
     _agree(p["2"].meta["expected_var"], m["2"].fwd.var, math.hypot(_sd(256, 64, 64, 64), math.sqrt(5 / 64)))
+
+
+def test_weight_norm_in_a_recorded_forward() -> None:
+    """The recorded forward (the capture a model gets when export and fx fail, wav2vec2 in training mode)
+    keeps a ``weight_norm`` parametrization as a module call on the layer's parameters: all its inputs are
+    known, so predict calls it and reads the effective weight, as export's inlined ops give."""
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Conv1d(4, 16, 3)), nn.ReLU(), nn.Conv1d(16, 8, 3))
+    x = torch.randn(8, 4, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = capture(model, x, methods=["hooks"])
+    assert any(n.op == "call" and n.kind == "_WeightNorm" for n in g.nodes)
+    got, ref = predict(model, inputs=x, graph=g), predict(model, inputs=x, graph=capture(model, x))
+    for name in ("0", "1", "2"):
+        assert got[name].fwd.var == pytest.approx(ref[name].fwd.var, rel=1e-9)
 
 
 # ---- attention ---------------------------------------------------------------------------------------------

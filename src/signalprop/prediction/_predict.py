@@ -63,7 +63,7 @@ from .._hooks import internal_run
 from .._state import preserving, untracked
 from ..graph._analysis import ACTIVATION_OPS, activation_module, fn_activation
 from ..graph._graph import capture, example_inputs
-from ..graph._ir import MULTI_OUTPUT_OPS, Node, Ref
+from ..graph._ir import Node, Ref
 from ..graph._types import Graph
 from ..init.fans import has_fan_rule
 from ..layers import is_norm
@@ -74,33 +74,22 @@ from . import _inputs as I
 from . import _ops as O
 from . import _pool as P
 from . import _rules as R
-from ._registry import MODULE_RULES, PredictWarning
+from ._registry import (
+    ELEMENTWISE,
+    IDENTITY_OPS,
+    MODULE_RULES,
+    MULTI_OPS,
+    NO_OPS,
+    SHAPE_ATTRS,
+    SHAPE_MODULES,
+    SHAPE_OPS,
+    VALUE_FREE_OPS,
+    PredictWarning,
+)
 
 Step = tuple["R.Moments", "R.Back | None", list[int]]
 
 
-IDENTITY_OPS = frozenset({"to", "type", "float", "half", "double", "bfloat16", "detach", "alias", "clone",
-                          "contiguous", "identity", "lift_fresh_copy", "type_as", "copy"})
-SHAPE_OPS = frozenset({"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "unsqueeze",
-                       "squeeze", "expand", "getitem", "narrow", "slice", "select", "cat", "concat", "pad",
-                       "constant_pad_nd", "repeat", "stack", "movedim", "expand_as", "view_as", "reshape_as",
-                       "index", "index_select", "gather", "take_along_dim", "take", "masked_select", "flip",
-                       "roll", "tril", "triu", "diagonal", "repeat_interleave", "tile", "broadcast_to",
-                       "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
-                       "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d",
-                       "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "unfold", "swapaxes"})
-MULTI_OPS = MULTI_OUTPUT_OPS
-VALUE_FREE_OPS = frozenset({"ones_like", "zeros_like", "full_like", "empty_like", "new_ones", "new_zeros",
-                            "new_full", "new_empty", "size", "sym_size", "dim", "numel", "sym_numel"})
-"""Ops whose result depends on their input's shape and dtype only: computed exactly."""
-ELEMENTWISE = {"exp": torch.exp, "sin": torch.sin, "cos": torch.cos}
-"""Elementwise functions of data that are not activations to the graph (no init gain follows from them):
-predicted like one, by quadrature over each element's Gaussian (Mamba's discretized state, exp(A dt))."""
-SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda"})
-"""Tensor attributes fx records as ``getattr`` (``b, n, d = x.shape``): read from a placeholder, exactly."""
-NO_OPS = frozenset({"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_async",
-                    "sym_constrain_range_for_size", "sym_constrain_range", "_check_is_size"})
-SHAPE_MODULES = frozenset({"Flatten", "Unflatten", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d"})
 
 
 @contextlib.contextmanager
@@ -367,6 +356,9 @@ class _Predictor:
         if n.body and (rule is None or self._body_known(n)):
             return self._body_call(n)
         if rule is None:
+            known = _known_call(m, n, [self.val(i) for i in n.inputs])
+            if known is not None:
+                return known, None, []
             x = self.val(data[0]) if data else R.const(torch.zeros(shape))
             out, back = self._unknown(kind, n, x)
             return out, back, data[:1]
@@ -551,6 +543,21 @@ def _stateless(act: Any) -> bool:
         return True
     return (type(act).__module__.startswith("torch.nn.") and not act._parameters and not act._buffers
             and not act._modules)
+
+
+def _known_call(m: nn.Module, n: Node, ins: list[R.Moments]) -> R.Moments | None:
+    """A module with no rule whose inputs are all known tensors (a weight parametrization reading its
+    parameters, as the recorded forward captures ``weight_norm``): its output is known, computed by calling
+    it on them in order. None when an input is data, or the call does not give a tensor of the node's shape."""
+    if not ins or not all(v.known and isinstance(v.value, torch.Tensor) for v in ins):
+        return None
+    try:
+        out = m(*[v.value for v in ins])
+    except Exception:  # noqa: BLE001 - inputs recorded in another order or with keywords: not this path
+        return None
+    if not isinstance(out, torch.Tensor) or n.shape is None or tuple(out.shape) != tuple(n.shape):
+        return None
+    return R.const(out.detach())
 
 
 def _placeholder(node: Node, x: R.Moments) -> torch.Tensor:

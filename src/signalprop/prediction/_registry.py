@@ -1,16 +1,43 @@
-"""What predict can be taught: a rule per module class (:func:`register_rule`), and the warning that names
-what it had no rule for (:class:`PredictWarning`)."""
+"""What predict knows by name: the ops it moves moments through without arithmetic of their own (views,
+identities, shape-only ops), the elementwise functions it treats as activations; what it can be taught (a
+rule per module class, :func:`register_rule`); and the warning that names what it had no rule for
+(:class:`PredictWarning`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch  # noqa: F401  (the examples use it)
+import torch
 from torch import nn
 
 from .._errors import SignalpropError
-from ..graph._ir import Node
+from ..graph._ir import MULTI_OUTPUT_OPS, Node
 from . import _rules as R
+
+IDENTITY_OPS = frozenset({"to", "type", "float", "half", "double", "bfloat16", "detach", "alias", "clone",
+                          "contiguous", "identity", "lift_fresh_copy", "type_as", "copy"})
+SHAPE_OPS = frozenset({"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "unsqueeze",
+                       "squeeze", "expand", "getitem", "narrow", "slice", "select", "cat", "concat", "pad",
+                       "constant_pad_nd", "repeat", "stack", "movedim", "expand_as", "view_as", "reshape_as",
+                       "index", "index_select", "gather", "take_along_dim", "take", "masked_select", "flip",
+                       "roll", "tril", "triu", "diagonal", "repeat_interleave", "tile", "broadcast_to",
+                       "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+                       "_upsample_nearest_exact1d", "_upsample_nearest_exact2d", "_upsample_nearest_exact3d",
+                       "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "unfold", "swapaxes"})
+MULTI_OPS = MULTI_OUTPUT_OPS
+"""Ops with several outputs on data: read lazily, piece by piece, through ``getitem``."""
+VALUE_FREE_OPS = frozenset({"ones_like", "zeros_like", "full_like", "empty_like", "new_ones", "new_zeros",
+                            "new_full", "new_empty", "size", "sym_size", "dim", "numel", "sym_numel"})
+"""Ops whose result depends on their input's shape and dtype only: computed exactly."""
+ELEMENTWISE = {"exp": torch.exp, "sin": torch.sin, "cos": torch.cos}
+"""Elementwise functions of data that are not activations to the graph (no init gain follows from them):
+predicted like one, by quadrature over each element's Gaussian (Mamba's discretized state, exp(A dt))."""
+SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda"})
+"""Tensor attributes fx records as ``getattr`` (``b, n, d = x.shape``): read from a placeholder, exactly."""
+NO_OPS = frozenset({"_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_async",
+                    "sym_constrain_range_for_size", "sym_constrain_range", "_check_is_size"})
+SHAPE_MODULES = frozenset({"Flatten", "Unflatten", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d"})
+
 
 Rule = Callable[[nn.Module, "R.Moments", Node], "tuple[R.Moments, R.Back]"]
 
