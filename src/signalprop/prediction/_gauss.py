@@ -83,10 +83,6 @@ def _ndtr(x: np.ndarray) -> np.ndarray:
     return 0.5 * torch.special.erfc(torch.from_numpy(np.ascontiguousarray(x) * -math.sqrt(0.5))).numpy()
 
 
-def _npdf(x: np.ndarray) -> np.ndarray:
-    return np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-
-
 def _relu_closed(m: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """E[r], E[r^2], E[r^4] and P(u > 0) of r = relu(u), u ~ N(m, v) (float64 arrays).
 
