@@ -287,3 +287,30 @@ def test_a_functional_global_pool_ends_the_body() -> None:
     report = diagnose(net, torch.randn(8, 3, 16, 16), predicted=False)
     assert not report.kinds & DRIFT, report.summary()
     assert report.trace["c3"].meta.get("pooled") is True
+
+
+def _conv_then_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 64), nn.ReLU(),
+                         nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def test_body_and_head_drifting_the_same_way_compound() -> None:
+    """The body and the head (after global pooling) are judged apart, but a drift in both the same way
+    multiplies: with N(0, 1) weights the convs grow the signal ~70x and the Linears ~30x, each under
+    factor^2 = 100, 2,000x end to end: an error in both, with the product in the message and the data.
+    He's init leaves neither part drifting."""
+    torch.manual_seed(0)
+    net = _conv_then_mlp()
+    x = torch.randn(32, 3, 12, 12)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_() if p.dim() > 1 else p.zero_()
+    found = {f.layer: f for f in diagnose(net, x).findings if f.kind == "exploding"}
+    body, head = found["4"], found["12"]
+    assert body.data["ratio"] < 100 and head.data["ratio"] < 100
+    for f in (body, head):
+        assert f.severity == "error" and "end to end" in f.message
+        assert f.data["end_to_end"] == pytest.approx(body.data["ratio"] * head.data["ratio"])
+    sp.init.he_(net)
+    assert not [f for f in diagnose(net, x).findings if f.kind in ("exploding", "grad_exploding")]

@@ -335,7 +335,8 @@ def _zero_cause(trace: Trace, i: int, grad: bool) -> tuple[str, str]:
     return msg, fix
 
 
-def _finding(trace: Trace, ctx: RuleContext, d: _Drift, up: bool, part: str, grad: bool) -> Finding:
+def _finding(trace: Trace, ctx: RuleContext, d: _Drift, up: bool, part: str, grad: bool,
+             across: tuple[float, str] | None = None) -> Finding:
     attr = "bwd" if grad else "fwd"
     i = d.point.index
     layer = trace[i]
@@ -403,7 +404,13 @@ def _finding(trace: Trace, ctx: RuleContext, d: _Drift, up: bool, part: str, gra
     else:
         fix = f"{init_text}; {FIX_TOOLS}"
     r = d.ratio
-    severity = "error" if (r > ctx.factor**2 or r < ctx.factor**-2) else "warning"
+    beyond = r > ctx.factor**2 or r < ctx.factor**-2
+    if across is not None and d.base is not None:
+        total, other = across
+        msg += (f" The {other} drifts the same way, so end to end the {'gradient' if grad else 'signal'} "
+                f"{'grows' if up else 'shrinks'} by {g(total if up else 1 / total)}x.")
+        beyond = beyond or total > ctx.factor**2 or total < ctx.factor**-2
+    severity = "error" if beyond else "warning"
     if cause and not norms and trace[i].meta.get("zero_tensors"):
         severity = "warning"  # confined to the rows built from the zero tensors; the rest is in range
     data = {
@@ -417,6 +424,8 @@ def _finding(trace: Trace, ctx: RuleContext, d: _Drift, up: bool, part: str, gra
         "basis": "unit" if d.base is None else ("role" if d.by_role else "reference"),
         **fix_data,
     }
+    if across is not None and d.base is not None:
+        data["end_to_end"] = across[0]
     if norms:
         data["cause"] = "normalization_gain"
         data["norms"] = norms
@@ -427,14 +436,35 @@ def _finding(trace: Trace, ctx: RuleContext, d: _Drift, up: bool, part: str, gra
 
 def _drift_parts(trace: Trace, ctx: RuleContext, grad: bool) -> list[Finding]:
     body, head = split_body_head(trace)
-    out: list[Finding] = []
+    found: list[tuple[_Drift, bool, str]] = []
     for part, idx in (("body", body), ("head", head)):
         for path in paths(trace, idx):
             pts = points(trace, path, grad)
             entry = _entry(trace, pts, part, grad)
             if len(pts) < 2 and entry is None:
                 continue
-            out.extend(_finding(trace, ctx, d, up, part, grad) for d, up in _drifts(trace, ctx, pts, entry))
+            found.extend((d, up, part) for d, up in _drifts(trace, ctx, pts, entry))
+    across = _compounded(found)
+    return [_finding(trace, ctx, d, up, part, grad, across.get((up, part))) for d, up, part in found]
+
+
+def _compounded(found: list[tuple[_Drift, bool, str]]) -> dict[tuple[bool, str], tuple[float, str]]:
+    """Where the body and the head (judged apart: global pooling sets a level of its own) both drift the
+    same way, the drift end to end is the product of the two: ``(direction, part) -> (product, the other
+    part's worst layer)``. Each part alone may stay under ``factor^2`` while the network as a whole does not
+    (three N(0, 1) convs and three N(0, 1) Linears: 54x and 25x, 1,350x end to end)."""
+    out: dict[tuple[bool, str], tuple[float, str]] = {}
+    for up in (True, False):
+        worst: dict[str, _Drift] = {}
+        for d, u, part in found:
+            if u != up or d.base is None:
+                continue
+            if part not in worst or (d.ratio > worst[part].ratio if up else d.ratio < worst[part].ratio):
+                worst[part] = d
+        if len(worst) == 2:
+            product = worst["body"].ratio * worst["head"].ratio
+            out[(up, "body")] = (product, "head")
+            out[(up, "head")] = (product, "body")
     return out
 
 
