@@ -314,3 +314,39 @@ def test_body_and_head_drifting_the_same_way_compound() -> None:
         assert f.data["end_to_end"] == pytest.approx(body.data["ratio"] * head.data["ratio"])
     sp.init.he_(net)
     assert not [f for f in diagnose(net, x).findings if f.kind in ("exploding", "grad_exploding")]
+
+
+class _NormedBlock(nn.Module):
+    """Pre-norm residual block whose four Linears each play their own role (as Mamba's in_proj, x_proj,
+    dt_proj, out_proj): each block starts from a normalized input, so every role stays alike from block to
+    block whatever happens inside one."""
+
+    def __init__(self, d: int = 128) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.in_proj, self.mid, self.gate, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.gate(F.relu(self.mid(F.relu(self.in_proj(self.norm(x)))))))
+        return x + self.out_proj(h)
+
+
+def test_an_explosion_inside_each_normalized_block_is_an_error() -> None:
+    """N(0, 1) weights grow the signal ~8x a layer inside every block (over 1e4 from the first Linear to
+    the last), while each block restarts from its norm: no role drifts from block to block, so only the
+    peak rule sees it (an error: beyond factor^4 = 1e4 of an earlier layer's std). He's init: nothing."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 128), *[_NormedBlock() for _ in range(3)], nn.LayerNorm(128),
+                        nn.Linear(128, 10))
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        for block in net[1:4]:
+            for m in (block.in_proj, block.mid, block.gate, block.out_proj):
+                m.weight.normal_()
+                m.bias.zero_()
+    found = [f for f in diagnose(net, x).findings if f.kind == "exploding"]
+    peak = [f for f in found if f.data.get("basis") == "peak"]
+    assert len(peak) == 1 and peak[0].severity == "error", [f.message for f in found]
+    assert peak[0].data["ratio"] > 1e4 and peak[0].layer.endswith("out_proj")
+    sp.init.he_(net)
+    assert not [f for f in diagnose(net, x).findings if f.kind == "exploding"]

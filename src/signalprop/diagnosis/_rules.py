@@ -21,6 +21,7 @@ from ..trace import Stats, Trace
 from ._attention import rule_attention_saturation
 from ._drift import rule_forward_drift, rule_gradient_drift, rule_mean_drift
 from ._findings import Finding
+from ._peak import rule_peak
 from ._rulekit import (
     RELU_KEYS,
     SAT_BOUNDS,
@@ -382,6 +383,7 @@ RULES: dict[str, Rule] = {
     "saturation": rule_saturation,
     "attention_saturation": rule_attention_saturation,
     "weight_gain": rule_weight_gain,
+    "peak": rule_peak,
     "overflow_risk": rule_overflow_risk,
     "mean_drift": rule_mean_drift,
     "subnormal": rule_subnormal,
