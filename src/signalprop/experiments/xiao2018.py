@@ -30,7 +30,7 @@ sharper contrast and already fails at 100 layers. SGD with momentum at lr 0.01 s
 more slowly (100 layers, 300 steps: train accuracy 0.34 against 0.15); larger steps (SGD lr 0.05, unclipped
 Adam at 1e-3) threw the delta-orthogonal net back to chance. A deep net's update adds up over its layers,
 so the learning rate falls with depth, about as 1/L: 5e-4 at 100 layers, 2.5e-4 at 200 (:data:`DEPTH200`:
-loss 1.31 against 1.81, train accuracy 0.46 against 0.20 after 400 steps). At 1,000 layers that rule gives
+loss 1.29 against 1.84, train accuracy 0.56 against 0.20 after 400 steps). At 1,000 layers that rule gives
 5e-5, and with it for every layer the delta-orthogonal net stayed at ln 10 (2.31 after 240 steps): Adam moves
 each weight by about its rate a step, so the 16-input Linear head barely moved. The 1/L belongs to the
 1,000 blocks whose updates add up, not to the one readout (the point of depth-muP): :data:`FULL` gives the
@@ -139,10 +139,10 @@ class Config:
 
 
 FULL = Config()
-"""The full run: 1,000 layers, 1,600 steps, lr 5e-5 for the convolutions and 1e-3 for the head (about 25
-minutes on 2 CPU cores)."""
+"""The full run: 1,000 layers, 1,600 steps, lr 5e-5 for the convolutions and 1e-3 for the head (23 minutes
+on one CPU thread)."""
 DEPTH200 = Config(depth=200, steps=400, lr=2.5e-4, head_lr=None)
-"""200 layers, 400 steps, one learning rate for every layer (about 5 minutes on 2 CPU cores)."""
+"""200 layers, 400 steps, one learning rate for every layer (about a minute on 2 CPU cores)."""
 QUICK = Config(depth=100, steps=200, lr=5e-4, head_lr=None, window=20, loss_margin=0.3, acc_margin=0.2)
 
 
@@ -271,7 +271,7 @@ def run(
     Args:
         out: folder for ``xiao2018.png`` and ``xiao2018.json`` (created); None writes nothing.
         quick: the test-sized run (:data:`QUICK`: 100 layers, 200 steps at lr 5e-4, about a minute of CPU);
-            otherwise :data:`FULL` (1,000 layers, 1,600 steps: about 25 minutes on 2 CPU cores).
+            otherwise :data:`FULL` (1,000 layers, 1,600 steps: 23 minutes on one CPU thread).
         seed: seeds the weights (the same seed for both schemes) and the mini-batch order.
         progress: True prints progress lines on stderr; a callable receives them.
         config: overrides the preset that ``quick`` picks.
