@@ -211,16 +211,15 @@ def _piecewise_arrays(slope: float, m: torch.Tensor, v: torch.Tensor, s: torch.T
     arrays = [t.detach().to(torch.float64).numpy() for t in (m, v) + (() if s is None else (s,))]
     shape = np.broadcast_shapes(*(x.shape for x in arrays))
     cm, cv = (np.broadcast_to(x, shape).ravel() for x in arrays[:2])
-    e1, e2, e4, d2 = _piecewise(slope, cm, cv)
-    cols = [e1, e2, e4, d2]
+    r: np.ndarray | float | None = None
     if s is not None:
         vs, ss = np.broadcast_arrays(arrays[1], arrays[2])
         if (ss > 0).any():
             rho = np.clip(np.divide(ss, vs, out=np.zeros(vs.shape), where=vs > 0), 0.0, 1.0)
-            r: np.ndarray | float = float(rho.flat[0]) if rho.size == 1 else np.broadcast_to(rho, shape).ravel()
-            cols.append(_piecewise_cov(slope, cm, cv, r, e1))
-        else:
-            cols.append(np.zeros_like(cm))
+            r = float(rho.flat[0]) if rho.size == 1 else np.broadcast_to(rho, shape).ravel()
+    cols = _piecewise_cols(slope, cm, cv, r)
+    if s is not None and r is None:  # nothing shared: nothing passed on
+        cols.append(np.zeros_like(cm))
     out = [torch.from_numpy(np.ascontiguousarray(c)).reshape(shape) for c in cols]
     return out[0], out[1], out[2], out[3], (out[4] if s is not None else None)
 
@@ -269,9 +268,15 @@ def _piecewise_rows(slope: float, m: torch.Tensor, v: torch.Tensor, rho: torch.T
     """Columns E[phi], E[phi^2], E[phi^4], E[phi'^2] (and the covariance when ``shared``) of a
     piecewise-linear activation, in closed form on numpy arrays (a few dozen array ops per layer)."""
     cm, cv, cr = (t.detach().to(torch.float64).contiguous().numpy() for t in (m, v, rho))
-    e1, e2, e4, d2 = _piecewise(slope, cm, cv)
-    cols = [e1, e2, e4, d2] + ([_piecewise_cov(slope, cm, cv, cr, e1)] if shared else [])
-    return torch.from_numpy(np.stack(cols, 1))
+    return torch.from_numpy(np.stack(_piecewise_cols(slope, cm, cv, cr if shared else None), 1))
+
+
+def _piecewise_cols(slope: float, m: np.ndarray, v: np.ndarray, rho: np.ndarray | float | None
+                    ) -> list[np.ndarray]:
+    """E[phi], E[phi^2], E[phi^4], E[phi'^2] and, when ``rho`` is given, the covariance phi passes on
+    (:func:`_piecewise_cov`): the closed forms every array path of :func:`act_moments` returns."""
+    e1, e2, e4, d2 = _piecewise(slope, m, v)
+    return [e1, e2, e4, d2] + ([] if rho is None else [_piecewise_cov(slope, m, v, rho, e1)])
 
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(16)
@@ -292,21 +297,15 @@ def _relu_pair(m: np.ndarray, v: np.ndarray, rho: np.ndarray | float) -> np.ndar
     a = -m / sig if every else -m / np.where(pos, sig, 1.0)
     a = np.minimum(np.maximum(a, -_Z_CLAMP), _Z_CLAMP)
     aa = a * a
-    r: np.ndarray | float
-    if np.ndim(rho) == 0:  # one correlation for all (a layer's): the nodes in t are shared
-        r = min(max(float(rho), 0.0), 1.0 - 1e-12)
-        half = math.asin(r) / 2
-        plackett = np.exp(np.multiply.outer(-aa, 1 / (1 + np.sin((_GL_X + 1) * half)))) @ (_GL_W * half)
-        k: np.ndarray | float = math.sqrt((1 - r) / (1 + r))
-        c1: np.ndarray | float = math.sqrt(1 - r * r) * _INV_SQRT_2PI
-        c2: np.ndarray | float = 1 / (1 + r)
-    else:
-        r = np.clip(rho, 0.0, 1.0 - 1e-12)
-        t_max = np.arcsin(r)
-        t = (_GL_X + 1)[None, :] / 2 * t_max[:, None]
-        plackett = (_GL_W[None, :] * t_max[:, None] / 2 * np.exp(-aa[:, None] / (1 + np.sin(t)))).sum(1)
-        k = np.sqrt((1 - r) / (1 + r))
-        c1, c2 = np.sqrt(1 - r * r) * _INV_SQRT_2PI, 1 / (1 + r)
+    r = np.clip(rho, 0.0, 1.0 - 1e-12)  # one correlation for the layer, or one per element
+    half = np.arcsin(r) / 2
+    # 16-point Gauss-Legendre nodes in t: 16 for a shared correlation (the reciprocal taken on those 16 and
+    # the sum a matrix product: as fast as a separate path for it), 16 per element otherwise
+    inv = 1 / (1 + np.sin(np.multiply.outer(half, _GL_X + 1)))
+    weights = np.multiply.outer(half, _GL_W)
+    plackett = np.matmul(np.exp(-aa[..., None] * inv)[..., None, :], weights[..., :, None])[..., 0, 0]
+    k = np.sqrt((1 - r) / (1 + r))
+    c1, c2 = np.sqrt(1 - r * r) * _INV_SQRT_2PI, 1 / (1 + r)
     n = a.size
     cdf = _ndtr(np.concatenate([-a.ravel(), (-a * k).ravel()]))  # one call for both: its cost is the call
     big_l = cdf[:n].reshape(a.shape) ** 2 + plackett / (2 * math.pi)
