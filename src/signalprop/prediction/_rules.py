@@ -246,7 +246,7 @@ class LayerNumbers:
     fan_in: float
     fan_out: float
     n_in: float
-    bias: torch.Tensor | None  # float64 copy
+    bias: torch.Tensor | None  # detached, its own dtype and device (predict brings all to the host at once)
     conv: bool
     overlap: float
     w2: float = 0.0
@@ -277,7 +277,7 @@ def layer_numbers(m: Any) -> tuple[LayerNumbers, torch.Tensor]:
         transposed = bool(getattr(m, "transposed", False))
         extra = overlap_corr(m.out_channels, m.in_channels, math.prod(m.kernel_size),
                              1 if transposed else math.prod(m.stride))
-    b = bias.detach().to(torch.float64) if isinstance(bias, torch.Tensor) else None
+    b = bias.detach() if isinstance(bias, torch.Tensor) else None
     return LayerNumbers(fan_in, fan_out, _independent_inputs(m, fan_in), b, conv, extra), m.weight
 
 
