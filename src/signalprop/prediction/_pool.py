@@ -193,10 +193,10 @@ def replay(node: Node, values: dict[int, Any]) -> Any:
     if node.fn is None:
         raise SignalpropError(f"cannot replay {node.name}: the capture kept no function for it")
     args, kwargs = map_refs(node.args, sub), map_refs(node.kwargs, sub)
-    if node.name == "view" and args and isinstance(args[0], torch.Tensor) and not kwargs:
+    if (node.name == "view" and len(args) > 1 and isinstance(args[0], torch.Tensor) and not kwargs
+            and not isinstance(args[1], torch.dtype)):
         # the same values as the model's view; the moments' own tensors need not have its strides
-        return args[0].reshape(*args[1:]) if len(args) > 1 and not isinstance(args[1], torch.dtype) else node.fn(
-            *args)
+        return args[0].reshape(*args[1:])
     return node.fn(*args, **kwargs)
 
 
