@@ -405,7 +405,7 @@ def _finding(trace: Trace, ctx: RuleContext, d: _Drift, up: bool, part: str, gra
         fix = f"{init_text}; {FIX_TOOLS}"
     r = d.ratio
     beyond = r > ctx.factor**2 or r < ctx.factor**-2
-    if across is not None and d.base is not None:
+    if across is not None:
         total, other = across
         msg += (f" The {other} drifts the same way, so end to end the {'gradient' if grad else 'signal'} "
                 f"{'grows' if up else 'shrinks'} by {g(total if up else 1 / total)}x.")
@@ -424,7 +424,7 @@ def _finding(trace: Trace, ctx: RuleContext, d: _Drift, up: bool, part: str, gra
         "basis": "unit" if d.base is None else ("role" if d.by_role else "reference"),
         **fix_data,
     }
-    if across is not None and d.base is not None:
+    if across is not None:
         data["end_to_end"] = across[0]
     if norms:
         data["cause"] = "normalization_gain"
@@ -445,7 +445,8 @@ def _drift_parts(trace: Trace, ctx: RuleContext, grad: bool) -> list[Finding]:
                 continue
             found.extend((d, up, part) for d, up in _drifts(trace, ctx, pts, entry))
     across = _compounded(found)
-    return [_finding(trace, ctx, d, up, part, grad, across.get((up, part))) for d, up, part in found]
+    return [_finding(trace, ctx, d, up, part, grad, across.get((up, part)) if d.base is not None else None)
+            for d, up, part in found]
 
 
 def _compounded(found: list[tuple[_Drift, bool, str]]) -> dict[tuple[bool, str], tuple[float, str]]:
@@ -466,6 +467,12 @@ def _compounded(found: list[tuple[_Drift, bool, str]]) -> dict[tuple[bool, str],
             out[(up, "body")] = (product, "head")
             out[(up, "head")] = (product, "body")
     return out
+
+
+def explosion_found(trace: Trace, ctx: RuleContext) -> bool:
+    """True when the forward drift rule finds an explosion: the rules that look for one it cannot see (a
+    hidden weight gain, a peak inside normalized blocks) stay quiet then, since that finding names it."""
+    return any(f.kind == "exploding" for f in rule_forward_drift(trace, ctx))
 
 
 def rule_forward_drift(trace: Trace, ctx: RuleContext) -> list[Finding]:

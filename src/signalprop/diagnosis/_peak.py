@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from ..trace import Trace
-from ._drift import rule_forward_drift
+from ._drift import explosion_found
 from ._findings import Finding
 from ._rulekit import RuleContext, following_activation, g, label, planned_fix, split_body_head
 
@@ -41,7 +41,7 @@ def rule_peak(trace: Trace, ctx: RuleContext) -> list[Finding]:
             low = i
     if best is None or best[0] <= ctx.factor**4:
         return []
-    if any(f.kind == "exploding" for f in rule_forward_drift(trace, ctx)):
+    if explosion_found(trace, ctx):
         return []  # the drift finding names it and its fix
     r, i, ref = best
     layer = trace[i]

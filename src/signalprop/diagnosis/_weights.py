@@ -18,7 +18,7 @@ import math
 from typing import Any
 
 from ..trace import Trace
-from ._drift import rule_forward_drift
+from ._drift import explosion_found
 from ._findings import Finding
 from ._rulekit import RuleContext, following_activation, g, label, norm_after, planned_fix
 
@@ -54,7 +54,7 @@ def rule_weight_gain(trace: Trace, ctx: RuleContext) -> list[Finding]:
                 hits.append((gain, i))
     if len(hits) < 2 or 2 * len(hits) < judged:
         return []  # one layer stepping the signal up to a scale the others keep is a choice, not the init's scale
-    if any(f.kind == "exploding" for f in rule_forward_drift(trace, ctx)):
+    if explosion_found(trace, ctx):
         return []  # the drift is visible: the forward drift finding names it and its fix
     gain, i = max(hits)
     layer = trace[i]
