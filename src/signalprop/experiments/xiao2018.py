@@ -131,6 +131,11 @@ class Config:
             raise SignalpropError(f"xiao2018 Config.window ({self.window}) must not exceed steps ({self.steps})")
 
     @property
+    def rates(self) -> str:
+        """The learning rates as the summary and the picture print them: ``lr 5e-05 (head 0.001)``."""
+        return f"lr {self.lr:g}" + ("" if self.head_lr is None else f" (head {self.head_lr:g})")
+
+    @property
     def weight_var(self) -> float:
         """sigma_w^2 on the tanh order-to-chaos line at ``bias_var`` (chi1 = 1; Schoenholz et al. 2017)."""
         from ..theory import critical_weight_var
@@ -178,8 +183,7 @@ class Result(Outcome):
     def summary(self) -> str:
         c = self.config
         lines = [f"xiao2018: {c.depth}-layer vanilla tanh CNN (width {c.width}) on digits at the critical point "
-                 f"sigma_w^2 = {c.weight_var:.4f}, sigma_b^2 = {c.bias_var:g}, {c.padding} padding; {c.steps} Adam steps, lr {c.lr:g}"
-                 f"{'' if c.head_lr is None else f' (head {c.head_lr:g})'}, "
+                 f"sigma_w^2 = {c.weight_var:.4f}, sigma_b^2 = {c.bias_var:g}, {c.padding} padding; {c.steps} Adam steps, {c.rates}, "
                  f"grad norm clip {c.clip:g} ({fmt_seconds(self.total_seconds)})"]
         for s in SCHEMES:
             g = self.init_grad_std[s]
@@ -379,6 +383,6 @@ def _figure(r: Result) -> Any:
     ax_loss.legend(loc="lower left", fontsize=8)
     ax_grad.legend(fontsize=8)
     fig.suptitle(f"Xiao et al. 2018 on digits: both at the critical point sigma_w^2 = {cfg.weight_var:.3f}, "
-                 f"sigma_b^2 = {cfg.bias_var:g}; {cfg.padding} padding, width {cfg.width}, batch {cfg.batch_size}, Adam lr {cfg.lr:g}"
-                 f"{'' if cfg.head_lr is None else f' (head {cfg.head_lr:g})'}, clip {cfg.clip:g}", fontsize=9)
+                 f"sigma_b^2 = {cfg.bias_var:g}; {cfg.padding} padding, width {cfg.width}, batch {cfg.batch_size}, Adam {cfg.rates}, "
+                 f"clip {cfg.clip:g}", fontsize=9)
     return fig
